@@ -1,0 +1,35 @@
+# Two commands are the contract with a new user: `make demo` and `make test`.
+# Each creates .venv when missing and installs the project into it (a no-op when the
+# install stamp is newer than pyproject.toml), then runs.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fmpipe-installed
+# CPU machines take the torch CPU wheel (2.13.0 lies on this machine's disk); a machine
+# with an NVIDIA driver takes PyPI's CUDA build. Override: make setup TORCH_SPEC='torch==X'.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch' || echo 'torch==2.13.0')
+
+.PHONY: setup demo test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/fmpipe demo
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf .fmpipe .pytest_cache

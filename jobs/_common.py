@@ -1,0 +1,53 @@
+"""Argument handling shared by the job entry points: --config FILE plus key.path=value."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Config, ConfigError, load_config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (see jobs/configs/)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="config overrides applied last, e.g. train.lr=1e-3 data.batch_size=64",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+
+
+def packaged_defaults(name: str) -> dict[str, Any]:
+    """The embedded defaults ``jobs/configs/<name>.yaml`` as a dict."""
+    text = resources.files("jobs").joinpath("configs", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def resolve_config(
+    args: argparse.Namespace, defaults: str | None = None, extra: list[str] | None = None
+) -> Config:
+    """defaults file < --config < flag shortcuts (``extra``) < positional overrides."""
+    base = packaged_defaults(defaults) if defaults else None
+    path = Path(args.config) if args.config else None
+    return load_config(path, [*(extra or []), *args.overrides], defaults=base)
+
+
+def run_job(body: Callable[[], int]) -> int:
+    """Run a job body; turn config errors into one clear line and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return body()
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,41 @@
+"""fmpipe bench: benchmarks that print a ratio against a named baseline, side by side.
+
+fmpipe bench toy    2-D example: sliced W2 per solver vs two independent data draws
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs._common import add_config_arguments, resolve_config, run_job
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmpipe bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{toy}")
+    toy = sub.add_parser("toy", help="2-D example: sample quality per solver vs the data floor")
+    toy.add_argument("--num-samples", type=int, default=10_000, help="samples per figure")
+    add_config_arguments(toy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        if args.bench == "toy":
+            from pipeline.bench.toy import run_toy_benchmark
+
+            run_toy_benchmark(resolve_config(args, defaults="toy"), args.num_samples)
+        return 0
+
+    return run_job(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The typed configuration: the one source of truth for every setting.
+
+A config is a YAML file (optional) plus ``a.b=value`` overrides applied on top of the
+defaults below. Unknown keys and invalid values raise :class:`ConfigError` before any work
+starts; the message names the key and says what is allowed. The resolved config is what
+MLflow logs and what a checkpoint carries, so credentials never live here: object storage
+credentials come only from the standard AWS chain (environment, profile, instance role).
+
+Durations and intervals are counted in images seen, not steps or epochs, so a config means
+the same run on 1 worker or 64 (the global batch is fixed; workers split it).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid. The message names the key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class PrepareConfig(Section):
+    """`fmpipe prepare`: turn an image source into WebDataset shards + _manifest.json."""
+
+    source: str = "digits"  # digits | folder:PATH | synthetic:shapes
+    out: str = ""  # dataset root (s3://bucket/prefix or a path); empty: $FMPIPE_HOME/store/<name>
+    resolution: int = Field(16, ge=2, le=1024)  # stored image size (square)
+    channels: Literal[1, 3] = 1  # stored as L (1) or RGB (3)
+    shard_size: int = Field(1000, ge=1)  # samples per shard
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out into the val split
+    num_samples: int = Field(10_000, ge=1)  # synthetic sources only
+    image_format: Literal["png", "jpg"] = "png"
+    parallel_threshold: int = Field(5_000, ge=1)  # more samples than this: one Ray task/shard
+
+
+class DataConfig(Section):
+    uri: str = ""  # dataset root written by `fmpipe prepare` (s3://bucket/prefix or a path)
+    resolution: int = Field(16, ge=2, le=1024)  # images are resized + centre-cropped to this
+    channels: Literal[1, 3] = 1  # images are converted to L (1) or RGB (3)
+    hflip: bool = False  # random horizontal flip; off by default because it ruins digits
+    batch_size: int = Field(128, ge=1)  # global batch, split evenly across workers
+    coupling: Literal["independent", "ot"] = "independent"  # x_0 <-> x_1 pairing in a batch
+    ot_per_class: bool = False  # with coupling=ot and labels: assign within each class only
+    noise_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage dtype of x_0
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)  # stop when more samples are bad
+    shuffle_shards: bool = True  # shard order shuffled per epoch from the seed
+    read_parallelism: int = Field(-1, ge=-1)  # Ray Data read tasks; -1 lets Ray decide
+    prefetch_batches: int = Field(2, ge=0)  # batches prefetched by iter_torch_batches
+
+
+class ModelConfig(Section):
+    kind: Literal["mlp", "unet"] = "unet"
+    hidden_dim: int = Field(256, ge=1)  # mlp width
+    depth: int = Field(4, ge=1)  # mlp hidden layers
+    base_channels: int = Field(32, ge=1)  # unet channels at full resolution
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2])  # one per level
+    num_res_blocks: int = Field(2, ge=1)  # residual blocks per level
+    attention_resolutions: list[int] = Field(default_factory=lambda: [8])  # sizes with attn
+    num_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm_groups: int = Field(8, ge=1)
+    num_classes: int = Field(0, ge=0)  # 0: unconditional; else + a null class for CFG
+
+    @model_validator(mode="after")
+    def _check_mult(self) -> ModelConfig:
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ValueError("channel_mult must be a non-empty list of positive integers")
+        return self
+
+
+class FlowConfig(Section):
+    time_sampler: Literal["uniform", "logit_normal"] = "uniform"
+    logit_normal_mean: float = 0.0  # t = sigmoid(mean + std * z), z ~ N(0, 1)
+    logit_normal_std: float = Field(1.0, gt=0.0)
+
+
+class TrainConfig(Section):
+    run_name: str = "fmpipe"  # same name + storage_path continues the run (resume)
+    storage_path: str = ""  # checkpoints (s3:// or a path); empty: $FMPIPE_HOME/runs
+    total_images: int = Field(200_000, ge=1)  # training duration in images seen
+    lr: float = Field(2e-4, gt=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up
+    warmup_images: int = Field(10_000, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0.0)  # max global grad norm; 0 disables
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step (global batch fixed)
+    ema_halflife_images: int = Field(50_000, ge=1)  # EMA decay per step from images/step
+    ema_warmup_ratio: float = Field(0.05, ge=0.0)  # halflife <= ratio * images_seen early on
+    label_dropout: float = Field(0.1, ge=0.0, le=1.0)  # null-class rate for CFG training
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the network
+    num_workers: int = Field(1, ge=1)  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)  # fractional keeps CPUs for Ray Data
+    torch_threads: int = Field(0, ge=0)  # torch threads per worker; 0: cores it may use
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(2, ge=0)  # worker restarts through FailureConfig
+    checkpoint_every_images: int = Field(50_000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every_steps: int = Field(20, ge=1)
+    val_every_images: int = Field(50_000, ge=1)
+    val_max_images: int = Field(512, ge=1)
+    grid_every_images: int = Field(100_000, ge=1)
+    grid_steps: int = Field(32, ge=1)  # euler steps for the sample grid
+    registered_model_name: str = ""  # MLflow registry name; empty: do not register
+
+
+class SampleConfig(Section):
+    model: str = ""  # models:/<name>@<alias>, models:/<name>/<version>, or checkpoint URI
+    out: str = ""  # output root for sample shards (s3:// or a path)
+    num_samples: int = Field(1000, ge=1)
+    solver: Literal["euler", "midpoint", "heun", "rk4", "dopri5"] = "euler"
+    steps: int = Field(32, ge=1)  # fixed-step solvers
+    atol: float = Field(1e-5, gt=0.0)  # dopri5
+    rtol: float = Field(1e-5, gt=0.0)  # dopri5
+    seed: int = 0  # noise of sample i comes from (seed, i) alone
+    batch_size: int = Field(256, ge=1)
+    shard_size: int = Field(1000, ge=1)  # samples per output shard (fixed index ranges)
+    num_actors: int = Field(1, ge=1)
+    use_gpu: bool = False
+    guidance_scale: float = 1.0  # classifier-free guidance w (1: plain conditional)
+    label: int | None = None  # class of every sample; None: cycle classes (or unconditional)
+    use_ema: bool = True
+
+
+class StorageConfig(Section):
+    # Endpoint override for S3-compatible stores; AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL win
+    # when set. No credential fields on purpose: the standard AWS chain supplies them.
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+
+
+class TrackingConfig(Section):
+    uri: str = ""  # MLflow tracking URI; MLFLOW_TRACKING_URI wins; empty: local sqlite
+    experiment: str = "fmpipe"
+    sample_experiment: str = "fmpipe-samples"
+
+
+class ToyConfig(Section):
+    """The 2-D example (`fmpipe toy`): plain PyTorch on CPU, no Ray."""
+
+    source: Literal["normal", "8gaussians"] = "normal"  # distribution of x_0
+    target: Literal["moons", "8gaussians"] = "moons"  # distribution of x_1
+    out: str = ""  # directory for the PNG and model; empty: $FMPIPE_HOME/toy
+    num_trajectories: int = Field(64, ge=0)  # paths drawn in the plot
+
+
+class Config(Section):
+    seed: int = 0  # every random draw (noise, t, shuffles, init) derives from this
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    toy: ToyConfig = Field(default_factory=ToyConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what MLflow logs and checkpoints carry)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 2e-4, ...}``: one entry per leaf, for MLflow params."""
+        return _flatten(self.to_dict())
+
+
+def fmpipe_home() -> Path:
+    """Root of the embedded defaults: ``$FMPIPE_HOME`` or ``./.fmpipe``."""
+    return Path(os.environ.get("FMPIPE_HOME", ".fmpipe")).absolute()
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _check_keys(tree: Any, model: type[BaseModel], prefix: str) -> None:
+    """Raise ConfigError for the first unknown key, naming the keys that are allowed."""
+    if not isinstance(tree, dict):
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(tree).__name__}")
+    for key, value in tree.items():
+        if key not in model.model_fields:
+            allowed = ", ".join(_allowed_keys(model))
+            raise ConfigError(f"unknown config key '{prefix}{key}'; allowed here: {allowed}")
+        annotation = model.model_fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_keys(value, annotation, f"{prefix}{key}.")
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "config"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"invalid value for '{key}'{shown}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-3"`` -> (["train", "lr"], 0.001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def _set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"'{'.'.join(parts[: depth + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(
+    base: dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Validate ``base`` (nested dict) with ``overrides`` applied on top, or raise ConfigError."""
+    tree: dict[str, Any] = copy.deepcopy(base) if base else {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set_path(tree, parts, value)
+    _check_keys(tree, Config, "")
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> Config:
+    """Load ``defaults`` < YAML file at ``path`` < ``overrides`` into a validated Config."""
+    tree: dict[str, Any] = copy.deepcopy(defaults) if defaults else {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file '{file}' does not exist")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{file}' is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{file}' must hold a mapping at the top level")
+        tree = _merge(tree, loaded)
+    return build_config(tree, overrides)
+
+
+def _merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(low)
+    for key, value in high.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged

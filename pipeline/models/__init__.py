@@ -1,0 +1,111 @@
+"""Velocity networks: construction from config, parameter counting, classifier-free guidance."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.models.embeddings import expand_time
+from pipeline.models.mlp import MLPVelocity
+from pipeline.models.unet import UNet
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig
+
+__all__ = ["MLPVelocity", "UNet", "build_model", "count_parameters", "guided_velocity"]
+
+
+def build_model(cfg: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
+    """Build the velocity network described by ``cfg`` for samples of ``data_shape``.
+
+    Args:
+        cfg: the ``model`` config section.
+        data_shape: per-sample shape without the batch dim: (D,) for ``kind="mlp"``,
+            (C, H, W) with H == W for ``kind="unet"``.
+    """
+    shape = tuple(int(s) for s in data_shape)
+    if any(s < 1 for s in shape):
+        raise ValueError(f"data_shape must have positive sizes, got {shape}")
+    if cfg.kind == "mlp":
+        if len(shape) != 1:
+            raise ValueError(
+                f"model.kind='mlp' needs flat data_shape (D,), got {shape}; "
+                "use model.kind='unet' for images"
+            )
+        return MLPVelocity(shape[0], cfg.hidden_dim, cfg.depth, cfg.num_classes)
+    if cfg.kind == "unet":
+        if len(shape) != 3:
+            raise ValueError(
+                f"model.kind='unet' needs image data_shape (C, H, W), got {shape}; "
+                "use model.kind='mlp' for flat data"
+            )
+        channels, height, width = shape
+        if height != width:
+            raise ValueError(f"model.kind='unet' needs square images (H == W), got {shape}")
+        return UNet(
+            in_channels=channels,
+            resolution=height,
+            base_channels=cfg.base_channels,
+            channel_mult=list(cfg.channel_mult),
+            num_res_blocks=cfg.num_res_blocks,
+            attention_resolutions=list(cfg.attention_resolutions),
+            num_heads=cfg.num_heads,
+            dropout=cfg.dropout,
+            norm_groups=cfg.norm_groups,
+            num_classes=cfg.num_classes,
+        )
+    raise ValueError(f"model.kind must be 'mlp' or 'unet', got {cfg.kind!r}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameter elements."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare network inside DDP (``.module``) and/or torch.compile (``._orig_mod``)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def guided_velocity(
+    model: nn.Module,
+    x_t: Tensor,
+    t: Tensor | float,
+    label: Tensor | None,
+    guidance_scale: float,
+) -> Tensor:
+    """Classifier-free guided velocity ``v_u + w * (v_c - v_u)``.
+
+    Args:
+        model: a velocity network (possibly wrapped by DDP or torch.compile).
+        x_t: (B, ...) current state.
+        t: (B,) or scalar time.
+        label: (B,) int labels, or None (unconditional: a single plain forward).
+        guidance_scale: w; 1.0 is the plain conditional model (a single forward),
+            0.0 the unconditional one, > 1 extrapolates towards the class.
+
+    Returns:
+        (B, ...) velocity, same shape as ``x_t``.
+
+    Conditional and null-class passes run as one forward over a 2B batch (cheaper than two
+    small launches, and identical math).
+    """
+    if label is None or guidance_scale == 1.0:
+        return model(x_t, t, label)
+    num_classes = getattr(_unwrap(model), "num_classes", 0)
+    if num_classes <= 0:
+        raise ValueError("guided_velocity with a label needs a class-conditional model")
+    batch = x_t.shape[0]
+    t = expand_time(t, batch, x_t.device)
+    null = torch.full_like(label, num_classes)
+    v = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([label, null]))
+    v_cond, v_uncond = v.chunk(2)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)

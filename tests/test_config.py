@@ -1,0 +1,78 @@
+"""The typed config: defaults, YAML + overrides, clear errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import Config, ConfigError, build_config, load_config, parse_override
+
+
+def test_defaults_validate_and_round_trip_through_yaml(tmp_path):
+    cfg = build_config()
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"seed": 3, "train": {"lr": 0.5, "total_images": 10}}))
+    cfg = load_config(path, ["train.lr=0.25", "model.channel_mult=[1, 2]"], defaults={"seed": 9})
+    assert cfg.seed == 3  # file beats packaged defaults
+    assert cfg.train.lr == 0.25  # override beats file
+    assert cfg.train.total_images == 10
+    assert cfg.model.channel_mult == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("nosuch.key=1", "unknown config key 'nosuch'"),
+        ("train.lr=-1", "'train.lr'"),
+        ("data.coupling=sinkhorn", "'data.coupling'"),
+        ("data.channels=2", "'data.channels'"),
+        ("model.channel_mult=[]", "channel_mult"),
+        ("train.lr", "key.path=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as info:
+        build_config(overrides=[override])
+    assert needle in str(info.value)
+
+
+def test_unknown_key_lists_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"allowed here: .*total_images"):
+        build_config({"train": {"total_imgs": 5}})
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_override_values_parse_as_yaml():
+    assert parse_override("train.compile=true") == (["train", "compile"], True)
+    assert parse_override("sample.label=null") == (["sample", "label"], None)
+    assert parse_override("tracking.uri=http://127.0.0.1:5000") == (
+        ["tracking", "uri"],
+        "http://127.0.0.1:5000",
+    )
+
+
+def test_flat_params_have_one_entry_per_leaf_and_no_credential_fields():
+    flat = Config().flat()
+    assert flat["train.lr"] == Config().train.lr
+    assert not any("secret" in key or "access_key" in key or "password" in key for key in flat)
+
+
+def test_assignment_is_validated():
+    cfg = Config()
+    with pytest.raises(ValueError):
+        cfg.train.lr = -1.0
