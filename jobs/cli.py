@@ -12,6 +12,7 @@ import sys
 
 # name -> one-line summary (the job module's own --help has the rest)
 JOBS: dict[str, str] = {
+    "prepare": "write WebDataset shards + manifests from digits, a folder or synthetic shapes",
     "toy": "train a 2-D flow (N(0,I) or 8 Gaussians -> two moons) and plot it",
     "bench": "benchmarks that print a ratio against a named baseline",
     "demo": "the main job on embedded defaults (what `make demo` runs)",

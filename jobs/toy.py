@@ -15,6 +15,7 @@ from jobs._common import add_config_arguments, resolve_config, run_job
 from pipeline.config import fmpipe_home
 from pipeline.data.toy import toy_sampler
 from pipeline.eval.metrics import sliced_wasserstein2
+from pipeline.models import count_parameters
 from pipeline.toy2d import plot_toy, sample_toy, train_toy
 
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(cfg.toy.out) if cfg.toy.out else fmpipe_home() / "toy"
         print(f"training {cfg.toy.source} -> {cfg.toy.target}, {cfg.train.total_images:,} images")
         result = train_toy(cfg)
+        print(f"model: {cfg.model.kind}, {count_parameters(result.model):,} parameters")
         solution = sample_toy(
             result.model, cfg, cfg.sample.num_samples, seed=cfg.seed + 1, return_trajectory=True
         )
