@@ -1,0 +1,824 @@
+"""MLflow tracking: one run per training (or sampling) job, written from rank 0 only.
+
+Where the tracking server is (:func:`tracking_uri`): ``MLFLOW_TRACKING_URI`` wins, then
+``tracking.uri`` from the config, else the embedded default, a sqlite file
+``$FMPIPE_HOME/mlflow.db`` with artifacts in ``$FMPIPE_HOME/mlartifacts`` (MLflow 3.x refuses
+the plain file store, so even the embedded default is sqlite).
+
+:class:`Tracker` talks to MLflow through an explicit :class:`mlflow.MlflowClient` bound to a
+run id, never through the fluent ``mlflow.start_run`` state: Ray workers are long-lived
+processes that may run several jobs, and a global "active run" would leak between them.
+Ranks other than 0 get :meth:`Tracker.disabled`, whose methods do nothing, so training code
+calls the tracker unconditionally.
+
+Models are not logged with ``mlflow.<flavor>.log_model`` (MLflow 3.x defaults to a
+``torch.export`` format that needs an input example, and a sampler is an ODE loop rather than
+one forward call). A checkpoint directory is logged as plain run artifacts and registered as
+a model version whose source is that artifact directory; :func:`resolve_model_uri` turns
+``models:/<name>@<alias>`` or ``models:/<name>/<version>`` back into a local directory.
+
+Credentials never reach MLflow: :func:`scrub` removes the values of credential environment
+variables (and ``user:password@`` in URLs) from every param value, tag and text written here,
+and param or tag keys that look like credentials are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pipeline.config import Config, fmpipe_home
+
+if TYPE_CHECKING:  # mlflow takes ~2 s to import: only the functions that talk to it import it
+    from mlflow import MlflowClient
+
+__all__ = [
+    "ModelNotFound",
+    "ResolvedModel",
+    "Tracker",
+    "embedded_tracking_uri",
+    "find_run_id",
+    "resolve_model_uri",
+    "scrub",
+    "standard_tags",
+    "tracking_uri",
+]
+
+log = logging.getLogger(__name__)
+
+# MLflow limits (mlflow.utils.validation): a param value is at most 6000 characters, a tag
+# value 8000, a key 250; one log_batch takes at most 100 params/tags and 1000 metrics.
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+MAX_KEY = 250
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+REGISTER_TIMEOUT_S = 300.0  # wait this long for a model version to become READY
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_TRUNCATED = "...[truncated]"
+_REDACTED = "***"
+
+# Environment variables whose values are secrets wherever they appear.
+SECRET_ENV_VARS = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+# Other variables treated as secrets by name (their values are scrubbed too), except ones
+# that hold a path to a secret rather than the secret itself.
+_SECRET_ENV_NAME = re.compile(
+    r"(?:^|_)(?:SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIALS?|API_KEY|PRIVATE_KEY)(?:_|$)"
+)
+_NOT_A_SECRET_ENV = re.compile(r"_(?:PATH|FILE|DIR|MODE|URI|URL|ENDPOINT|TYPE|NAME)$")
+_NOT_A_SECRET_VALUE = {"true", "false", "yes", "no", "none", "null", "on", "off"}
+_MIN_SECRET_LEN = 4  # shorter values would scrub ordinary words; no real secret is this short
+# A key component that names a credential: storage.secret_key, aws_access_key_id, db.password.
+_SECRET_KEY = re.compile(
+    r"(?:^|[._\-/])(?:secret|password|passwd|token|credentials?|api[_-]?key|access[_-]?key"
+    r"|private[_-]?key|session[_-]?token)(?:[._\-/]|$)",
+    re.IGNORECASE,
+)
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]+):[^/\s@]+@")
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def _secret_values() -> list[str]:
+    values = set()
+    for name, value in os.environ.items():
+        upper = name.upper()
+        is_secret = upper in SECRET_ENV_VARS or (
+            _SECRET_ENV_NAME.search(upper) and not _NOT_A_SECRET_ENV.search(upper)
+        )
+        if upper not in SECRET_ENV_VARS and value.strip().lower() in _NOT_A_SECRET_VALUE:
+            continue
+        if is_secret and value and len(value) >= _MIN_SECRET_LEN:
+            values.add(value)
+    return sorted(values, key=len, reverse=True)  # longest first: a secret may contain another
+
+
+def scrub(text: str) -> str:
+    """``text`` with credentials removed.
+
+    Removes the value of every credential environment variable that is set
+    (``AWS_SECRET_ACCESS_KEY``, ``AWS_ACCESS_KEY_ID``, ``AWS_SESSION_TOKEN``,
+    ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``, and others whose name says
+    SECRET/PASSWORD/TOKEN/...; values shorter than 4 characters are left alone) and the
+    password of ``scheme://user:password@host`` URLs.
+    """
+    text = str(text)
+    for value in _secret_values():
+        if value in text:
+            text = text.replace(value, _REDACTED)
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{_REDACTED}@", text)
+
+
+def _check_key(key: str, what: str) -> str:
+    key = str(key)
+    if _SECRET_KEY.search(key):
+        raise ValueError(
+            f"refusing to log {what} '{key}': the key looks like a credential; credentials come "
+            "from the AWS chain / environment and are never tracked"
+        )
+    if not key or len(key) > MAX_KEY:
+        raise ValueError(f"{what} key must be 1 to {MAX_KEY} characters, got {len(key)}: {key!r}")
+    return key
+
+
+def _limit(value: str, limit: int) -> str:
+    """Cut ``value`` to ``limit`` characters, marking the cut (deterministic, for resume)."""
+    if len(value) <= limit:
+        return value
+    return value[: limit - len(_TRUNCATED)] + _TRUNCATED
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(str(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return _limit(scrub(text), MAX_PARAM_VALUE)
+
+
+def _tag_value(value: Any) -> str:
+    return _limit(scrub(str(value)), MAX_TAG_VALUE)
+
+
+# --------------------------------------------------------------------------- where MLflow is
+
+
+def embedded_tracking_uri() -> str:
+    """``sqlite:///<FMPIPE_HOME>/mlflow.db``; creates the home directory."""
+    home = fmpipe_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``MLFLOW_TRACKING_URI`` > ``cfg.tracking.uri`` > the embedded sqlite default."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    if cfg.tracking.uri.strip():
+        return cfg.tracking.uri.strip()
+    return embedded_tracking_uri()
+
+
+def _local_sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URI (None for servers and in-memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path("/" + path.lstrip("/")) if uri.startswith("sqlite:////") else Path(path)
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifact root for a new experiment: beside a local sqlite db, else the server's choice.
+
+    For the embedded default that is ``<FMPIPE_HOME>/mlartifacts/<experiment>``.
+    """
+    db = _local_sqlite_path(uri)
+    if db is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    root = db.absolute().parent / "mlartifacts" / safe
+    root.mkdir(parents=True, exist_ok=True)
+    return root.as_uri()
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _error_code(exc: BaseException) -> str:
+    return str(getattr(exc, "error_code", ""))
+
+
+def _get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        except MlflowException as exc:  # created concurrently by another process
+            if "ALREADY_EXISTS" not in _error_code(exc):
+                raise
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        log.warning("MLflow experiment '%s' was deleted; restoring it", name)
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+# --------------------------------------------------------------------------- standard tags
+
+
+def _git_commit() -> str:
+    """``FMPIPE_GIT_COMMIT`` (set in images), else ``git rev-parse HEAD``, else "unknown"."""
+    env = os.environ.get("FMPIPE_GIT_COMMIT", "").strip()
+    if env:
+        return env
+    for where in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        try:
+            out = subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=where,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        commit = out.stdout.strip()
+        if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit):
+            return commit
+    return "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def standard_tags() -> dict[str, str]:
+    """Tags every fmpipe run carries: git commit and package versions."""
+    commit = _git_commit()
+    tags = {
+        "fmpipe.git_commit": commit,
+        "fmpipe.version": _version("fmpipe"),
+        "fmpipe.torch_version": _version("torch"),
+        "fmpipe.ray_version": _version("ray"),
+        "fmpipe.mlflow_version": _version("mlflow"),
+    }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
+    return tags
+
+
+# --------------------------------------------------------------------------- the tracker
+
+
+def find_run_id(
+    cfg: Config, *, experiment: str, run_name: str, tags: Mapping[str, str] | None = None
+) -> str | None:
+    """The newest run named ``run_name`` (and carrying ``tags``) in ``experiment``, or None.
+
+    For a restarted job that did not keep its run id: pass the result to
+    :meth:`Tracker.start` as ``run_id`` to continue that run.
+    """
+    client = _client(tracking_uri(cfg))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+
+    def quote(value: str) -> str:
+        return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    clauses = [f"attributes.run_name = {quote(run_name)}"]
+    clauses += [f"tags.`{k}` = {quote(v)}" for k, v in (tags or {}).items()]
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=" and ".join(clauses),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+class Tracker:
+    """One MLflow run, written through an explicit client. Disabled trackers do nothing.
+
+    >>> tracker = Tracker.start(cfg, experiment="fmpipe", run_name="digits") if rank == 0 \\
+    ...     else Tracker.disabled()
+    >>> tracker.log_config(cfg); tracker.log_metrics({"train/loss": 0.3}, step=100)
+    >>> tracker.end()
+    """
+
+    def __init__(self, client: MlflowClient | None, run_id: str | None, uri: str | None) -> None:
+        self._client = client
+        self._run_id = run_id
+        self._uri = uri
+        self._ended = False
+
+    # ---- construction
+
+    @classmethod
+    def disabled(cls) -> Tracker:
+        """A tracker whose methods are no-ops (ranks other than 0, or tracking off)."""
+        return cls(None, None, None)
+
+    @classmethod
+    def start(
+        cls,
+        cfg: Config,
+        *,
+        experiment: str,
+        run_name: str,
+        run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        enabled: bool = True,
+    ) -> Tracker:
+        """Continue run ``run_id`` (after a restart) or create a run in ``experiment``.
+
+        ``enabled=False`` returns :meth:`disabled` without contacting MLflow (``enabled=rank
+        == 0`` in a training worker). A resumed run that had ended is set RUNNING again.
+        """
+        if not enabled:
+            return cls.disabled()
+        from mlflow.exceptions import MlflowException
+
+        uri = tracking_uri(cfg)
+        client = _client(uri)
+        all_tags = {**standard_tags(), **dict(tags or {})}
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+            except MlflowException as exc:
+                raise ValueError(
+                    f"cannot resume MLflow run '{run_id}' at {scrub(uri)}: {scrub(str(exc))}"
+                ) from None
+            if run.info.lifecycle_stage == "deleted":
+                raise ValueError(f"cannot resume MLflow run '{run_id}': the run was deleted")
+            experiment_id = run.info.experiment_id
+            found = client.get_experiment_by_name(experiment)
+            if found is None or found.experiment_id != experiment_id:
+                log.warning(
+                    "resuming MLflow run %s of experiment id %s, not of '%s'",
+                    run_id,
+                    experiment_id,
+                    experiment,
+                )
+            if run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            tracker = cls(client, run_id, uri)
+            log.info("resumed MLflow run %s (%s)", run_id, run.info.run_name)
+        else:
+            experiment_id = _get_or_create_experiment(client, uri, experiment)
+            run = client.create_run(experiment_id, run_name=run_name)
+            tracker = cls(client, run.info.run_id, uri)
+            log.info("created MLflow run %s (%s) in '%s'", run.info.run_id, run_name, experiment)
+        tracker.set_tags(all_tags)
+        return tracker
+
+    # ---- properties
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id (None when disabled): keep it to resume the same run."""
+        return self._run_id
+
+    @property
+    def tracking_uri(self) -> str | None:
+        return self._uri
+
+    @property
+    def client(self) -> MlflowClient | None:
+        return self._client
+
+    def artifact_uri(self, artifact_path: str = "") -> str | None:
+        """Where this run's artifact ``artifact_path`` lives (s3://, mlflow-artifacts:/, file:)."""
+        if self._client is None:
+            return None
+        root = self._client.get_run(self._run_id).info.artifact_uri.rstrip("/")
+        return f"{root}/{artifact_path.strip('/')}" if artifact_path.strip("/") else root
+
+    # ---- params, tags, metrics
+
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+        """Log params (values stringified, scrubbed, truncated to MLflow's limit).
+
+        Params already on the run with the same value are skipped (resume); MLflow refuses to
+        change a param, so a different value is skipped with a warning, and the conflicts are
+        returned as ``{key: (logged, new)}``. Keys that look like credentials raise ValueError.
+        """
+        wanted = {_check_key(k, "param"): _param_value(v) for k, v in params.items()}
+        if self._client is None:
+            return {}
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self._run_id).data.params
+        conflicts = {
+            k: (existing[k], v) for k, v in wanted.items() if k in existing and existing[k] != v
+        }
+        if conflicts:
+            log.warning(
+                "MLflow run %s already has different values for %s; params cannot change, "
+                "keeping the logged values (the new config is in config.yaml)",
+                self._run_id,
+                ", ".join(sorted(conflicts)),
+            )
+        new = [Param(k, v) for k, v in wanted.items() if k not in existing]
+        for i in range(0, len(new), PARAMS_PER_BATCH):
+            self._client.log_batch(self._run_id, params=new[i : i + PARAMS_PER_BATCH])
+        return conflicts
+
+    def log_config(self, cfg: Config) -> dict[str, tuple[str, str]]:
+        """``cfg.flat()`` as params and the resolved YAML as artifact ``config.yaml``.
+
+        Returns the params whose value differs from the one logged before (see
+        :meth:`log_params`); ``config.yaml`` always holds the latest config.
+        """
+        conflicts = self.log_params(cfg.flat())
+        self.log_text(cfg.to_yaml(), "config.yaml")
+        return conflicts
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values scrubbed, truncated; credential-like keys raise ValueError)."""
+        from_tags = {_check_key(k, "tag"): _tag_value(v) for k, v in tags.items()}
+        if self._client is None or not from_tags:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in from_tags.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self._client.log_batch(self._run_id, tags=items[i : i + PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log ``{name: value}`` at ``step`` in one ``log_batch`` (tensors/numpy accepted)."""
+        if self._client is None or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            number = float(value.item() if hasattr(value, "item") else value)
+            if math.isinf(number):  # MLflow stores inf as +-max float; say so in the log
+                log.warning("metric %s is %s at step %d", key, number, step)
+            items.append(Metric(str(key), number, now, int(step)))
+        for i in range(0, len(items), METRICS_PER_BATCH):
+            self._client.log_batch(self._run_id, metrics=items[i : i + METRICS_PER_BATCH])
+
+    # ---- artifacts
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write ``text`` (scrubbed) as run artifact ``artifact_file`` (e.g. ``notes/a.txt``)."""
+        if self._client is None:
+            return
+        self._client.log_text(self._run_id, scrub(text), artifact_file)
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        """Log a PIL image, uint8 array (H,W[,C]) or (C,H,W) tensor as ``artifact_file``.
+
+        Use a PNG path such as ``grids/step_000100.png``: the MLflow UI previews it.
+        """
+        if self._client is None:
+            return
+        from pipeline.viz import as_pil
+
+        pil = as_pil(image)
+        suffix = Path(artifact_file).suffix or ".png"
+        with tempfile.TemporaryDirectory(prefix="fmpipe-img-") as tmp:
+            local = Path(tmp) / (Path(artifact_file).stem + suffix)
+            pil.save(local)
+            parent = str(Path(artifact_file).parent).replace(os.sep, "/")
+            self._client.log_artifact(
+                self._run_id, str(local), artifact_path=None if parent in ("", ".") else parent
+            )
+
+    def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None):
+        """Log one local file under ``artifact_path`` (a directory in the run's artifacts)."""
+        if self._client is None:
+            return
+        self._client.log_artifact(self._run_id, str(local_path), artifact_path=artifact_path)
+
+    def log_artifacts(self, local_dir: str | os.PathLike[str], artifact_path: str | None) -> None:
+        """Log the files under ``local_dir`` as run artifacts under ``artifact_path``."""
+        if self._client is None:
+            return
+        if not Path(local_dir).is_dir():
+            raise ValueError(f"log_artifacts: '{local_dir}' is not a directory")
+        self._client.log_artifacts(self._run_id, str(local_dir), artifact_path=artifact_path)
+
+    def list_artifacts(self, artifact_path: str | None = None) -> list[str]:
+        """Paths of the artifacts directly under ``artifact_path`` ([] when disabled)."""
+        if self._client is None:
+            return []
+        return [f.path for f in self._client.list_artifacts(self._run_id, artifact_path)]
+
+    # ---- registry
+
+    def register_model_version(
+        self, name: str, artifact_path: str, tags: Mapping[str, Any] | None = None
+    ) -> str:
+        """Register this run's artifact directory ``artifact_path`` as a version of ``name``.
+
+        Creates the registered model when missing, waits until the version is READY and
+        returns its version number ("" when disabled). Every version should point at its own
+        artifact directory (e.g. ``checkpoints/images_00200000``): a version is a pointer, so
+        logging over the same path later would change what an older version loads.
+        """
+        version_tags = {"fmpipe.git_commit": _git_commit(), **dict(tags or {})}
+        checked = {_check_key(k, "tag"): _tag_value(v) for k, v in version_tags.items()}
+        if self._client is None:
+            return ""
+        from mlflow.exceptions import MlflowException
+
+        artifact_path = artifact_path.strip("/")
+        if not artifact_path or not self._client.list_artifacts(self._run_id, artifact_path):
+            raise ValueError(
+                f"cannot register '{name}': run {self._run_id} has no artifacts under "
+                f"'{artifact_path}'; log the checkpoint directory there first"
+            )
+        try:
+            self._client.create_registered_model(name)
+        except MlflowException as exc:
+            if "ALREADY_EXISTS" not in _error_code(exc):
+                raise
+        source = self.artifact_uri(artifact_path)
+        mv = self._client.create_model_version(
+            name, source, run_id=self._run_id, tags=checked, await_creation_for=0
+        )
+        deadline = time.monotonic() + REGISTER_TIMEOUT_S
+        while mv.status != "READY":
+            if mv.status == "FAILED_REGISTRATION":
+                raise RuntimeError(
+                    f"registering {name} version {mv.version} failed: {mv.status_message}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{name} version {mv.version} not READY after {REGISTER_TIMEOUT_S:.0f} s "
+                    f"(status {mv.status})"
+                )
+            time.sleep(0.5)
+            mv = self._client.get_model_version(name, mv.version)
+        log.info("registered %s version %s from %s", name, mv.version, source)
+        return str(mv.version)
+
+    def set_alias(self, name: str, alias: str, version: str | int) -> None:
+        """Point alias ``alias`` (e.g. ``champion``) of model ``name`` at ``version``."""
+        if self._client is None:
+            return
+        self._client.set_registered_model_alias(name, alias, str(version))
+
+    # ---- end
+
+    def end(self, status: RunStatus = "FINISHED") -> None:
+        """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED`` (idempotent)."""
+        if status not in _END_STATUSES:
+            raise ValueError(f"end status must be one of {', '.join(_END_STATUSES)}, not {status}")
+        if self._client is None or self._ended:
+            return
+        self._client.set_terminated(self._run_id, status=status)
+        self._ended = True
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED")
+        else:
+            self.end("FAILED")
+
+
+# --------------------------------------------------------------------------- model resolution
+
+
+class ModelNotFound(ValueError):
+    """A ``models:/`` URI names a model, alias or version the registry does not have."""
+
+
+@dataclass
+class ResolvedModel:
+    """What a model URI points at. ``checkpoint_uri`` is readable by a checkpoint loader."""
+
+    checkpoint_uri: str  # local directory (registry: downloaded) or the storage URI as given
+    name: str | None = None  # registered model name (registry URIs)
+    version: str | None = None  # registered model version (registry URIs)
+    run_id: str | None = None  # the run that logged it (registry and runs:/ URIs)
+    alias: str | None = None  # the alias used, for models:/<name>@<alias>
+    source: str | None = None  # the artifact location the files were downloaded from
+    tags: dict[str, str] = field(default_factory=dict)  # model version tags
+
+    @property
+    def from_registry(self) -> bool:
+        return self.name is not None
+
+
+_MODELS = "models:/"
+_RUNS = "runs:/"
+
+
+def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
+    rest = uri[len(_MODELS) :].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias and "/" not in name:
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and "/" not in name and (version.isdigit() or version == "latest"):
+            return name, None, version
+    raise ValueError(
+        f"model URI '{uri}' is not models:/<name>@<alias>, models:/<name>/<version> or "
+        "models:/<name>/latest"
+    )
+
+
+def _versions(client: MlflowClient, name: str) -> list[Any]:
+    quoted = name.replace("'", "\\'")
+    found = client.search_model_versions(f"name = '{quoted}'")
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
+def _describe(client: MlflowClient, name: str, aliases: Mapping[str, str]) -> str:
+    versions = [mv.version for mv in _versions(client, name)]
+    shown_aliases = ", ".join(f"{a} -> version {v}" for a, v in sorted(aliases.items()))
+    return (
+        f"versions: {', '.join(versions) if versions else 'none'}; "
+        f"aliases: {shown_aliases if shown_aliases else 'none'}"
+    )
+
+
+def _registered_names(client: MlflowClient, limit: int = 50) -> list[str]:
+    try:
+        return sorted(rm.name for rm in client.search_registered_models(max_results=limit))
+    except Exception:  # only for the message
+        return []
+
+
+def _lookup_version(client: MlflowClient, uri: str, name: str, alias: str | None, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" not in _error_code(exc):
+            raise
+        names = _registered_names(client)
+        raise ModelNotFound(
+            f"registered model '{name}' does not exist at {scrub(uri)} (resolving "
+            f"'{_MODELS}{name}{'@' + alias if alias else '/' + str(version)}'); registered "
+            f"models: {', '.join(names) if names else 'none'}"
+        ) from None
+    aliases = dict(getattr(registered, "aliases", None) or {})
+    if alias is not None:
+        if alias not in aliases:
+            raise ModelNotFound(
+                f"registered model '{name}' has no alias '{alias}'; "
+                f"{_describe(client, name, aliases)}"
+            )
+        version = str(aliases[alias])
+    elif version == "latest":
+        versions = _versions(client, name)
+        if not versions:
+            raise ModelNotFound(f"registered model '{name}' has no versions")
+        return versions[-1]
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" not in _error_code(exc):
+            raise
+        raise ModelNotFound(
+            f"registered model '{name}' has no version {version}; "
+            f"{_describe(client, name, aliases)}"
+        ) from None
+
+
+def _fetch(uri: str, source: str, into: Path) -> None:
+    """Download the directory ``source`` (artifact URI or runs:/) so its files land in ``into``."""
+    import mlflow.artifacts
+
+    into.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fmpipe-dl-", dir=into.parent) as tmp:
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
+        )
+        if local.is_file():
+            raise ValueError(f"model source '{source}' is a file, expected a directory")
+        for child in local.iterdir():  # download_artifacts nests the directory under its name
+            target = into / child.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            child.rename(target)
+
+
+def _download_cached(uri: str, source: str, dst: Path, *, reuse: bool) -> Path:
+    """``source`` downloaded to the cache entry ``dst``, which appears only when complete.
+
+    ``reuse``: keep an existing complete entry of the same source (immutable registry
+    versions); otherwise download again and swap the entry (run artifacts can change).
+    """
+    marker = dst / ".fmpipe-complete"
+    if reuse and marker.is_file() and marker.read_text().strip() == source:
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    try:
+        _fetch(uri, source, tmp)
+        (tmp / marker.name).write_text(source + "\n")
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}-old-{os.getpid()}-{time.monotonic_ns()}")
+            with contextlib.suppress(OSError):
+                dst.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+        try:
+            tmp.rename(dst)
+        except OSError:  # another process put a complete entry there first
+            if not marker.is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _cache_root(uri: str) -> Path:
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return fmpipe_home() / "cache" / "models" / digest
+
+
+def resolve_model_uri(
+    uri: str, cfg: Config, *, dst_dir: str | os.PathLike[str] | None = None
+) -> ResolvedModel:
+    """Turn a model reference into something a checkpoint loader can read.
+
+    - ``models:/<name>@<alias>``, ``models:/<name>/<version>`` (or ``/latest``): looked up in
+      the registry at :func:`tracking_uri`, the version's artifacts downloaded to ``dst_dir``
+      (default: a cache under ``$FMPIPE_HOME/cache/models``, reused when already complete).
+      A missing model, alias or version raises :class:`ModelNotFound`, naming what exists.
+    - ``runs:/<run_id>/<path>``: those run artifacts, downloaded the same way.
+    - anything else: a checkpoint URI (``s3://...`` or a path), returned as is.
+    """
+    uri = str(uri).strip()
+    if not uri.startswith((_MODELS, _RUNS)):
+        return ResolvedModel(checkpoint_uri=uri)
+    from mlflow.exceptions import MlflowException
+
+    server = tracking_uri(cfg)
+    client = _client(server)
+    if uri.startswith(_RUNS):
+        rest = uri[len(_RUNS) :].strip("/")
+        run_id = rest.partition("/")[0]
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ModelNotFound(
+                f"MLflow run '{run_id}' does not exist at {scrub(server)}"
+            ) from None
+        if dst_dir:
+            local = Path(dst_dir)
+            _fetch(server, uri, local)
+        else:
+            key = hashlib.sha256(rest.encode()).hexdigest()[:16]
+            local = _download_cached(server, uri, _cache_root(server) / "runs" / key, reuse=False)
+        return ResolvedModel(checkpoint_uri=str(local), run_id=run_id, source=uri)
+
+    name, alias, version = _parse_models_uri(uri)
+    mv = _lookup_version(client, server, name, alias, version or "")
+    source = client.get_model_version_download_uri(name, mv.version)
+    if dst_dir:
+        local = Path(dst_dir)
+        _fetch(server, source, local)
+    else:  # key on creation time + run too: a deleted and re-created model reuses numbers
+        stamp = f"{mv.version}-{mv.creation_timestamp}-{(mv.run_id or 'norun')[:12]}"
+        entry = _cache_root(server) / re.sub(r"[^A-Za-z0-9._-]+", "_", name) / stamp
+        local = _download_cached(server, source, entry, reuse=True)
+    return ResolvedModel(
+        checkpoint_uri=str(local),
+        name=name,
+        version=str(mv.version),
+        run_id=mv.run_id or None,
+        alias=alias,
+        source=source,
+        tags=dict(mv.tags or {}),
+    )
