@@ -1,0 +1,706 @@
+"""The training stream: WebDataset shards -> Ray Data -> x_1, x_0, t, label, key batches.
+
+Plan of one epoch (:func:`build_stream`)::
+
+    from_items(shards in this epoch's order)               one row per shard
+      .map_batches(ShardDecoder, batch_size=1)             tar -> samples -> decode -> x_1
+      .map_batches(PairingStage)                           + x_0 ~ N(0, I), t, [coupling]
+
+Both stages are task-based, so Ray fuses them into one task per shard: only the finished
+columns pass through the object store.
+
+Why not ``ray.data.read_webdataset``. It was the first choice, but its reader
+(``tarfile.open(mode="r|*")`` inside the read task) has no error handling: a truncated or
+corrupt tar fails the read task, and after retries the whole dataset, so one bad shard
+would stop training; and its decoder knows jpg/png/ppm but not ``.jpeg``/``.webp``. So the
+read stage here opens each shard itself through the explicit pyarrow filesystem (S3 with
+an endpoint override, or local), reads it in one request, iterates the members with
+:mod:`tarfile`, groups them by key exactly as WebDataset does (key = path up to the first
+dot of the file name), and decodes the image with Pillow (:mod:`pipeline.data.decode`).
+Everything that can go wrong with one sample or one shard is then caught, counted and
+reported, and nothing ever unpickles a member. ``tarfile`` stops *quietly* at a truncated
+or invalid header after the first member, so the walk also checks that the archive ends
+with its end-of-archive zero block, and the manifest's per-shard count catches the rest.
+Measured side by side (2 CPUs, local shards, 10k PNGs, same pairing stage and iteration),
+this reader ran at 1.0x-1.4x the images/s of ``read_webdataset`` + a scaling stage.
+
+Ray workers reading S3 need the endpoint and credentials in *their* environment
+(``AWS_ENDPOINT_URL_S3``, the AWS chain): :mod:`pipeline.storage` never pickles secrets
+into the filesystem object.
+
+Order and reproducibility. With ``data.shuffle_shards`` the shard list is permuted per
+epoch from ``(seed, epoch)`` and the samples inside each shard from
+``(seed, epoch, shard)``; shards are started in that order. ``x_0``, ``t`` and the flip
+come from ``(seed, epoch, key)`` (see :mod:`pipeline.data.coupling`), so what a sample
+gets never depends on the order in which parallel shards finish; pass
+``preserve_order=True`` to also fix the row order.
+
+Bad input (accounting design). The decode stage skips a sample whose image is undecodable,
+missing, or of an unexpected mode or size, whose label is unreadable, or whose key repeats;
+a truncated or corrupt tar loses the samples after the damage (counted against the
+manifest's count for that shard). After each shard the stage sends one record
+``(shard, declared, ok, bad, lost, examples)`` to a small named Ray actor
+(:class:`BadSampleTracker`; 0 CPUs; one per dataset split and decode settings, shared by
+every process of the job through its name; the first handle is kept alive by the process
+that created it) and waits for the reply. Records are keyed by (epoch, shard) and
+overwrite each other, so a retried task or a second pass over the same Dataset never
+double-counts. The denominator is the
+manifest's sample count for the split, known up front; as soon as
+``bad / total > data.max_bad_fraction`` the stage raises :class:`TooManyBadSamples`,
+naming the worst shards, which fails the Ray Data job and so the training loop, and
+:func:`iter_epoch_batches` re-raises it as such. Every bad sample is also logged (shard,
+key, reason) by the worker. ``BadSampleTracker.report()`` returns a
+:class:`BadSampleReport` at any time; ``check()`` raises if over the limit.
+An empty or missing dataset fails in :func:`open_dataset`, before any Ray work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import random
+import re
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from pipeline.config import Config
+from pipeline.data.coupling import PairingStage, couple, noise_to_float, sample_seed
+from pipeline.data.decode import IMAGE_EXTENSIONS, BadSample, DecodeSpec, decode_image
+from pipeline.data.decode import to_model_range as _to_model_range
+from pipeline.data.manifest import MANIFEST_NAME, Manifest
+from pipeline.storage import Location, StorageError, check_access, resolve
+
+__all__ = [
+    "COLUMNS",
+    "BadSampleRecord",
+    "BadSampleReport",
+    "BadSampleTracker",
+    "CollateBatch",
+    "DatasetError",
+    "DatasetInfo",
+    "ShardDecoder",
+    "ShardStats",
+    "StorageError",
+    "TooManyBadSamples",
+    "bad_sample_tracker",
+    "build_stream",
+    "collate_batch",
+    "iter_epoch_batches",
+    "open_dataset",
+    "read_shard",
+    "shard_order",
+    "stream_throughput",
+]
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ("x_1", "x_0", "t", "label", "key")
+_IMAGE_PREFERENCE = tuple(IMAGE_EXTENSIONS)  # png, jpg, jpeg, webp
+_MAX_EXAMPLES_PER_SHARD = 20  # bad (key, reason) pairs kept per shard; all are counted
+_CHUNK_BYTES = 8 * 1024 * 1024  # target size of one decoded output block
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_ext
+
+
+class DatasetError(ValueError):
+    """The dataset is missing, empty or inconsistent; the message names its URI."""
+
+
+# --------------------------------------------------------------------------- bad samples
+@dataclass(frozen=True)
+class BadSampleRecord:
+    shard: str
+    key: str  # "" when the damage hides the key (e.g. an unreadable tar header)
+    reason: str
+
+
+@dataclass
+class ShardStats:
+    shard: str
+    declared: int  # samples the manifest promises
+    ok: int = 0  # decoded and emitted
+    bad: int = 0  # read but skipped (see examples)
+    lost: int = 0  # never read: the tar ended or broke first
+    error: str = ""  # why the tar could not be read to its end
+    examples: list[BadSampleRecord] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return self.bad + self.lost
+
+
+@dataclass
+class BadSampleReport:
+    total: int  # denominator: manifest count (or more, if shards held extra samples)
+    max_bad_fraction: float
+    shards: dict[str, ShardStats] = field(default_factory=dict)  # shards read so far
+
+    @property
+    def skipped(self) -> int:
+        return sum(s.skipped for s in self.shards.values())
+
+    @property
+    def fraction(self) -> float:
+        return self.skipped / self.total if self.total else 0.0
+
+    @property
+    def exceeded(self) -> bool:
+        return self.fraction > self.max_bad_fraction
+
+    @property
+    def records(self) -> list[BadSampleRecord]:
+        return [r for s in self.shards.values() for r in s.examples]
+
+    def worst(self, n: int = 3) -> list[ShardStats]:
+        ranked = sorted(self.shards.values(), key=lambda s: (-s.skipped, s.shard))
+        return [s for s in ranked if s.skipped][:n]
+
+    def summary(self) -> str:
+        head = (
+            f"{self.skipped} of {self.total} samples ({self.fraction:.2%}) skipped as bad "
+            f"(data.max_bad_fraction={self.max_bad_fraction:g})"
+        )
+        parts = []
+        for s in self.worst():
+            what = f"{s.bad} bad, {s.lost} lost" if s.lost else f"{s.bad} bad"
+            detail = s.error or (s.examples[0].reason if s.examples else "")
+            key = next((r.key for r in s.examples if r.key), "")
+            example = f"; e.g. key {key}" if key else ""
+            parts.append(f"{s.shard} ({what}: {detail}{example})")
+        return head + ("; worst shards: " + ", ".join(parts) if parts else "")
+
+
+class TooManyBadSamples(RuntimeError):
+    """More than ``data.max_bad_fraction`` of the epoch's samples were bad."""
+
+    def __init__(self, message: str, report: BadSampleReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.report))
+
+
+_KEEP_EPOCHS = 8  # epochs of reports a counter keeps
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class _BadSampleCounter:
+    """Per-epoch, per-shard stats of one dataset split; records overwrite by shard."""
+
+    def __init__(self, total: int, max_bad_fraction: float) -> None:
+        self._declared = total
+        self._max_bad_fraction = max_bad_fraction
+        self._epochs: dict[int, BadSampleReport] = {}
+
+    def _epoch(self, epoch: int) -> BadSampleReport:
+        if epoch not in self._epochs:
+            self._epochs[epoch] = BadSampleReport(self._declared, self._max_bad_fraction)
+            for old in sorted(self._epochs)[:-_KEEP_EPOCHS]:
+                del self._epochs[old]
+        return self._epochs[epoch]
+
+    def record(self, epoch: int, stats: ShardStats) -> tuple[bool, str]:
+        report = self._epoch(epoch)
+        report.shards[stats.shard] = stats
+        seen = sum(s.ok + s.bad + s.lost for s in report.shards.values())
+        report.total = max(self._declared, seen)
+        return report.exceeded, report.summary()
+
+    def report(self, epoch: int) -> BadSampleReport:
+        return self._epoch(epoch)
+
+
+class BadSampleTracker:
+    """Handle on the bad-sample counter of one dataset split, bound to one epoch."""
+
+    def __init__(self, handle: Any, epoch: int) -> None:
+        self.handle = handle
+        self.epoch = epoch
+
+    def record(self, stats: ShardStats) -> None:
+        """Send one shard's stats; raise :class:`TooManyBadSamples` if over the limit."""
+        exceeded, summary = ray.get(self.handle.record.remote(self.epoch, stats))
+        if exceeded:
+            raise TooManyBadSamples(summary)
+
+    def report(self) -> BadSampleReport:
+        """This epoch's report so far (complete once the epoch's stream is exhausted)."""
+        return ray.get(self.handle.report.remote(self.epoch))
+
+    def check(self) -> BadSampleReport:
+        """The report; raises :class:`TooManyBadSamples` if over ``max_bad_fraction``."""
+        report = self.report()
+        if report.exceeded:
+            raise TooManyBadSamples(report.summary(), report)
+        return report
+
+
+# Handles held for this process's lifetime: a named (non-detached) actor dies as soon as
+# no handle to it is left, which would lose the counts between two streams of a run.
+_COUNTERS: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------- dataset
+@dataclass(frozen=True)
+class ShardRef:
+    name: str  # e.g. "shard-000000.tar"
+    path: str  # path inside the filesystem
+    uri: str  # for messages
+    num_samples: int  # as declared by the manifest
+
+
+@dataclass
+class DatasetInfo:
+    uri: str  # dataset root as configured
+    split: str
+    location: Location  # the split directory
+    manifest: Manifest
+    shards: list[ShardRef]
+
+    @property
+    def filesystem(self) -> Any:
+        return self.location.filesystem
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.num_samples
+
+    @property
+    def labelled(self) -> bool:
+        return self.manifest.num_classes > 0
+
+
+def open_dataset(cfg: Config, split: str) -> DatasetInfo:
+    """Read and validate ``<data.uri>/<split>/_manifest.json``; no Ray work happens here.
+
+    Raises:
+        DatasetError: ``data.uri`` unset, no manifest (missing dataset or split), an
+            invalid or empty manifest, or shards the manifest lists but storage lacks.
+        StorageError: the store itself cannot be reached or read (from
+            :mod:`pipeline.storage`).
+    """
+    uri = cfg.data.uri
+    if not uri:
+        raise DatasetError(
+            "data.uri is empty: set it to a dataset root written by `fmpipe prepare` "
+            "(s3://bucket/prefix or a local path)"
+        )
+    root = resolve(uri, cfg.storage)
+    if root.is_s3:
+        check_access(root, must_exist=False)  # bucket, endpoint, credentials: clear errors
+    where = root.child(split)
+    manifest_loc = where.child(MANIFEST_NAME)
+    if not manifest_loc.exists():
+        if not root.exists():
+            raise DatasetError(
+                f"dataset '{uri}' does not exist (no {manifest_loc.uri}); "
+                f"write it with `fmpipe prepare --out {uri}`"
+            )
+        raise DatasetError(
+            f"dataset '{uri}' has no '{split}' split: {manifest_loc.uri} is missing "
+            f"(write it with `fmpipe prepare --out {uri}`)"
+        )
+    text = manifest_loc.read_bytes().decode("utf-8", errors="replace")
+    manifest = Manifest.from_json(text, where=manifest_loc.uri)  # ValueError if invalid
+    if not manifest.shards or manifest.num_samples == 0:
+        raise DatasetError(
+            f"dataset '{uri}' split '{split}' is empty: {manifest_loc.uri} lists "
+            f"{len(manifest.shards)} shards and {manifest.num_samples} samples"
+        )
+    present = set(where.list_names(suffix=".tar"))
+    missing = [s.name for s in manifest.shards if s.name not in present]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DatasetError(
+            f"dataset '{uri}' split '{split}': {len(missing)} shard(s) listed in "
+            f"{MANIFEST_NAME} are missing from {where.uri}: {shown}"
+        )
+    shards = []
+    for shard in manifest.shards:
+        loc = where.child(shard.name)
+        shards.append(ShardRef(shard.name, loc.path, loc.uri, shard.num_samples))
+    return DatasetInfo(uri=uri, split=split, location=where, manifest=manifest, shards=shards)
+
+
+def shard_order(names: list[str], seed: int, epoch: int, shuffle: bool = True) -> list[str]:
+    """This epoch's shard order: a permutation drawn from ``(seed, epoch)``, or as given."""
+    ordered = list(names)
+    if shuffle:
+        random.Random(sample_seed(seed, epoch, "", stream="shards")).shuffle(ordered)
+    return ordered
+
+
+def _spec(cfg: Config) -> DecodeSpec:
+    return DecodeSpec(resolution=cfg.data.resolution, channels=cfg.data.channels)
+
+
+def bad_sample_tracker(cfg: Config, info: DatasetInfo, epoch: int) -> BadSampleTracker:
+    """The bad-sample counter of this dataset split, bound to ``epoch``.
+
+    One named actor (0 CPUs) per dataset content and decode settings, shared by every
+    process of the Ray job that streams it (driver, Ray Train workers): get-or-create.
+    """
+    ident = "|".join(
+        str(part)
+        for part in (
+            info.location.uri,
+            info.manifest.content_hash(),
+            cfg.data.resolution,
+            cfg.data.channels,
+            cfg.data.max_bad_fraction,
+        )
+    )
+    name = "fmpipe-bad-samples-" + hashlib.sha256(ident.encode()).hexdigest()[:20]
+    context = ray.get_runtime_context()
+    slot = f"{context.namespace}|{context.get_job_id()}|{name}"  # a new cluster, a new slot
+    handle = _COUNTERS.get(slot)
+    if handle is None:
+        handle = _BadSampleCounter.options(name=name, get_if_exists=True).remote(
+            info.num_samples, cfg.data.max_bad_fraction
+        )
+        _COUNTERS[slot] = handle  # the first handle: it keeps the actor alive
+    return BadSampleTracker(handle, epoch)
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class _RawSample:
+    key: str
+    members: dict[str, bytes]
+    incomplete: bool = False  # the tar broke while this sample was being read
+
+
+def _iter_tar(data: bytes, stats: ShardStats) -> Iterator[_RawSample]:
+    """Group tar members into samples by key; damage ends the walk with ``stats.error``."""
+    current: _RawSample | None = None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue  # directories, links, devices: never followed
+                match = _KEY_RE.match(member.name)
+                if not match:
+                    continue  # no extension: not part of any sample
+                key, ext = match.group(1), match.group(2).lower()
+                fileobj = tar.extractfile(member)
+                payload = fileobj.read() if fileobj is not None else b""
+                if len(payload) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} is truncated")
+                if current is not None and current.key != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = _RawSample(key, {})
+                current.members[ext] = payload
+            # tarfile stops quietly at a truncated or invalid header past the first one:
+            # a complete archive has a zero block (end-of-archive marker) where it stopped.
+            end = data[tar.offset : tar.offset + tarfile.BLOCKSIZE]
+            if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                what = "ends" if len(end) < tarfile.BLOCKSIZE else "has an invalid header"
+                raise tarfile.ReadError(f"archive {what} at byte {tar.offset} (no end marker)")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        last = f" after key {current.key}" if current is not None else ""
+        stats.error = f"truncated or corrupt tar{last}: {type(exc).__name__}: {exc}"
+        if current is not None:  # it may have lost members: skipped, not guessed at
+            current.incomplete = True
+    if current is not None:
+        yield current
+
+
+def _label_of(sample: _RawSample, num_classes: int) -> int:
+    raw = sample.members.get("cls")
+    if raw is None:
+        if num_classes:
+            raise BadSample("missing label (.cls) in a labelled dataset")
+        return -1
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise BadSample(f"unreadable label {raw[:20]!r}") from None
+    if num_classes and not 0 <= label < num_classes:
+        raise BadSample(f"label {label} outside [0, {num_classes})")
+    return label
+
+
+def read_shard(
+    data: bytes,
+    shard: str,
+    declared: int,
+    spec: DecodeSpec,
+    *,
+    num_classes: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    hflip: bool = False,
+    shuffle: bool = False,
+) -> tuple[list[tuple[str, int, np.ndarray]], ShardStats]:
+    """Decode one shard's bytes: ``([(key, label, uint8 HWC), ...], stats)``.
+
+    Bad samples are skipped and described in ``stats``; samples the tar's damage hid are
+    counted in ``stats.lost`` (``declared`` minus those read).
+    """
+    stats = ShardStats(shard=shard, declared=declared)
+    raw = list(_iter_tar(data, stats))
+    if shuffle:
+        random.Random(sample_seed(seed, epoch, shard, stream="order")).shuffle(raw)
+    seen: set[str] = set()
+    out: list[tuple[str, int, np.ndarray]] = []
+    for sample in raw:
+        try:
+            if sample.incomplete:
+                raise BadSample("incomplete: the tar broke while this sample was read")
+            if sample.key in seen:
+                raise BadSample("duplicate key (tar members not grouped by key)")
+            seen.add(sample.key)
+            ext = next((e for e in _IMAGE_PREFERENCE if e in sample.members), None)
+            if ext is None:
+                has = ", ".join(sorted(sample.members)) or "nothing"
+                raise BadSample(f"missing image (sample has: {has})")
+            label = _label_of(sample, num_classes)
+            flip = hflip and bool(sample_seed(seed, epoch, sample.key, stream="flip") & 1)
+            image = decode_image(sample.members[ext], ext, spec, flip=flip)
+        except BadSample as exc:
+            stats.bad += 1
+            if len(stats.examples) < _MAX_EXAMPLES_PER_SHARD:
+                stats.examples.append(BadSampleRecord(shard, sample.key, exc.reason))
+            continue
+        out.append((sample.key, label, image))
+    stats.ok = len(out)
+    stats.lost = max(0, declared - stats.ok - stats.bad)
+    if stats.lost and not stats.error:
+        stats.error = f"shard holds {stats.ok + stats.bad} samples, manifest says {declared}"
+    if stats.error:
+        stats.examples.append(BadSampleRecord(shard, "", stats.error))
+    return out, stats
+
+
+class ShardDecoder:
+    """``map_batches`` callable (batch_size=1): one shard row -> decoded ``x_1`` blocks.
+
+    Input rows: ``{"name", "path", "num_samples"}``. Output blocks: ``x_1`` float32
+    ``(n, C, R, R)`` in [-1, 1], ``label`` int64 (-1: unlabelled), ``key`` str.
+    """
+
+    def __init__(
+        self,
+        filesystem: Any,
+        spec: DecodeSpec,
+        *,
+        num_classes: int,
+        seed: int,
+        epoch: int,
+        hflip: bool,
+        shuffle: bool,
+        tracker: BadSampleTracker | None,
+    ) -> None:
+        self.filesystem = filesystem
+        self.spec = spec
+        self.num_classes = num_classes
+        self.seed, self.epoch = seed, epoch
+        self.hflip, self.shuffle = hflip, shuffle
+        self.tracker = tracker
+        per_sample = spec.channels * spec.resolution**2 * 4
+        self.chunk_rows = max(1, _CHUNK_BYTES // per_sample)
+
+    def _read(self, path: str) -> tuple[bytes, str]:
+        try:
+            with self.filesystem.open_input_stream(path) as stream:
+                return stream.read(), ""
+        except Exception as exc:  # missing object, permission, network
+            return b"", f"cannot read shard: {type(exc).__name__}: {exc}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for name, path, declared in zip(
+            batch["name"], batch["path"], batch["num_samples"], strict=True
+        ):
+            name, declared = str(name), int(declared)
+            data, error = self._read(str(path))
+            if error:
+                samples: list[tuple[str, int, np.ndarray]] = []
+                stats = ShardStats(name, declared, lost=declared, error=error)
+                stats.examples.append(BadSampleRecord(name, "", error))
+            else:
+                samples, stats = read_shard(
+                    data,
+                    name,
+                    declared,
+                    self.spec,
+                    num_classes=self.num_classes,
+                    seed=self.seed,
+                    epoch=self.epoch,
+                    hflip=self.hflip,
+                    shuffle=self.shuffle,
+                )
+            for record in stats.examples:
+                logger.warning("bad sample: shard=%s key=%s: %s", *_fields(record))
+            for start in range(0, len(samples), self.chunk_rows):
+                chunk = samples[start : start + self.chunk_rows]
+                yield {
+                    "x_1": _to_model_range(np.stack([image for _, _, image in chunk])),
+                    "label": np.array([label for _, label, _ in chunk], dtype=np.int64),
+                    "key": np.array([key for key, _, _ in chunk], dtype=object),
+                }
+            if self.tracker is not None:
+                self.tracker.record(stats)  # raises TooManyBadSamples over the limit
+
+
+def _fields(record: BadSampleRecord) -> tuple[str, str, str]:
+    return record.shard, record.key or "-", record.reason
+
+
+# --------------------------------------------------------------------------- the stream
+def build_stream(
+    cfg: Config,
+    split: str,
+    epoch: int,
+    *,
+    info: DatasetInfo | None = None,
+    couple_in_stream: bool = False,
+    preserve_order: bool = False,
+    rank: int = 0,
+    num_readers: int = 1,
+) -> ray.data.Dataset:
+    """The lazy Ray Dataset of one epoch, columns :data:`COLUMNS`.
+
+    ``x_1`` float32 ``(C, R, R)`` in [-1, 1]; ``x_0`` ``(C, R, R)`` in ``data.noise_dtype``
+    (bfloat16 as int16 bits: see :func:`noise_to_float`); ``t`` float32; ``label`` int64
+    (-1 when unlabelled); ``key`` str.
+
+    ``couple_in_stream=False`` (default) leaves ``x_0`` as drawn: the consumer calls
+    :func:`pipeline.data.coupling.couple` on the batch it trains on (exact OT on that
+    batch). ``True`` applies ``data.coupling`` inside the Ray Data stage on batches of
+    ``data.batch_size`` rows, for consumers that train on Ray's batches unchanged.
+    Bad samples are counted by :func:`bad_sample_tracker` ``(cfg, info, epoch)``.
+
+    ``rank``/``num_readers``: this reader takes shards ``order[rank::num_readers]`` of the
+    epoch's order, so each of several training workers can build its own disjoint stream
+    (an alternative to ``Dataset.streaming_split``); counts still add up in one tracker.
+    """
+    info = info or open_dataset(cfg, split)
+    if not 0 <= rank < num_readers:
+        raise ValueError(f"rank must be in [0, num_readers={num_readers}); got {rank}")
+    if num_readers > len(info.shards):
+        raise DatasetError(
+            f"dataset '{info.uri}' split '{split}' has {len(info.shards)} shards, fewer "
+            f"than the {num_readers} readers asked for: write smaller shards"
+        )
+    tracker = bad_sample_tracker(cfg, info, epoch)
+    by_name = {shard.name: shard for shard in info.shards}
+    order = shard_order(list(by_name), cfg.seed, epoch, cfg.data.shuffle_shards)
+    order = order[rank::num_readers]
+    rows = [
+        {"name": n, "path": by_name[n].path, "num_samples": by_name[n].num_samples} for n in order
+    ]
+    decoder = ShardDecoder(
+        info.filesystem,
+        _spec(cfg),
+        num_classes=info.manifest.num_classes,
+        seed=cfg.seed,
+        epoch=epoch,
+        hflip=cfg.data.hflip,
+        shuffle=cfg.data.shuffle_shards,
+        tracker=tracker,
+    )
+    compute = None
+    if cfg.data.read_parallelism > 0:
+        compute = ray.data.TaskPoolStrategy(size=cfg.data.read_parallelism)
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds.context.execution_options.preserve_order = preserve_order
+    ds = ds.map_batches(decoder, batch_size=1, compute=compute)
+    pairing = PairingStage.from_config(cfg, epoch, apply_coupling=couple_in_stream)
+    pair_batch = cfg.data.batch_size if couple_in_stream and cfg.data.coupling == "ot" else None
+    return ds.map_batches(pairing, batch_size=pair_batch, compute=compute)
+
+
+def collate_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """numpy batch -> torch tensors (``key`` stays a list of str)."""
+    out: dict[str, Any] = {}
+    for name, column in batch.items():
+        if name == "key":
+            out[name] = [str(k) for k in column]
+        else:
+            # a copy: Ray's arrays may be read-only views of the object store
+            out[name] = torch.from_numpy(np.array(column, copy=True))
+    return out
+
+
+class CollateBatch(NumpyBatchCollateFn):
+    """:func:`collate_batch` as the ``collate_fn`` of ``iter_torch_batches``."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return collate_batch(batch)
+
+
+def iter_epoch_batches(
+    cfg: Config,
+    split: str,
+    epoch: int,
+    batch_size: int | None = None,
+    *,
+    info: DatasetInfo | None = None,
+    drop_last: bool = False,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    num_readers: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """Train-ready batches of one epoch: ``x_1``, ``x_0`` (float32, coupled), ``t``,
+    ``label``, ``key`` (list), via ``iter_torch_batches`` with ``data.prefetch_batches``.
+
+    The dataset is opened and checked now (a missing or empty one raises here, before any
+    Ray work); batches stream when iterated. Coupling runs on each batch yielded. Raises
+    :class:`TooManyBadSamples` (with the report) when the epoch's bad fraction passes
+    ``data.max_bad_fraction``.
+    """
+    info = info or open_dataset(cfg, split)
+    ds = build_stream(cfg, split, epoch, info=info, rank=rank, num_readers=num_readers)
+    tracker = bad_sample_tracker(cfg, info, epoch)
+    batches = ds.iter_torch_batches(
+        batch_size=batch_size or cfg.data.batch_size,
+        prefetch_batches=cfg.data.prefetch_batches,
+        collate_fn=CollateBatch(),
+        drop_last=drop_last,
+    )
+    return _paired_batches(cfg, batches, tracker, torch.device(device))
+
+
+def _paired_batches(
+    cfg: Config, batches: Any, tracker: BadSampleTracker, device: torch.device
+) -> Iterator[dict[str, Any]]:
+    try:
+        for batch in batches:
+            x_0 = noise_to_float(batch["x_0"])
+            label = batch["label"] if cfg.data.ot_per_class else None
+            batch["x_0"] = couple(
+                batch["x_1"], x_0, label, cfg.data.coupling, cfg.data.ot_per_class
+            )
+            for name in ("x_1", "x_0", "t", "label"):
+                batch[name] = batch[name].to(device)
+            yield batch
+    except Exception as exc:  # a stage's TooManyBadSamples arrives wrapped by Ray
+        report = tracker.report()
+        if report.exceeded:
+            raise TooManyBadSamples(report.summary(), report) from exc
+        raise
+    tracker.check()
+
+
+def stream_throughput(
+    cfg: Config, split: str = "train", epoch: int = 0, batch_size: int | None = None
+) -> dict[str, float]:
+    """Images per second of one full epoch through :func:`iter_epoch_batches`."""
+    info = open_dataset(cfg, split)
+    start = time.perf_counter()
+    images = 0
+    for batch in iter_epoch_batches(cfg, split, epoch, batch_size, info=info):
+        images += len(batch["key"])
+    seconds = time.perf_counter() - start
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}

@@ -1,0 +1,451 @@
+"""The Ray Data stream: shards -> decoded, paired batches; bad input counted and reported."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from pipeline.config import Config, build_config
+from pipeline.data.decode import BadSample, DecodeSpec, decode_image, to_model_range
+from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, shard_name
+from pipeline.data.stream import (
+    DatasetError,
+    TooManyBadSamples,
+    bad_sample_tracker,
+    build_stream,
+    iter_epoch_batches,
+    open_dataset,
+    read_shard,
+    shard_order,
+)
+from pipeline.storage import resolve
+
+RES = 8
+ATOL = 1 / 127.5 + 1e-6  # one 8-bit step in [-1, 1]
+
+Sample = tuple[str, dict[str, bytes]]
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster(s3_server):
+    # SeaweedFS first: Ray workers take the S3 endpoint and credentials from the
+    # environment they start with (no secret travels inside a pickled filesystem).
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def _encode(array: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _tar(samples: Iterable[Sample]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in sorted(samples):
+            for ext, data in sorted(members.items()):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _webdataset_tar(tmp: Path, samples: list[Sample]) -> bytes:
+    import webdataset as wds
+
+    pattern = str(tmp / "wds-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=10_000, verbose=0) as sink:
+        for key, members in sorted(samples):
+            sink.write({"__key__": key, **members})
+    return (tmp / "wds-000000.tar").read_bytes()
+
+
+def _write_split(
+    uri: str,
+    shards: list[bytes],
+    counts: list[int],
+    *,
+    class_names: list[str] | None = None,
+    split: str = "train",
+) -> None:
+    where = resolve(uri).child(split)
+    infos = []
+    for index, (data, count) in enumerate(zip(shards, counts, strict=True)):
+        where.child(shard_name(index)).write_bytes(data)
+        infos.append(ShardInfo(shard_name(index), count, hashlib.sha256(data).hexdigest()))
+    manifest = Manifest(
+        split=split,
+        resolution=RES,
+        channels=1,
+        image_format="png",
+        class_names=class_names if class_names is not None else [str(i) for i in range(10)],
+        shards=infos,
+    )
+    where.child(MANIFEST_NAME).write_bytes(manifest.to_json().encode())
+
+
+def _digits(num_shards: int, per_shard: int, seed: int = 0):
+    """L-mode RES x RES PNG samples with labels: (shard bytes, {key: (u8 image, label)})."""
+    rng = np.random.default_rng(seed)
+    shards, truth = [], {}
+    for s in range(num_shards):
+        samples = []
+        for i in range(per_shard):
+            key = f"{s * per_shard + i:08d}"
+            image = rng.integers(0, 256, size=(RES, RES), dtype=np.uint8)
+            label = int(rng.integers(0, 10))
+            truth[key] = (image, label)
+            samples.append((key, {"png": _encode(image), "cls": str(label).encode()}))
+        shards.append(_tar(samples))
+    return shards, truth
+
+
+def _cfg(uri: str, *overrides: str) -> Config:
+    return build_config(
+        overrides=[f"data.uri={uri}", f"data.resolution={RES}", "data.batch_size=16", *overrides]
+    )
+
+
+def _collect(cfg: Config, epoch: int = 0, split: str = "train") -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    for batch in iter_epoch_batches(cfg, split, epoch):
+        for i, key in enumerate(batch["key"]):
+            assert key not in rows, f"{key} arrived twice"
+            rows[key] = {name: batch[name][i] for name in ("x_1", "x_0", "t", "label")}
+    return rows
+
+
+def _check_round_trip(rows: dict[str, dict], truth: dict) -> None:
+    assert sorted(rows) == sorted(truth)  # every sample exactly once
+    for key, (image, label) in truth.items():
+        row = rows[key]
+        assert row["x_1"].dtype == torch.float32 and row["x_1"].shape == (1, RES, RES)
+        expected = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0)[None]
+        torch.testing.assert_close(row["x_1"], expected, atol=ATOL, rtol=0)
+        assert int(row["label"]) == label
+        assert row["x_0"].shape == (1, RES, RES) and 0.0 <= float(row["t"]) <= 1.0
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    """A labelled local dataset: 3 shards x 12 samples."""
+    root = tmp_path_factory.mktemp("digits")
+    shards, truth = _digits(3, 12)
+    _write_split(str(root), shards, [12] * 3)
+    return str(root), truth
+
+
+# --------------------------------------------------------------------------- decode (no Ray)
+def test_decode_exact_for_stored_size_and_mode():
+    image = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    out = decode_image(_encode(image), "png", DecodeSpec(8, 1))
+    assert out.dtype == np.uint8 and out.shape == (8, 8, 1)
+    np.testing.assert_array_equal(out[:, :, 0], image)
+    chw = to_model_range(out[None])
+    assert chw.shape == (1, 1, 8, 8) and chw.dtype == np.float32
+    assert chw.min() >= -1.0 and chw.max() <= 1.0
+    flipped = decode_image(_encode(image), "png", DecodeSpec(8, 1), flip=True)
+    np.testing.assert_array_equal(flipped[:, :, 0], image[:, ::-1])
+
+
+def test_decode_formats_modes_and_sizes():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(12, 20, 3), dtype=np.uint8)
+    spec3, spec1 = DecodeSpec(8, 3), DecodeSpec(8, 1)
+    for data, ext in [
+        (_encode(rgb, "JPEG", quality=95), "jpeg"),
+        (_encode(rgb, "JPEG"), "jpg"),
+        (_encode(rgb, "WEBP", lossless=True), "webp"),
+        (_encode(rgb), "png"),
+    ]:
+        assert decode_image(data, ext, spec3).shape == (8, 8, 3)
+        assert decode_image(data, ext, spec1).shape == (8, 8, 1)
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., :3] = 255  # white, fully transparent -> black
+    assert decode_image(_encode(rgba), "png", spec1).max() == 0
+    grey = np.full((8, 8), 200, dtype=np.uint8)
+    assert (decode_image(_encode(grey), "png", spec3) == 200).all()  # L -> RGB
+    # lossless webp at the stored size is exact
+    exact = decode_image(_encode(rgb[:8, :8], "WEBP", lossless=True), "webp", spec3)
+    np.testing.assert_array_equal(exact, rgb[:8, :8])
+    # a non-square image keeps its centre: left/right thirds black, centre white
+    wide = np.zeros((8, 24), dtype=np.uint8)
+    wide[:, 8:16] = 255
+    assert (decode_image(_encode(wide), "png", spec1) == 255).all()
+
+
+@pytest.mark.parametrize(
+    ("data", "ext", "reason"),
+    [
+        (b"not an image at all", "png", "undecodable"),
+        (_encode(np.zeros((8, 8), np.uint8))[:40], "png", "undecodable"),
+        (_encode(np.zeros((8, 8), np.uint16)), "png", "unexpected image mode"),
+        (_encode(np.zeros((1, 1), np.uint8)), "png", "unexpected image size"),
+        (_encode(np.zeros((8, 64), np.uint8)), "png", "aspect ratio"),
+        (b"\x80\x04K\x01.", "pkl", "unsupported image type"),
+        (_encode(np.zeros((8, 8), np.uint8), "GIF"), "png", "undecodable"),
+    ],
+)
+def test_decode_bad_input_raises_bad_sample(data, ext, reason):
+    with pytest.raises(BadSample, match=reason):
+        decode_image(data, ext, DecodeSpec(8, 1))
+
+
+def test_read_shard_truncated_and_missing_image():
+    shards, _ = _digits(1, 6)
+    members = [(f"{i:08d}", {"png": _encode(np.zeros((8, 8), np.uint8))}) for i in range(6)]
+    members[2] = (members[2][0], {"cls": b"3", "json": b"{}"})  # no image
+    good, stats = read_shard(_tar(members), "s.tar", 6, DecodeSpec(8, 1))
+    assert stats.ok == 5 and stats.bad == 1 and stats.lost == 0
+    assert [(r.key, r.reason) for r in stats.examples] == [
+        ("00000002", "missing image (sample has: cls, json)")
+    ]
+    cut = shards[0][: len(shards[0]) // 2 + 100]
+    good, stats = read_shard(cut, "t.tar", 6, DecodeSpec(8, 1), num_classes=10)
+    assert 0 < stats.ok < 6 and stats.ok == len(good)
+    assert stats.ok + stats.bad + stats.lost == 6 and stats.lost > 0
+    assert "truncated or corrupt tar" in stats.error
+    good, stats = read_shard(b"\x00garbage" * 100, "g.tar", 4, DecodeSpec(8, 1))
+    assert stats.ok == 0 and stats.lost == 4 and stats.error
+
+
+def test_read_shard_flip_is_seeded_per_key():
+    rng = np.random.default_rng(4)
+    images = {f"{i:08d}": rng.integers(0, 256, (RES, RES), dtype=np.uint8) for i in range(40)}
+    data = _tar((k, {"png": _encode(v)}) for k, v in images.items())
+
+    def flipped(seed: int) -> list[str]:
+        out, stats = read_shard(data, "s", 40, DecodeSpec(RES, 1), seed=seed, hflip=True)
+        assert stats.ok == 40
+        for key, _, image in out:
+            assert np.array_equal(image[:, :, 0], images[key]) or np.array_equal(
+                image[:, :, 0], images[key][:, ::-1]
+            )
+        return [k for k, _, image in out if not np.array_equal(image[:, :, 0], images[k])]
+
+    assert flipped(0) == flipped(0)
+    assert flipped(0) != flipped(1)
+    assert 5 < len(flipped(0)) < 35
+    plain, _ = read_shard(data, "s", 40, DecodeSpec(RES, 1), seed=0)
+    assert all(np.array_equal(image[:, :, 0], images[k]) for k, _, image in plain)
+
+
+# --------------------------------------------------------------------------- round trips
+def test_round_trip_local(digits_root):
+    uri, truth = digits_root
+    rows = _collect(_cfg(uri))
+    _check_round_trip(rows, truth)
+    assert all(row["x_0"].dtype == torch.float32 for row in rows.values())
+
+
+def test_round_trip_s3(s3_bucket):
+    shards, truth = _digits(2, 10, seed=1)
+    uri = f"{s3_bucket}/ds"
+    _write_split(uri, shards, [10, 10])
+    info = open_dataset(_cfg(uri), "train")
+    assert info.location.is_s3 and info.num_samples == 20
+    _check_round_trip(_collect(_cfg(uri, "data.noise_dtype=float16")), truth)
+
+
+def test_tarfile_and_webdataset_shards_with_mixed_formats(tmp_path):
+    rng = np.random.default_rng(3)
+    samples: list[Sample] = []
+    kinds = [
+        ("jpeg", "JPEG", (10, 14, 3), "RGB"),
+        ("webp", "WEBP", (8, 8), "L"),
+        ("png", "PNG", (16, 8, 4), "RGBA"),
+        ("jpg", "JPEG", (8, 8), "L"),
+        ("png", "PNG", (9, 9), "P"),
+    ]
+    for i in range(10):
+        ext, fmt, shape, mode = kinds[i % len(kinds)]
+        array = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        image = Image.fromarray(array).convert(mode) if mode == "P" else Image.fromarray(array)
+        buf = io.BytesIO()
+        image.save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        samples.append((f"{i:08d}", {ext: buf.getvalue(), "cls": str(i % 10).encode()}))
+    shards = [_tar(samples[:5]), _webdataset_tar(tmp_path, samples[5:])]
+    uri = str(tmp_path / "mixed")
+    _write_split(uri, shards, [5, 5])
+    for channels in (1, 3):
+        rows = _collect(_cfg(uri, f"data.channels={channels}", "data.max_bad_fraction=0"))
+        assert sorted(rows) == [key for key, _ in samples]
+        for key, row in rows.items():
+            assert row["x_1"].shape == (channels, RES, RES)
+            assert -1.0 <= float(row["x_1"].min()) <= float(row["x_1"].max()) <= 1.0
+            assert int(row["label"]) == int(key) % 10
+    # the lossless webp of key 1 is stored at the target size: exact (RGB, as WEBP stores it)
+    webp = np.asarray(Image.open(io.BytesIO(samples[1][1]["webp"])), dtype=np.float32)
+    expected = torch.from_numpy(webp / 127.5 - 1.0).permute(2, 0, 1)
+    torch.testing.assert_close(rows["00000001"]["x_1"], expected, atol=ATOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- order + pairing
+def test_shard_order_per_epoch(digits_root):
+    uri, truth = digits_root
+    names = [shard_name(i) for i in range(20)]
+    assert shard_order(names, 0, 1) == shard_order(names, 0, 1)
+    assert shard_order(names, 0, 1) != shard_order(names, 0, 2)
+    assert shard_order(names, 0, 1) != shard_order(names, 1, 1)
+    assert sorted(shard_order(names, 0, 1)) == names
+    assert shard_order(names, 0, 1, shuffle=False) == names
+
+    cfg = _cfg(uri)
+    info = open_dataset(cfg, "train")
+    shard_of = {key: int(key) // 12 for key in truth}
+
+    def streamed_order(epoch: int) -> list[str]:
+        ds = build_stream(cfg, "train", epoch, info=info, preserve_order=True)
+        return [str(k) for k in ds.select_columns(["key"]).to_pandas()["key"]]
+
+    for epoch in (0, 1):
+        keys = streamed_order(epoch)
+        shards = list(dict.fromkeys(shard_name(shard_of[k]) for k in keys))
+        assert shards == shard_order([s.name for s in info.shards], cfg.seed, epoch)
+        assert keys == streamed_order(epoch)  # same seed, same order
+    assert streamed_order(0) != streamed_order(1)
+
+
+def test_pairing_reproducible_through_the_stream(digits_root):
+    uri, _ = digits_root
+    a = _collect(_cfg(uri, "seed=5"))
+    b = _collect(_cfg(uri, "seed=5"))
+    c = _collect(_cfg(uri, "seed=6"))
+    for key in a:
+        torch.testing.assert_close(a[key]["x_0"], b[key]["x_0"], rtol=0, atol=0)
+        torch.testing.assert_close(a[key]["t"], b[key]["t"], rtol=0, atol=0)
+        torch.testing.assert_close(a[key]["x_1"], c[key]["x_1"], rtol=0, atol=0)
+        assert not torch.equal(a[key]["x_0"], c[key]["x_0"])
+
+
+def test_readers_split_shards_and_bfloat16_noise(digits_root):
+    uri, truth = digits_root
+    full = _collect(_cfg(uri))
+    cfg = _cfg(uri, "data.noise_dtype=bfloat16")
+    seen: list[str] = []
+    for rank in (0, 1):
+        for batch in iter_epoch_batches(cfg, "train", 0, rank=rank, num_readers=2):
+            assert batch["x_0"].dtype == torch.float32
+            for key, x_0 in zip(batch["key"], batch["x_0"], strict=True):
+                torch.testing.assert_close(x_0, full[key]["x_0"], rtol=2**-8, atol=1e-3)
+            seen += batch["key"]
+    assert sorted(seen) == sorted(truth)
+    with pytest.raises(DatasetError, match="fewer than the 4 readers"):
+        build_stream(cfg, "train", 0, rank=0, num_readers=4)
+
+
+def test_ot_coupling_in_the_loop_and_in_the_stream(digits_root):
+    uri, _ = digits_root
+    cfg = _cfg(uri, "data.batch_size=36", "data.coupling=ot", "data.ot_per_class=true")
+    independent = next(iter_epoch_batches(_cfg(uri, "data.batch_size=36"), "train", 0))
+    paired = next(iter_epoch_batches(cfg, "train", 0))
+    order = np.argsort(paired["key"])
+    base = np.argsort(independent["key"])
+
+    def cost(batch, idx):
+        return float(((batch["x_1"][idx] - batch["x_0"][idx]) ** 2).sum(dim=(1, 2, 3)).mean())
+
+    assert cost(paired, order) < cost(independent, base)
+    # a permutation of the same noise rows, within classes
+    rows = {independent["x_0"][i].numpy().tobytes(): int(independent["label"][i]) for i in base}
+    assert sorted(rows) == sorted(x.numpy().tobytes() for x in paired["x_0"])
+    assert [rows[x.numpy().tobytes()] for x in paired["x_0"]] == paired["label"].tolist()
+    # coupling inside the Ray Data stage: same noise multiset per stage batch
+    info = open_dataset(cfg, "train")
+    ds = build_stream(cfg, "train", 0, info=info, couple_in_stream=True)
+    staged = ds.take_all()
+    assert len(staged) == 36
+    drawn = sorted(r["x_0"].tobytes() for r in staged)
+    assert drawn == sorted(rows)
+
+
+# --------------------------------------------------------------------------- bad input
+def _bad_dataset(root: str) -> dict[str, str]:
+    """Shard 0: 5 good + 4 bad samples; shard 1 truncated; shard 2 good. Expected reasons."""
+    rng = np.random.default_rng(9)
+
+    def good(i: int) -> Sample:
+        image = rng.integers(0, 256, size=(RES, RES), dtype=np.uint8)
+        return f"{i:08d}", {"png": _encode(image), "cls": b"1"}
+
+    shard0 = [good(i) for i in range(5)] + [
+        ("00000005", {"png": b"\x89PNG\r\n\x1a\n garbage", "cls": b"1"}),
+        ("00000006", {"cls": b"1", "json": b"{}"}),
+        ("00000007", {"png": _encode(np.zeros((8, 8), np.uint16)), "cls": b"1"}),
+        ("00000008", {"png": _encode(np.zeros((1, 1), np.uint8)), "cls": b"1"}),
+    ]
+    full = _tar([good(i) for i in range(10, 20)])
+    truncated = full[: 512 * 9 + 100]  # 4 blocks a sample: inside the 3rd one's image
+    shard2 = _tar([good(i) for i in range(20, 30)])
+    _write_split(root, [_tar(shard0), truncated, shard2], [9, 10, 10])
+    return {
+        "00000005": "undecodable",
+        "00000006": "missing image",
+        "00000007": "unexpected image mode",
+        "00000008": "unexpected image size",
+    }
+
+
+def test_bad_samples_skipped_counted_and_reported(tmp_path):
+    root = str(tmp_path / "bad")
+    expected = _bad_dataset(root)
+    cfg = _cfg(root, "data.max_bad_fraction=0.5")
+    rows = _collect(cfg)
+    assert not set(expected) & set(rows)
+    assert {f"{i:08d}" for i in range(5)} | {f"{i:08d}" for i in range(20, 30)} <= set(rows)
+    report = bad_sample_tracker(cfg, open_dataset(cfg, "train"), 0).check()
+    assert report.total == 29 and report.skipped == 29 - len(rows) and not report.exceeded
+    found = {r.key: (r.shard, r.reason) for r in report.records if r.key}
+    for key, reason in expected.items():
+        assert found[key][0] == "shard-000000.tar" and reason in found[key][1]
+    broken = report.shards["shard-000001.tar"]
+    assert broken.lost > 0 and "truncated or corrupt tar" in broken.error
+    assert broken.ok + broken.bad + broken.lost == 10
+    assert report.worst(1)[0].shard in ("shard-000000.tar", "shard-000001.tar")
+
+
+def test_too_many_bad_samples_stops_naming_the_worst_shard(tmp_path):
+    root = str(tmp_path / "bad")
+    _bad_dataset(root)
+    with pytest.raises(TooManyBadSamples, match=r"worst shards: shard-00000[01]\.tar") as info:
+        _collect(_cfg(root))  # default max_bad_fraction: 1%
+    assert info.value.report is not None and info.value.report.exceeded
+
+
+def test_missing_or_empty_dataset_fails_fast(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="does not exist") as err:
+        open_dataset(_cfg(missing), "train")
+    assert missing in str(err.value)
+    with pytest.raises(DatasetError, match=r"data\.uri is empty"):
+        open_dataset(build_config(), "train")
+    root = tmp_path / "empty"
+    _write_split(str(root), [], [])
+    with pytest.raises(DatasetError, match="is empty") as err:
+        build_stream(_cfg(str(root)), "train", 0)
+    assert str(root) in str(err.value)
+    with pytest.raises(DatasetError, match="no 'val' split"):
+        iter_epoch_batches(_cfg(str(root)), "val", 0)  # raises before iterating
+    shards, _ = _digits(2, 3)
+    _write_split(str(tmp_path / "holes"), shards, [3, 3])
+    (tmp_path / "holes" / "train" / shard_name(1)).unlink()
+    with pytest.raises(DatasetError, match=r"missing .*shard-000001\.tar"):
+        open_dataset(_cfg(str(tmp_path / "holes")), "train")
+
+
+def test_missing_bucket_fails_fast(s3_server):
+    with pytest.raises(Exception, match="nonexistent-bucket-xyz"):
+        open_dataset(_cfg("s3://nonexistent-bucket-xyz/ds"), "train")
