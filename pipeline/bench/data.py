@@ -1,0 +1,222 @@
+"""``fmpipe bench data``: the input pipeline against a decode ceiling and a plain baseline.
+
+All three read the same shards from the same SeaweedFS (a real S3 server started for the
+run) and do the same work per image: Pillow decode (:func:`decode_image`), scaling to
+[-1, 1] CHW, and pairing with per-sample seeded ``x_0`` and ``t``.
+
+(a) decode ceiling: one process decoding every image from tar bytes already in memory;
+    images/s per core, the most any pipeline can get out of one core.
+(b) baseline: the ``webdataset`` library reading the shards over HTTP (presigned URLs,
+    webdataset's own curl pipe) into a ``torch.utils.data.DataLoader`` with the same number
+    of worker processes as (c) uses CPUs.
+(c) fmpipe: the Ray Data stream (:func:`iter_epoch_batches`) as training consumes it.
+
+Also the cost of ``ot`` coupling per batch size: images/s through ``couple`` alone.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, build_config
+from pipeline.data.coupling import couple, draw_noise_and_time
+from pipeline.data.decode import DecodeSpec, decode_image, to_model_range
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.stream import open_dataset, stream_throughput
+from pipeline.flow import build_time_sampler
+from pipeline.rayenv import ensure_ray
+from pipeline.servers import SeaweedFS
+from pipeline.storage import boto3_client
+
+BUCKET = "fmpipe-bench"
+
+
+@dataclass
+class DataFigures:
+    resolution: int
+    ceiling_per_core: float
+    baseline: float
+    fmpipe: float
+    cores: int
+
+    @property
+    def vs_baseline(self) -> float:
+        return self.fmpipe / self.baseline
+
+    @property
+    def vs_ceiling(self) -> float:
+        return self.fmpipe / (self.ceiling_per_core * self.cores)
+
+
+def _shard_bytes(cfg: Config) -> list[bytes]:
+    info = open_dataset(cfg, "train")
+    return [info.location.child(shard.name).read_bytes() for shard in info.manifest.shards]
+
+
+def decode_ceiling(cfg: Config, shards: list[bytes]) -> float:
+    """(a) images/s of one process decoding in-memory tar bytes (tar walk included)."""
+    spec = DecodeSpec(cfg.data.resolution, cfg.data.channels)
+    sampler = build_time_sampler("uniform")
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    images = 0
+    start = time.perf_counter()
+    for data in shards:
+        with tarfile.open(fileobj=_BytesReader(data), mode="r|") as tar:
+            keys, pixels = [], []
+            for member in tar:
+                if member.name.endswith(".png"):
+                    keys.append(member.name.split(".", 1)[0])
+                    pixels.append(decode_image(tar.extractfile(member).read(), "png", spec))
+            x_1 = to_model_range(np.stack(pixels))
+            draw_noise_and_time(keys, shape, cfg.seed, 0, sampler)
+            images += len(x_1)
+    return images / (time.perf_counter() - start)
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        import io
+
+        self._io = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._io.read(n)
+
+
+class _Pair:
+    """DataLoader collate: decode + scale + pair, the same work as the fmpipe stage."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.spec = DecodeSpec(cfg.data.resolution, cfg.data.channels)
+        self.shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+        self.seed = cfg.seed
+
+    def __call__(self, samples: list[tuple[str, bytes, bytes]]) -> dict[str, torch.Tensor]:
+        keys = [key for key, _, _ in samples]
+        pixels = np.stack([decode_image(png, "png", self.spec) for _, png, _ in samples])
+        x_0, t = draw_noise_and_time(keys, self.shape, self.seed, 0, build_time_sampler("uniform"))
+        label = torch.tensor([int(cls) for _, _, cls in samples])
+        return {"x_1": torch.from_numpy(to_model_range(pixels)), "x_0": x_0, "t": t, "label": label}
+
+
+def webdataset_baseline(cfg: Config, workers: int) -> float:
+    """(b) images/s of webdataset over presigned HTTP URLs into a DataLoader."""
+    import webdataset as wds
+
+    info = open_dataset(cfg, "train")
+    client = boto3_client(cfg.storage)
+    bucket, _, prefix = info.location.path.partition("/")
+    urls = [
+        client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": f"{prefix}/{shard.name}"}, ExpiresIn=3600
+        )
+        for shard in info.manifest.shards
+    ]
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).to_tuple(
+        "__key__", "png", "cls"
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        num_workers=workers,
+        collate_fn=_Pair(cfg),
+        persistent_workers=False,
+    )
+    images = 0
+    start = time.perf_counter()
+    for batch in loader:
+        images += len(batch["t"])
+    seconds = time.perf_counter() - start
+    if images != info.num_samples:
+        raise RuntimeError(f"baseline saw {images} images, expected {info.num_samples}")
+    return images / seconds
+
+
+def ot_cost(resolution: int, channels: int, batch_sizes=(128, 256, 512), repeats: int = 3):
+    """images/s of ``couple`` with ot vs independent, per batch size (random data)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in batch_sizes:
+        x_1 = torch.rand(batch, channels, resolution, resolution, generator=generator) * 2 - 1
+        x_0 = torch.randn(batch, channels, resolution, resolution, generator=generator)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            couple(x_1, x_0, None, "ot")
+        seconds = (time.perf_counter() - start) / repeats
+        rows.append((batch, batch / seconds, seconds * 1000))
+    return rows
+
+
+def run_data_benchmark(
+    resolutions: tuple[int, ...] = (32, 64),
+    num_samples: int = 8000,
+    cores: int = 2,
+    log=print,
+) -> list[DataFigures]:
+    import ray
+
+    figures: list[DataFigures] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="fmpipe-bench-") as tmp,
+        SeaweedFS(Path(tmp) / "s3") as s3,
+    ):
+        saved = {key: os.environ.get(key) for key in s3.env()}
+        os.environ.update(s3.env())  # before ray.init: Ray workers inherit the environment
+        try:
+            boto3_client().create_bucket(Bucket=BUCKET)
+            ensure_ray(num_cpus=cores)
+            log(f"machine: {platform.machine()}, {os.cpu_count()} cores; Ray CPUs {cores}")
+            log(
+                f"{'res':>4} {'(a) ceiling/core':>17} {'(b) wds+DataLoader':>19} "
+                f"{'(c) fmpipe':>11} {'c/b':>6} {'c/(a*cores)':>12}"
+            )
+            for res in resolutions:
+                uri = f"s3://{BUCKET}/shapes{res}"
+                cfg = build_config(
+                    overrides=[
+                        "prepare.source=synthetic:shapes",
+                        f"prepare.out={uri}",
+                        f"prepare.resolution={res}",
+                        "prepare.channels=3",
+                        f"prepare.num_samples={num_samples}",
+                        "prepare.val_fraction=0.0",
+                        "prepare.shard_size=500",
+                        f"prepare.parallel_threshold={num_samples * 10}",
+                        f"data.uri={uri}",
+                        f"data.resolution={res}",
+                        "data.channels=3",
+                        "data.batch_size=128",
+                    ]
+                )
+                prepare_dataset(cfg, log=lambda _: None)
+                ceiling = decode_ceiling(cfg, _shard_bytes(cfg))
+                baseline = webdataset_baseline(cfg, workers=cores)
+                stream_throughput(cfg, "train", 0)  # warm-up: Ray worker processes start
+                fmpipe = stream_throughput(cfg, "train", 1)["images_per_s"]
+                row = DataFigures(res, ceiling, baseline, fmpipe, cores)
+                figures.append(row)
+                log(
+                    f"{res:>4} {ceiling:>17,.0f} {baseline:>19,.0f} {fmpipe:>11,.0f} "
+                    f"{row.vs_baseline:>6.2f} {row.vs_ceiling:>12.2f}"
+                )
+            log("\not coupling (exact assignment) on the consumer batch, 3x32x32 and 3x64x64:")
+            for res in resolutions:
+                for batch, per_s, ms in ot_cost(res, 3):
+                    log(f"  res {res:>3} batch {batch:>4}: {ms:8.1f} ms, {per_s:>9,.0f} images/s")
+        finally:
+            ray.shutdown()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return figures
