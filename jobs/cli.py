@@ -13,6 +13,9 @@ import sys
 # name -> one-line summary (the job module's own --help has the rest)
 JOBS: dict[str, str] = {
     "prepare": "write WebDataset shards + manifests from digits, a folder or synthetic shapes",
+    "train": "train a flow-matching U-Net on Ray Train (DDP, checkpoints, MLflow; resumes)",
+    "sample": "generate N samples of a trained model into WebDataset shards on a Ray actor pool",
+    "stack": "local stack on 127.0.0.1: SeaweedFS S3, MLflow server, Ray head (up|down|status)",
     "toy": "train a 2-D flow (N(0,I) or 8 Gaussians -> two moons) and plot it",
     "bench": "benchmarks that print a ratio against a named baseline",
     "demo": "the main job on embedded defaults (what `make demo` runs)",

@@ -136,6 +136,15 @@ class SampleConfig(Section):
     use_ema: bool = True
 
 
+class RetrainConfig(Section):
+    """`fmpipe retrain`: continue from the champion on new data, promote only if better."""
+
+    promote_margin: float = Field(0.0, ge=0.0)  # promote when cand_val < champ_val - margin
+    images: int = Field(20_000, ge=1)  # images the candidate trains for (from its start)
+    from_scratch: bool = False  # fresh weights instead of the champion's checkpoint
+    alias: str = Field("champion", min_length=1)  # registry alias that marks the champion
+
+
 class StorageConfig(Section):
     # Endpoint override for S3-compatible stores; AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL win
     # when set. No credential fields on purpose: the standard AWS chain supplies them.
@@ -166,6 +175,7 @@ class Config(Section):
     flow: FlowConfig = Field(default_factory=FlowConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     toy: ToyConfig = Field(default_factory=ToyConfig)
@@ -284,15 +294,15 @@ def load_config(
             raise ConfigError(f"config file '{file}' is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{file}' must hold a mapping at the top level")
-        tree = _merge(tree, loaded)
+        tree = merge_trees(tree, loaded)
     return build_config(tree, overrides)
 
 
-def _merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(low)
     for key, value in high.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_trees(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged

@@ -1,0 +1,121 @@
+"""fmpipe train: flow-matching training on Ray Train (DDP workers fed by a Ray Data stream).
+
+Reads the dataset written by `fmpipe prepare`, trains the U-Net velocity field with the CFM
+loss on `train.num_workers` workers, checkpoints to the storage path (s3:// or a local
+directory) and logs to MLflow (MLFLOW_TRACKING_URI, tracking.uri, or the local sqlite file
+in $FMPIPE_HOME). Re-running the same command (same run name and storage) resumes from the
+last checkpoint, in the same MLflow run, to the same images-seen total.
+
+Defaults (jobs/configs/train.yaml): class-conditional digits at 16x16 on CPU; data.uri
+empty means $FMPIPE_HOME/store/digits (what `fmpipe prepare --source digits` writes).
+
+Examples:
+  fmpipe prepare --source digits && fmpipe train
+  fmpipe train --data s3://data/digits --storage s3://runs --run-name d1 --workers 2
+  fmpipe train --config my.yaml train.total_images=400000 train.lr_schedule=cosine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs._common import add_config_arguments, resolve_config, run_job
+from pipeline.config import ConfigError, fmpipe_home
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmpipe train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", metavar="URI", help="dataset root (data.uri)")
+    parser.add_argument(
+        "--run-name", metavar="N", help="run name; the same name resumes (train.run_name)"
+    )
+    parser.add_argument(
+        "--storage",
+        metavar="URI",
+        help="checkpoint storage, s3://bucket/prefix or a path (train.storage_path; "
+        "default $FMPIPE_HOME/runs)",
+    )
+    parser.add_argument(
+        "--workers", type=int, metavar="K", help="Ray Train workers (train.num_workers)"
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        choices=(0, 1),
+        metavar="G",
+        help="0 (CPU, gloo) or 1 (one GPU each, nccl, bf16) (train.use_gpu)",
+    )
+    parser.add_argument(
+        "--images", type=int, metavar="N", help="training images (train.total_images)"
+    )
+    add_config_arguments(parser)
+    return parser
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    pairs = {
+        "data.uri": args.data,
+        "train.run_name": args.run_name,
+        "train.storage_path": args.storage,
+        "train.num_workers": args.workers,
+        "train.total_images": args.images,
+        "train.use_gpu": None if args.gpus_per_worker is None else args.gpus_per_worker > 0,
+    }
+    return [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        cfg = resolve_config(args, defaults="train", extra=flag_overrides(args))
+        if not cfg.data.uri:
+            cfg.data.uri = str(fmpipe_home() / "store" / "digits")
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        # Imported here: `fmpipe train --help` does not import Ray or torch.
+        from ray.train import TrainingFailedError
+
+        from pipeline.data.stream import DatasetError
+        from pipeline.storage import StorageError, scrub
+        from pipeline.train.trainer import train
+
+        print(
+            f"fmpipe train: run '{cfg.train.run_name}', data {cfg.data.uri}, "
+            f"{cfg.train.total_images:,} images, {cfg.train.num_workers} worker(s)"
+        )
+        try:
+            result = train(cfg)
+        except ConfigError:
+            raise
+        except (DatasetError, StorageError) as exc:
+            print(f"fmpipe train: error: {exc}", file=sys.stderr)
+            return 1
+        except TrainingFailedError as exc:
+            print(
+                f"fmpipe train: training failed: {scrub(str(exc))}\n"
+                "(worker logs: /tmp/ray/session_latest/logs; run the same command to resume "
+                "from the last checkpoint)",
+                file=sys.stderr,
+            )
+            return 1
+        except KeyboardInterrupt:
+            print(
+                "fmpipe train: interrupted; run the same command again to resume", file=sys.stderr
+            )
+            return 130
+        print("\n" + result.summary())
+        return 0
+
+    return run_job(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

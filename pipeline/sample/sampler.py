@@ -1,0 +1,209 @@
+"""The per-actor work: integrate the flow for an index range and write it as one shard.
+
+:func:`integrate_block` is the only place a sample's numbers are made (see
+:mod:`pipeline.sample.determinism` for why it always integrates a whole compute block).
+:class:`SamplerActor` is the callable class Ray Data runs on an actor pool: it builds the
+network once, then for each input row ``{"shard", "start", "stop"}`` integrates the blocks
+covering that range, converts to uint8 PNGs, packs a tar and writes it atomically to
+``<out>/shard-NNNNNN.tar``; it returns ``shard, num_samples, sha256, size, nfe, seconds``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.flow import solve_ode
+from pipeline.models import guided_velocity
+from pipeline.sample.determinism import block_ranges, sample_labels, sample_noise
+from pipeline.sample.shards import encode_sample_png, sample_members, tar_bytes
+
+__all__ = ["SamplerActor", "SamplerSettings", "integrate_block", "integrate_range", "render_shard"]
+
+RESULT_COLUMNS = ("shard", "num_samples", "sha256", "size", "nfe", "blocks", "seconds")
+
+
+@dataclass
+class SamplerSettings:
+    """Everything an actor needs besides the network (plain data: it is pickled to actors)."""
+
+    seed: int
+    solver: str
+    steps: int
+    atol: float
+    rtol: float
+    guidance_scale: float
+    label: int | None
+    num_classes: int
+    data_shape: tuple[int, ...]
+    block_size: int
+    chunk_size: int = 256  # samples held and encoded at once (sample.batch_size)
+    use_gpu: bool = False
+    torch_threads: int = 0  # 0: leave torch's default
+    out_uri: str = ""
+    storage: dict[str, Any] = field(default_factory=dict)  # StorageConfig fields
+    meta: dict[str, Any] = field(default_factory=dict)  # model_uri, model_version, ... per sample
+
+    @property
+    def fixed_steps(self) -> int | None:
+        return None if self.solver == "dopri5" else self.steps
+
+    def sample_meta(self, index: int, label: int | None) -> dict[str, Any]:
+        meta = {
+            "index": index,
+            "seed": self.seed,
+            "solver": self.solver,
+            "steps": self.fixed_steps,
+            "label": label,
+            "guidance_scale": self.guidance_scale,
+            "block_size": self.block_size,
+            **self.meta,
+        }
+        if self.solver == "dopri5":
+            meta.update(atol=self.atol, rtol=self.rtol)
+        return meta
+
+
+def integrate_block(
+    model: nn.Module,
+    block_start: int,
+    settings: SamplerSettings,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, int]:
+    """``x_1`` of samples ``[block_start, block_start + block_size)``, float32 on the CPU.
+
+    Returns ``(x_1 (block_size, *data_shape), nfe)``. ``block_start`` must be a multiple of
+    ``block_size``: the network only ever sees whole blocks.
+    """
+    size = settings.block_size
+    if block_start % size:
+        raise ValueError(f"block_start {block_start} is not a multiple of block_size {size}")
+    indices = range(block_start, block_start + size)
+    x_0 = sample_noise(settings.seed, indices, settings.data_shape).to(device)
+    labels = sample_labels(indices, settings.num_classes, settings.label)
+    if labels is not None:
+        labels = labels.to(device)
+    w = float(settings.guidance_scale)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided_velocity(model, x, t, labels, w)
+
+    with torch.inference_mode():
+        solution = solve_ode(
+            velocity,
+            x_0,
+            method=settings.solver,
+            steps=settings.fixed_steps,
+            atol=settings.atol,
+            rtol=settings.rtol,
+        )
+    return solution.x_1.float().to("cpu"), solution.nfe
+
+
+def integrate_range(
+    model: nn.Module, start: int, stop: int, settings: SamplerSettings, device: Any = "cpu"
+) -> tuple[torch.Tensor, list[int]]:
+    """``x_1`` of samples ``[start, stop)`` (float32, CPU) and the NFE of each block used."""
+    outputs, nfes = [], []
+    for a, b in block_ranges(start, stop, settings.block_size):
+        x_1, nfe = integrate_block(model, a, settings, device)
+        outputs.append(x_1[max(start, a) - a : min(stop, b) - a])
+        nfes.append(nfe)
+    return torch.cat(outputs), nfes
+
+
+def to_uint8_hwc(x: torch.Tensor) -> np.ndarray:
+    """``(N, C, H, W)`` floats in [-1, 1] -> uint8 ``(N, H, W, C)`` (see pipeline.viz.to_uint8)."""
+    from pipeline.viz import to_uint8
+
+    return to_uint8(x)
+
+
+def render_shard(
+    model: nn.Module, start: int, stop: int, settings: SamplerSettings, device: Any = "cpu"
+) -> tuple[bytes, list[int]]:
+    """The tar bytes of samples ``[start, stop)`` and the NFE of every block integrated.
+
+    Works through the range ``chunk_size`` samples at a time (rounded to whole blocks), so
+    memory stays bounded for any shard size; the bytes do not depend on ``chunk_size``.
+    """
+    members: list[tuple[str, bytes]] = []
+    nfes: list[int] = []
+    chunk = max(1, math.ceil(settings.chunk_size / settings.block_size)) * settings.block_size
+    a = start
+    while a < stop:
+        b = min(stop, (a // chunk + 1) * chunk)
+        x_1, block_nfes = integrate_range(model, a, b, settings, device)
+        nfes += block_nfes
+        images = to_uint8_hwc(x_1)
+        labels = sample_labels(range(a, b), settings.num_classes, settings.label)
+        for row, index in enumerate(range(a, b)):
+            label = None if labels is None else int(labels[row])
+            png = encode_sample_png(images[row])
+            members += sample_members(index, png, settings.sample_meta(index, label), label)
+        a = b
+    return tar_bytes(members), nfes
+
+
+def _pick_device(use_gpu: bool) -> torch.device:
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "sample.use_gpu is true but this Ray actor sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})"
+        )
+    # Same shape -> same kernels: no autotuning that could pick another algorithm on a restart.
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.device("cuda")
+
+
+class SamplerActor:
+    """Ray Data callable class: one network per actor, one shard per input row."""
+
+    def __init__(self, factory: Callable[[], nn.Module], settings: SamplerSettings) -> None:
+        from pipeline.config import StorageConfig
+        from pipeline.storage import resolve
+
+        if settings.torch_threads > 0:
+            torch.set_num_threads(settings.torch_threads)
+        self.settings = settings
+        self.device = _pick_device(settings.use_gpu)
+        model = factory()
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.out = resolve(settings.out_uri, StorageConfig(**settings.storage))
+
+    def write_shard(self, shard: int, start: int, stop: int) -> dict[str, Any]:
+        from pipeline.data.manifest import shard_name
+
+        began = time.perf_counter()
+        data, nfes = render_shard(self.model, start, stop, self.settings, self.device)
+        self.out.child(shard_name(shard)).write_bytes(data)  # atomic: whole or absent
+        return {
+            "shard": shard,
+            "num_samples": stop - start,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            "nfe": int(sum(nfes)),
+            "blocks": len(nfes),
+            "seconds": time.perf_counter() - began,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [
+            self.write_shard(int(j), int(a), int(b))
+            for j, a, b in zip(batch["shard"], batch["start"], batch["stop"], strict=True)
+        ]
+        return {key: np.asarray([row[key] for row in rows]) for key in RESULT_COLUMNS}

@@ -1,0 +1,410 @@
+"""``train(cfg)``: the Ray Train ``TorchTrainer`` around :func:`pipeline.train.loop.training_loop`.
+
+What the driver does, in order:
+
+1. Checks everything it can before any worker starts: the dataset (``open_dataset``: a
+   missing or empty dataset is a clear :class:`~pipeline.data.stream.DatasetError`), the
+   batch split (``batch_size`` divisible by ``num_workers * grad_accum``), the class count
+   against the dataset's labels, and the checkpoint storage (S3 bucket and credentials).
+2. Looks for a previous run under ``<storage_path>/<run_name>`` (same name + storage path =
+   same run): its newest checkpoint's ``state.json`` gives the data epoch to start the
+   stream at, and ``fmpipe_run.json`` the MLflow run to continue. A new run gets a new
+   MLflow run, whose id is written to ``fmpipe_run.json`` before training starts, so even a
+   run killed before its first checkpoint continues the same MLflow run when re-run.
+3. Starts Ray if needed (local, ``log_to_driver=False``: Ray's own chatter stays in its log
+   files under ``/tmp/ray/session_latest/logs``), builds the multi-epoch stream
+   (:func:`pipeline.train.data.build_train_stream`) and the validation draws, and runs the
+   ``TorchTrainer`` with ``RunConfig(name=run_name, storage_path=..., storage_filesystem=
+   <explicit pyarrow filesystem for s3://>, failure_config=FailureConfig(max_failures),
+   checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints))``.
+4. Prints concise progress lines from what rank 0 sends through a small Ray queue, marks the
+   MLflow run FINISHED / FAILED / KILLED, and returns a :class:`TrainResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline.checkpoint import STATE_FILE, TrainState, data_shape_of
+from pipeline.config import Config, ConfigError, fmpipe_home
+from pipeline.rayenv import ensure_ray
+from pipeline.storage import Location, check_access, resolve, scrub
+from pipeline.train.data import BatchSource, ValSet, build_train_stream, epochs_needed, load_val_set
+from pipeline.train.loop import micro_batch_size, train_loop_per_worker
+
+__all__ = [
+    "RUN_INFO_FILE",
+    "TrainResult",
+    "find_latest_state",
+    "loop_kwargs",
+    "storage_location",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+RUN_INFO_FILE = "fmpipe_run.json"  # beside Ray's files in <storage>/<run_name>/
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (``metrics`` are rank 0's last report)."""
+
+    metrics: dict[str, Any]
+    images_seen: int
+    checkpoint_uri: str | None  # the latest checkpoint directory (s3://... or a path)
+    run_uri: str  # <storage_path>/<run_name>
+    mlflow_run_id: str | None
+    registered_model_name: str | None = None
+    registered_version: str | None = None
+    wall_seconds: float = 0.0
+    resumed_from: int = 0  # images seen when this invocation started
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        m = self.metrics
+        if self.resumed_from and self.resumed_from >= self.images_seen:
+            head = f"run already complete at {self.images_seen:,} images: nothing to train"
+        else:
+            head = f"trained to {self.images_seen:,} images in {self.wall_seconds:.1f} s" + (
+                f" (resumed at {self.resumed_from:,})" if self.resumed_from else ""
+            )
+        lines = [head]
+        if m.get("val_loss") is not None:
+            lines.append(f"  val_loss         {m['val_loss']:.5f}")
+        if m.get("images_per_sec"):
+            lines.append(
+                f"  images/s         {m['images_per_sec']:.1f} "
+                f"(data wait {100 * m.get('data_wait_fraction', 0.0):.1f}% of step time)"
+            )
+        lines.append(f"  checkpoint       {self.checkpoint_uri}")
+        if self.mlflow_run_id:
+            lines.append(f"  MLflow run       {self.mlflow_run_id}")
+        if self.registered_version:
+            lines.append(
+                f"  registered model models:/{self.registered_model_name}/{self.registered_version}"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- storage
+def storage_location(cfg: Config) -> Location:
+    """``train.storage_path``, else ``$FMPIPE_HOME/runs``."""
+    uri = cfg.train.storage_path.strip() or str(fmpipe_home() / "runs")
+    return resolve(uri, cfg.storage)
+
+
+def _uri(loc: Location, path: str) -> str:
+    return f"s3://{path}" if loc.is_s3 else path
+
+
+def find_latest_state(run_dir: Location) -> tuple[TrainState | None, str | None]:
+    """The newest complete checkpoint's ``state.json`` under ``run_dir`` (by images seen)."""
+    fs = run_dir.filesystem
+    try:
+        infos = fs.get_file_info(
+            pafs.FileSelector(run_dir.path, recursive=False, allow_not_found=True)
+        )
+    except (OSError, FileNotFoundError):
+        return None, None
+    names = sorted(
+        (
+            i.base_name
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+        ),
+        reverse=True,
+    )
+    for name in names:
+        state_path = f"{run_dir.path}/{name}/{STATE_FILE}"
+        try:
+            with fs.open_input_stream(state_path) as stream:
+                text = stream.read().decode()
+            return TrainState.from_json(text, _uri(run_dir, f"{run_dir.path}/{name}")), name
+        except Exception:  # incomplete upload: try the previous one
+            continue
+    return None, None
+
+
+def _read_run_info(run_dir: Location) -> dict[str, Any]:
+    info = run_dir.child(RUN_INFO_FILE)
+    try:
+        if info.exists():
+            return json.loads(info.read_bytes().decode())
+    except Exception as exc:
+        log.warning("ignoring unreadable %s: %s", info.uri, exc)
+    return {}
+
+
+# --------------------------------------------------------------------------- config -> loop
+def loop_kwargs(cfg: Config) -> dict[str, Any]:
+    """The :func:`training_loop` keyword arguments that come straight from ``cfg``."""
+    t = cfg.train
+    return {
+        "config": cfg.to_dict(),
+        "model_kwargs": cfg.model.model_dump(),
+        "seed": cfg.seed,
+        "total_images": t.total_images,
+        "batch_size": cfg.data.batch_size,
+        "grad_accum": t.grad_accum,
+        "lr": t.lr,
+        "lr_schedule": t.lr_schedule,
+        "warmup_images": t.warmup_images,
+        "weight_decay": t.weight_decay,
+        "adam_betas": list(t.adam_betas),
+        "grad_clip": t.grad_clip,
+        "ema_halflife_images": t.ema_halflife_images,
+        "ema_warmup_ratio": t.ema_warmup_ratio,
+        "label_dropout": t.label_dropout,
+        "precision": t.precision,
+        "compile": t.compile,
+        "torch_threads": t.torch_threads,
+        "coupling": cfg.data.coupling,
+        "ot_per_class": cfg.data.ot_per_class,
+        "prefetch_batches": cfg.data.prefetch_batches,
+        "checkpoint_every_images": t.checkpoint_every_images,
+        "log_every_steps": t.log_every_steps,
+        "val_every_images": t.val_every_images,
+        "grid_every_images": t.grid_every_images,
+        "grid_steps": t.grid_steps,
+        "grid_guidance_scale": cfg.sample.guidance_scale,
+        "registered_model_name": t.registered_model_name,
+    }
+
+
+# --------------------------------------------------------------------------- progress
+def _format_progress(event: Mapping[str, Any]) -> str | None:
+    kind = event.get("kind")
+    seen = int(event.get("images_seen", 0))
+    if kind == "start":
+        how = f"resuming at {seen:,} images" if event.get("resumed") else "starting"
+        return (
+            f"[train] {how}: {event.get('world_size')} worker(s) x micro-batch "
+            f"{event.get('micro_batch')}, to {int(event.get('total_images', 0)):,} images"
+        )
+    if kind == "log":
+        total = int(event.get("total_images", 0)) or 1
+        return (
+            f"[train] {seen:>10,} / {total:,} images ({100 * seen / total:5.1f}%)  "
+            f"loss {event.get('loss', float('nan')):.4f}  lr {event.get('lr', 0.0):.2e}  "
+            f"{event.get('images_per_sec', 0.0):7.1f} img/s  "
+            f"data wait {100 * event.get('data_wait_fraction', 0.0):4.1f}%"
+        )
+    if kind == "val":
+        return f"[train] {seen:>10,} images  val_loss {event.get('val_loss', float('nan')):.5f}"
+    if kind == "checkpoint":
+        return f"[train] {seen:>10,} images  checkpoint{' (final)' if event.get('final') else ''}"
+    return None
+
+
+class _ProgressPrinter:
+    """Driver thread printing what rank 0 sends through a Ray queue."""
+
+    def __init__(self, print_fn: Callable[[str], None]) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        self.print_fn = print_fn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fmpipe-progress", daemon=True)
+
+    def __enter__(self) -> _ProgressPrinter:
+        self._thread.start()
+        return self
+
+    def _drain(self, timeout: float) -> None:
+        from ray.util.queue import Empty
+
+        with contextlib.suppress(Empty):
+            event = self.queue.get(timeout=timeout)
+            line = _format_progress(event)
+            if line:
+                self.print_fn(line)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain(0.5)
+            except Exception:  # the queue actor went away: stop quietly
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            while not self.queue.empty():
+                self._drain(0.1)
+        with contextlib.suppress(Exception):
+            self.queue.shutdown()
+
+
+# --------------------------------------------------------------------------- train
+def train(
+    cfg: Config,
+    *,
+    batch_source: BatchSource | None = None,
+    data_shape: tuple[int, ...] | None = None,
+    val_set: ValSet | None = None,
+    print_fn: Callable[[str], None] | None = print,
+    track: bool = True,
+) -> TrainResult:
+    """Train ``cfg`` on Ray Train (see the module doc); resumes ``train.run_name`` if it exists.
+
+    ``batch_source`` (tests, benchmarks) replaces the Ray Data stream; then ``data_shape``
+    (default from ``cfg.data``) and ``val_set`` come from the caller and no dataset is read.
+    ``track=False`` skips MLflow.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    t = cfg.train
+    micro_batch_size(cfg.data.batch_size, t.num_workers, t.grad_accum)  # fail before workers
+
+    # ---- data checks (before any worker starts)
+    info = None
+    manifest_hash = ""
+    if batch_source is None:
+        from pipeline.data.stream import DatasetError, open_dataset
+
+        info = open_dataset(cfg, "train")
+        manifest_hash = info.manifest.content_hash()
+        labels = info.manifest.num_classes
+        if cfg.model.num_classes and labels and cfg.model.num_classes != labels:
+            raise ConfigError(
+                f"model.num_classes={cfg.model.num_classes} but dataset '{cfg.data.uri}' has "
+                f"{labels} classes; set model.num_classes={labels} (or 0 for unconditional)"
+            )
+        if cfg.model.num_classes and not labels:
+            raise ConfigError(
+                f"model.num_classes={cfg.model.num_classes} but dataset '{cfg.data.uri}' is "
+                "unlabelled; set model.num_classes=0"
+            )
+        data_shape = data_shape_of(cfg)
+        try:
+            val_info = open_dataset(cfg, "val")
+        except DatasetError as exc:
+            val_info = None
+            log.warning("no validation loss: %s", exc)
+    shape = tuple(data_shape or data_shape_of(cfg))
+
+    # ---- storage and the previous run, if any
+    storage = storage_location(cfg)
+    if storage.is_s3:
+        check_access(storage, must_exist=False)
+    run_dir = storage.child(t.run_name)
+    previous, previous_name = find_latest_state(run_dir)
+    start_images = previous.images_seen if previous else 0
+    start_epoch = previous.data_epoch if previous else 0
+
+    # ---- MLflow run: continue the one this run started, else a new one
+    tracker = None
+    tracking = None
+    if track:
+        from pipeline.tracking import Tracker, tracking_uri
+
+        uri = tracking_uri(cfg)
+        run_info = _read_run_info(run_dir)
+        run_id = run_info.get("mlflow_run_id") or (previous.mlflow_run_id if previous else None)
+        try:
+            tracker = Tracker.start(
+                cfg, experiment=cfg.tracking.experiment, run_name=t.run_name, run_id=run_id
+            )
+        except ValueError as exc:
+            log.warning("starting a new MLflow run: %s", exc)
+            tracker = Tracker.start(cfg, experiment=cfg.tracking.experiment, run_name=t.run_name)
+        tracker.set_tags({"fmpipe.run_uri": run_dir.uri})
+        if tracker.run_id != run_info.get("mlflow_run_id"):
+            body = {
+                "mlflow_run_id": tracker.run_id,
+                "run_name": t.run_name,
+                "tracking_uri": scrub(uri),
+            }
+            run_dir.child(RUN_INFO_FILE).write_bytes((json.dumps(body, indent=1) + "\n").encode())
+        tracking = {
+            "uri": uri,
+            "run_id": tracker.run_id,
+            "experiment": cfg.tracking.experiment,
+            "run_name": t.run_name,
+        }
+
+    # ---- Ray: stream, validation draws, trainer
+    ensure_ray()
+    datasets = None
+    if info is not None:
+        remaining = max(t.total_images - start_images, 0)
+        epochs = epochs_needed(remaining, info.num_samples, cfg.data.batch_size)
+        datasets = {"train": build_train_stream(cfg, info, start_epoch, epochs)}
+        if val_info is not None and val_set is None:
+            val_set = load_val_set(cfg, val_info, t.val_max_images)
+
+    kwargs = loop_kwargs(cfg)
+    kwargs.update(
+        data_shape=list(shape),
+        batch_source=batch_source,
+        val_set=val_set,
+        manifest_hash=manifest_hash,
+        tracking=tracking,
+    )
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    scaling = ray.train.ScalingConfig(
+        num_workers=t.num_workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=t.placement_strategy,
+    )
+    run_config = ray.train.RunConfig(
+        name=t.run_name,
+        storage_path=storage.path,
+        storage_filesystem=storage.filesystem if storage.is_s3 else None,
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+    )
+    say = print_fn or (lambda _line: None)
+    if previous is not None:
+        say(f"[train] found {previous_name} ({start_images:,} images) in {run_dir.uri}")
+    status = "FAILED"
+    try:
+        printer = _ProgressPrinter(say) if print_fn else contextlib.nullcontext()
+        with printer as p:
+            kwargs["progress_queue"] = p.queue if p is not None else None
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config=kwargs,
+                scaling_config=scaling,
+                run_config=run_config,
+                datasets=datasets,
+            )
+            result = trainer.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.end(status)
+
+    metrics = dict(result.metrics or {})
+    checkpoint_uri = _uri(storage, result.checkpoint.path) if result.checkpoint else None
+    return TrainResult(
+        metrics=metrics,
+        images_seen=int(metrics.get("images_seen", 0)),
+        checkpoint_uri=checkpoint_uri,
+        run_uri=run_dir.uri,
+        mlflow_run_id=tracking["run_id"] if tracking else None,
+        registered_model_name=metrics.get("registered_model_name"),
+        registered_version=metrics.get("registered_version"),
+        wall_seconds=time.perf_counter() - started,
+        resumed_from=start_images,
+    )

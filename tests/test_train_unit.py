@@ -1,0 +1,235 @@
+"""Training pieces without Ray: EMA, checkpoints, batch layout, validation loss, the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.checkpoint import (
+    CheckpointError,
+    TrainState,
+    load_checkpoint,
+    load_for_inference,
+    load_state_into,
+    read_state,
+    save_checkpoint,
+)
+from pipeline.config import build_config
+from pipeline.models import build_model
+from pipeline.train.data import InMemorySource, SourceContext, ValSet
+from pipeline.train.ema import EMA, ema_beta
+from pipeline.train.loop import micro_batch_size, sample_grid
+from pipeline.train.validate import constant_predictor_loss, validation_loss
+
+TINY = {
+    "kind": "unet",
+    "base_channels": 8,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [4],
+    "num_heads": 2,
+    "norm_groups": 4,
+    "num_classes": 3,
+}
+
+
+def tiny_config(**model):
+    return build_config({"data": {"resolution": 8}, "model": {**TINY, **model}})
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+# --------------------------------------------------------------------------- EMA
+def test_ema_beta_halflife_and_warmup():
+    # without warm-up: one half-life of images halves the weight of the past
+    assert ema_beta(10**9, 500, 500, 0.0) == pytest.approx(0.5)
+    assert ema_beta(10**9, 100, 500, 0.0) == pytest.approx(0.5 ** (100 / 500))
+    # warm-up caps the half-life at ratio * images_seen
+    assert ema_beta(1000, 100, 50_000, 0.1) == pytest.approx(0.5 ** (100 / 100))
+    assert ema_beta(10**7, 100, 50_000, 0.1) == pytest.approx(0.5 ** (100 / 50_000))
+    # first step: beta ~ 0, the EMA becomes the network
+    assert ema_beta(128, 128, 50_000, 0.05) < 1e-6
+
+
+def test_ema_update_is_the_documented_average():
+    cfg = tiny_config()
+    net = build_model(cfg.model, (1, 8, 8))
+    ema = EMA(net, halflife_images=64, warmup_ratio=0.0)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    perturbed(net)
+    beta = ema.update(net, images_seen=10_000, images_per_step=64)
+    assert beta == pytest.approx(0.5)
+    for name, p in net.named_parameters():
+        expected = 0.5 * before[name] + 0.5 * p.detach()
+        torch.testing.assert_close(ema.state_dict()[name], expected)
+    assert not ema.module.training
+    assert all(not p.requires_grad for p in ema.module.parameters())
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _save(tmp_path, cfg, net, ema, **state):
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 1])).square().mean().backward()
+    opt.step()
+    return save_checkpoint(
+        tmp_path / "ckpt",
+        model=net,
+        ema=ema.module,
+        optimizer=opt,
+        state=TrainState(images_seen=64, step=2, data_shape=[1, 8, 8], **state),
+        config=cfg,
+    )
+
+
+def test_checkpoint_round_trip_and_inference_uses_ema(tmp_path):
+    cfg = tiny_config()
+    net = perturbed(build_model(cfg.model, (1, 8, 8)))
+    ema = EMA(net, 1000)
+    perturbed(net, seed=2)  # raw weights now differ from the EMA
+    d = _save(tmp_path, cfg, net, ema, mlflow_run_id="abc", val_loss=0.5, manifest_hash="h")
+    assert sorted(p.name for p in d.iterdir()) == ["config.yaml", "model.pt", "state.json"]
+    state = read_state(d)
+    assert (state.images_seen, state.step, state.mlflow_run_id, state.val_loss) == (
+        64,
+        2,
+        "abc",
+        0.5,
+    )
+    loaded = load_checkpoint(d)
+    assert loaded.config == cfg
+    assert loaded.optimizer is not None and loaded.optimizer["state"]
+    assert "torch" in loaded.rng[0]
+    model, config = load_for_inference(d)
+    assert config == cfg and not model.training
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ema.state_dict()[k])
+    raw, _ = load_for_inference(d, use_ema=False)
+    for k, v in raw.state_dict().items():
+        torch.testing.assert_close(v, net.state_dict()[k])
+
+
+def test_checkpoint_that_does_not_fit_names_checkpoint_and_keys(tmp_path):
+    cfg = tiny_config()
+    net = build_model(cfg.model, (1, 8, 8))
+    d = _save(tmp_path, cfg, net, EMA(net, 1000))
+    other = build_model(tiny_config(base_channels=16).model, (1, 8, 8))
+    with pytest.raises(ValueError, match=r"ckpt.*shape mismatch: .*conv"):
+        load_state_into(other, load_checkpoint(d).model, str(d))
+    unconditional = build_model(tiny_config(num_classes=0).model, (1, 8, 8))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: class_embed"):
+        load_state_into(unconditional, load_checkpoint(d).model, str(d))
+
+
+def test_checkpoint_loading_is_weights_only(tmp_path):
+    cfg = tiny_config()
+    net = build_model(cfg.model, (1, 8, 8))
+    d = _save(tmp_path, cfg, net, EMA(net, 1000))
+    # a pickle that would call a function on load is refused, and named
+    torch.save({"format": "fmpipe-checkpoint/1", "model": {}, "x": math.hypot}, d / "model.pt")
+    with pytest.raises(CheckpointError, match=r"weights only"):
+        load_checkpoint(d)
+    (d / "state.json").unlink()
+    with pytest.raises(CheckpointError, match=r"missing state.json"):
+        load_checkpoint(d)
+
+
+# --------------------------------------------------------------------------- batches
+def test_micro_batch_must_divide_the_global_batch():
+    assert micro_batch_size(128, 2, 4) == 16
+    with pytest.raises(ValueError, match=r"batch_size=100 .* divisible by .* 3 \* 1"):
+        micro_batch_size(100, 3, 1)
+
+
+def test_in_memory_source_splits_one_global_batch_across_ranks():
+    x = torch.randn(20, 1, 4, 4)
+    src = InMemorySource(x, torch.arange(20) % 3, seed=5)
+
+    def rank_batches(rank, world, accum, start=0, n=6):
+        ctx = SourceContext(rank, world, 8 // (world * accum), accum, 8, start, 0)
+        it = src.batches(ctx)
+        return [next(it) for _ in range(n)]
+
+    one = rank_batches(0, 1, 1, n=3)
+    # 2 ranks x 2 micro-batches: step s is [micro 0: rank 0, rank 1][micro 1: rank 0, rank 1]
+    r0, r1 = rank_batches(0, 2, 2), rank_batches(1, 2, 2)
+    for step in range(3):
+        parts = [r0[2 * step], r1[2 * step], r0[2 * step + 1], r1[2 * step + 1]]
+        joined = torch.cat([p["x_0"] for p in parts])
+        torch.testing.assert_close(joined, one[step]["x_0"])
+    # resuming at a later step gives the same batches as running through
+    later = rank_batches(0, 1, 1, start=16, n=1)[0]
+    torch.testing.assert_close(later["x_1"], one[2]["x_1"])
+
+
+# --------------------------------------------------------------------------- validation
+def test_validation_loss_is_deterministic_and_zero_model_scores_the_second_moment():
+    gen = torch.Generator().manual_seed(0)
+    x_1 = torch.rand(40, 1, 8, 8, generator=gen) * 2 - 1
+    val = ValSet(x_1, torch.randn(40, 1, 8, 8, generator=gen), torch.rand(40, generator=gen),
+                 torch.arange(40) % 3, [str(i) for i in range(40)])  # fmt: skip
+    cfg = tiny_config()
+    net = build_model(cfg.model, (1, 8, 8))  # zero output conv: predicts v = 0
+    zero = validation_loss(net, val, batch_size=16)
+    assert zero == pytest.approx(float((val.x_1 - val.x_0).double().square().mean()), rel=1e-6)
+    assert constant_predictor_loss(val) < zero
+    perturbed(net)
+    first = validation_loss(net, val, batch_size=16)
+    assert validation_loss(net, val, batch_size=16) == first
+    assert net.training  # mode restored
+
+
+def test_sample_grid_has_one_row_per_class_and_fixed_noise():
+    cfg = tiny_config()
+    net = perturbed(build_model(cfg.model, (1, 8, 8)))
+    images, nrow = sample_grid(net, (1, 8, 8), seed=3, steps=2, columns=4)
+    assert images.shape == (3 * 4, 1, 8, 8) and nrow == 4
+    again, _ = sample_grid(net, (1, 8, 8), seed=3, steps=2, columns=4)
+    torch.testing.assert_close(images, again)
+
+
+# --------------------------------------------------------------------------- the job
+def test_train_job_is_listed_and_maps_flags_onto_config(capsys):
+    from jobs import cli
+    from jobs import train as job
+
+    assert "train" in cli.JOBS
+    argv = ["--data", "s3://b/d", "--run-name", "r1", "--storage", "/tmp/x", "--workers", "2",
+            "--gpus-per-worker", "1", "--print-config", "train.lr=0.01"]  # fmt: skip
+    assert job.main(argv) == 0
+    cfg = build_config(__import__("yaml").safe_load(capsys.readouterr().out))
+    assert (cfg.data.uri, cfg.train.run_name, cfg.train.storage_path) == (
+        "s3://b/d",
+        "r1",
+        "/tmp/x",
+    )
+    assert (cfg.train.num_workers, cfg.train.use_gpu, cfg.train.lr) == (2, True, 0.01)
+    assert cfg.model.num_classes == 10 and cfg.train.registered_model_name == "digits"
+    assert job.main(["train.nope=1"]) == 2
+    assert "unknown config key 'train.nope'" in capsys.readouterr().err
+
+
+def test_train_fails_before_any_worker_on_bad_data_or_batch(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.data.stream import DatasetError
+    from pipeline.train.trainer import train
+
+    missing = build_config({"data": {"uri": str(tmp_path / "nothing")}})
+    with pytest.raises(DatasetError, match=r"nothing' does not exist"):
+        train(missing, print_fn=None)
+    uneven = build_config({"data": {"uri": "x", "batch_size": 10}, "train": {"num_workers": 4}})
+    with pytest.raises(ValueError, match=r"batch_size=10 .* divisible"):
+        train(uneven, print_fn=None)
+    data = tmp_path / "digits"
+    prepare_dataset(build_config({"prepare": {"out": str(data), "resolution": 8}}), log=None)
+    wrong = build_config({"data": {"uri": str(data), "resolution": 8}, "model": {"num_classes": 7}})
+    with pytest.raises(ConfigError, match=r"num_classes=7 .* 10 classes"):
+        train(wrong, print_fn=None)
