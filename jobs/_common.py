@@ -46,7 +46,7 @@ def resolve_config(
 def run_job(body: Callable[[], int]) -> int:
     """Run a job body; turn config errors into one clear line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for chatty in ("botocore", "boto3", "urllib3", "s3transfer", "ray"):
+    for chatty in ("botocore", "boto3", "urllib3", "s3transfer", "ray", "mlflow", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)  # their detail stays in Ray's logs
     try:
         return body()
