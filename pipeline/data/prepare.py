@@ -56,6 +56,7 @@ from pipeline.data.shards import (
     write_shard,
 )
 from pipeline.data.sources import Source, build_source, default_dataset_name, parse_source_spec
+from pipeline.rayenv import ensure_ray
 from pipeline.storage import MULTIPART_THRESHOLD, Location, StorageError, check_access, resolve
 
 PREPARE_VERSION = 1  # bump when the shard contents change for the same recipe
@@ -395,9 +396,7 @@ def _run_ray(
     import ray
     from ray.exceptions import RayTaskError
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False)
+    started = ensure_ray()
     try:
         task = ray.remote(num_cpus=1)(process_shard)
         source_ref = ray.put(source)

@@ -53,6 +53,7 @@ from PIL import Image
 
 from pipeline.config import Config, fmpipe_home
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, shard_name
+from pipeline.rayenv import ensure_ray
 from pipeline.sample.determinism import default_block_size, shard_ranges
 from pipeline.sample.sampler import SamplerActor, SamplerSettings
 from pipeline.sample.shards import check_shard, sample_key
@@ -263,21 +264,6 @@ def _settings(cfg: Config, source: ModelSource, out: Any, block: int) -> Sampler
     )
 
 
-def _ensure_ray() -> bool:
-    """Start a local Ray (quiet: its chatter stays in its log files) unless one is running."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        include_dashboard=False,
-        configure_logging=True,
-    )
-    return True
-
-
 def _actor_resources(num_actors: int, use_gpu: bool) -> tuple[float, int]:
     """``(num_cpus per actor, torch threads per actor)``; half a CPU stays for Ray Data."""
     import ray
@@ -290,7 +276,11 @@ def _actor_resources(num_actors: int, use_gpu: bool) -> tuple[float, int]:
             )
         return 1.0, 2
     cpus = float(cluster.get("CPU", 1.0))
-    per_actor = max(0.25, (cpus - 0.5) / num_actors)
+    # An actor lives on one node: never ask for more than the largest node has (less the
+    # half CPU for Ray Data), or on a multi-node cluster it could never be scheduled.
+    nodes = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    largest = max(nodes, default=cpus)
+    per_actor = max(0.25, min((cpus - 0.5) / num_actors, largest - 0.5))
     return round(per_actor, 3), max(1, math.ceil(per_actor))
 
 
@@ -441,7 +431,7 @@ def generate(
         rows: list[dict[str, Any]] = []
         generate_seconds = 0.0
         if todo:
-            started_ray = _ensure_ray()
+            started_ray = ensure_ray(progress_bars=True)
             try:
                 t0 = time.perf_counter()
                 rows = _run_ray_job(source, settings, todo, s.num_actors, s.use_gpu, say)
