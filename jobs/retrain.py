@@ -1,0 +1,119 @@
+"""fmpipe retrain: scheduled retraining with promotion in the MLflow registry.
+
+Safe from any scheduler at any frequency (cron, KubeRay RayCronJob, a loop):
+  - no new data (the train split's manifest hash equals the one the `champion` version
+    was trained on, tag manifest_hash): records that on the registered model, exits 0;
+  - this data already evaluated against this champion (promoted or rejected): exits 0;
+  - another retrain of the same model holds the lock: exits 0 (it does the work);
+  - new data: a candidate continues from the champion's checkpoint (or trains from
+    scratch with no champion or retrain.from_scratch=true) for retrain.images images,
+    is evaluated with the champion on the same val split and fixed draws, registered as a
+    new version (tags manifest_hash, images_seen, val_loss, champion_val_loss, ...), and
+    the alias moves to it only when val_loss < champion's - retrain.promote_margin;
+    otherwise the version is tagged `rejected` with the reason.
+Two runs at once promote at most once: an exclusive lease (S3 conditional writes, or
+flock on a local path) under <train.storage_path>/_locks/, and a compare-and-set of the
+alias under it (see pipeline/retrain.py).
+
+Defaults: jobs/configs/retrain.yaml (the digits model of `fmpipe train`).
+
+Examples:
+  fmpipe retrain
+  fmpipe retrain --data s3://data/digits --storage s3://runs retrain.images=40000
+  fmpipe retrain --config my.yaml retrain.promote_margin=0.002 retrain.from_scratch=true
+  fmpipe submit retrain --data s3://data/digits --storage s3://runs   # on a Ray cluster
+
+Exit status: 0 for every outcome above (promoted, rejected, no new data, busy); 1 when the
+dataset, storage or registry cannot be used; 2 for a config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs._common import add_config_arguments, resolve_config, run_job
+from pipeline.config import ConfigError, fmpipe_home
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmpipe retrain",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", metavar="URI", help="dataset root (data.uri)")
+    parser.add_argument(
+        "--storage",
+        metavar="URI",
+        help="checkpoint storage and lock location, s3://bucket/prefix or a path "
+        "(train.storage_path; default $FMPIPE_HOME/runs)",
+    )
+    parser.add_argument(
+        "--model-name", metavar="NAME", help="registered model (train.registered_model_name)"
+    )
+    parser.add_argument(
+        "--images", type=int, metavar="N", help="candidate training images (retrain.images)"
+    )
+    parser.add_argument(
+        "--margin", type=float, metavar="M", help="promotion margin (retrain.promote_margin)"
+    )
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        default=None,
+        help="fresh weights, not the champion's (retrain.from_scratch=true)",
+    )
+    add_config_arguments(parser)
+    return parser
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    pairs = {
+        "data.uri": args.data,
+        "train.storage_path": args.storage,
+        "train.registered_model_name": args.model_name,
+        "retrain.images": args.images,
+        "retrain.promote_margin": args.margin,
+        "retrain.from_scratch": args.from_scratch,
+    }
+    return [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        cfg = resolve_config(args, defaults="retrain", extra=flag_overrides(args))
+        if not cfg.data.uri:
+            cfg.data.uri = str(fmpipe_home() / "store" / "digits")
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        # Imported here: `fmpipe retrain --help` does not import Ray, torch or MLflow.
+        from pipeline.data.stream import DatasetError
+        from pipeline.retrain import LeaseError, retrain
+        from pipeline.storage import StorageError
+        from pipeline.tracking import ModelNotFound, scrub
+
+        try:
+            retrain(cfg)
+        except ConfigError:
+            raise
+        except (DatasetError, StorageError, LeaseError, ModelNotFound) as exc:
+            print(f"fmpipe retrain: error: {scrub(str(exc))}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(
+                "fmpipe retrain: interrupted; the next run resumes the candidate",
+                file=sys.stderr,
+            )
+            return 130
+        return 0
+
+    return run_job(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,852 @@
+"""Scheduled retraining: new data -> a candidate -> promoted only if it beats the champion.
+
+:func:`retrain` is safe to run from any scheduler at any frequency (cron, RayCronJob, a loop):
+
+1. **What is new.** The train split's manifest hash (``Manifest.content_hash()``) against the
+   ``manifest_hash`` tag of the version the ``retrain.alias`` alias (``champion``) points at.
+   Equal: "no new data", recorded on the registered model (tags
+   ``fmpipe.retrain.last_outcome`` / ``last_message`` / ``last_run_at``), exit 0, nothing
+   trained. A version already evaluated for this data against this champion (tags
+   ``manifest_hash`` + ``fmpipe.retrain.base_version`` + ``fmpipe.retrain.init``, decided
+   ``promoted`` or ``rejected``) is not trained again either: a rejected candidate does not
+   make every later tick retrain, and a human rollback of the alias is respected.
+2. **One at a time.** The rest runs under an exclusive lock per (model, alias) (below). A run
+   that finds it held reports "busy" and exits 0: the holder is doing the work.
+3. **Candidate.** Trained by :func:`pipeline.train.trainer.train` as run
+   ``<train.run_name>-retrain-<hash[:12]>-<v<champion>|scratch>`` for ``retrain.images``
+   images. It continues from the champion's weights (model + EMA; fresh optimizer, learning-
+   rate warm-up and schedule from 0) unless there is no champion or ``retrain.from_scratch``.
+   The network architecture then comes from the champion's checkpoint (you cannot continue
+   into another one). The champion's weights enter through the trainer's own resume path: a
+   one-worker Ray Train run reports them as checkpoint 0 of the candidate run, which
+   ``train`` then "resumes" at 0 images. The run name is deterministic, so a retrain killed
+   mid-training resumes its candidate on the next tick.
+4. **Evaluation.** Candidate and champion (EMA weights) on the same val split with the same
+   fixed draws: :func:`pipeline.train.data.load_val_set` and
+   :func:`pipeline.train.validate.validation_loss`, the trainer's own validation.
+5. **Registration.** The candidate becomes a new version of ``train.registered_model_name``
+   with tags ``manifest_hash``, ``images_seen``, ``val_loss``, ``champion_val_loss``,
+   ``fmpipe.retrain.*``; promoted (``fmpipe.retrain.decision=promoted``) only when
+   ``candidate_val < champion_val - retrain.promote_margin``; otherwise tagged ``rejected``
+   with the reason. The training run gets the same decision and both losses.
+
+Concurrency: why two runs cannot both promote
+-------------------------------------------------
+MLflow has no conditional alias update, so promotion is a compare-and-set built from two
+parts:
+
+- **An exclusive lease** on ``<train.storage_path>/_locks/<model>@<alias>.lock``. On S3 it
+  is created with a conditional PUT (``If-None-Match: *``): the store creates the object for
+  exactly one of any number of concurrent writers and answers 412 to the others. The body
+  holds a random token, the owner and an expiry (``LEASE_TTL_S``); a heartbeat thread
+  extends it every ``LEASE_TTL_S / 4`` with ``If-Match: <our ETag>``, which succeeds only
+  while the object is still the one we wrote. A lease left by a dead process is taken over
+  after it expires, again with ``If-Match: <the expired object's ETag>``, so of several
+  runs that see the same expired lease exactly one wins. Before using the lease the store
+  is probed once (a second ``If-None-Match`` PUT of a probe object must fail), so a store
+  that ignores the header is refused rather than trusted. On a local (or shared) path the
+  lease is ``fcntl.flock`` on that file: the kernel grants it to one open file at a time
+  and releases it when the process dies, so it needs no expiry.
+- **Compare-and-set under the lease.** The run remembers the champion version it compared
+  against. Just before promoting it renews the lease (proving, atomically, that it still
+  holds it), re-reads the alias, and moves it only if it still points at that version
+  (or, with no champion before, still points nowhere). Otherwise the candidate is tagged
+  ``rejected`` ("the champion moved ...") and the next run compares against the new one.
+
+All fmpipe writers of the alias take the lease, so between the re-read and the move no
+other retrain can move it; the re-read catches moves made while the run trained by anyone
+(a person, a run whose lease had expired).
+
+Limits: (a) the lease protects only runs that share it, i.e. the same model, alias and
+``train.storage_path``; (b) a person moving the alias by hand (MLflow UI, client) takes no
+lease, so a move in the instant between the re-read and the write can be overwritten; (c) a
+process frozen for longer than ``LEASE_TTL_S`` between its last renewal and the alias write
+could overlap with a run that took the expired lease (expiry uses wall clocks, so hosts need
+roughly synchronised clocks); (d) ``flock`` on NFS depends on the NFS lock manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from pipeline.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from pipeline.storage import Location
+    from pipeline.train.data import ValSet
+
+__all__ = [
+    "LEASE_TTL_S",
+    "Champion",
+    "FileLease",
+    "Lease",
+    "LeaseError",
+    "RetrainResult",
+    "S3Lease",
+    "evaluate_checkpoint",
+    "open_lease",
+    "promote_if_unchanged",
+    "read_champion",
+    "retrain",
+]
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL_S = 120.0  # a lease not renewed for this long may be taken over
+_CHECKPOINT_ARTIFACTS = "checkpoint"  # where the trainer logs its final checkpoint (loop.py)
+
+Outcome = Literal["no_new_data", "already_evaluated", "busy", "promoted", "rejected"]
+
+# version tags written here (besides the trainer's manifest_hash / images_seen / val_loss)
+TAG_BASE = "fmpipe.retrain.base_version"  # champion version compared against ("none")
+TAG_INIT = "fmpipe.retrain.init"  # "champion" | "scratch"
+TAG_DECISION = "fmpipe.retrain.decision"  # pending | promoted | rejected | aborted
+TAG_REJECTED = "rejected"  # the reason, on rejected versions
+TAG_CHAMPION_VAL = "champion_val_loss"
+
+
+class LeaseError(RuntimeError):
+    """The lock store cannot provide an exclusive lease (e.g. ignores conditional writes)."""
+
+
+# --------------------------------------------------------------------------- leases
+class Lease(Protocol):
+    """An exclusive, renewable lease. ``acquire`` never blocks."""
+
+    lost: bool
+
+    def acquire(self) -> bool: ...
+    def renew(self) -> bool: ...
+    def release(self) -> None: ...
+    def holder(self) -> dict[str, Any] | None: ...
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()} thread {threading.get_ident()}"
+
+
+def _lease_body(token: str, ttl: float) -> dict[str, Any]:
+    now = time.time()
+    return {"token": token, "owner": _owner(), "renewed_at": now, "expires_at": now + ttl}
+
+
+class S3Lease:
+    """An exclusive lease as one S3 object, by conditional writes (see the module doc)."""
+
+    def __init__(self, location: Location, storage: Any = None, ttl: float = LEASE_TTL_S):
+        from pipeline.storage import boto3_client
+
+        if not location.is_s3:
+            raise ValueError(f"S3Lease needs an s3:// location, got {location.uri}")
+        self.uri = location.uri
+        self.bucket = str(location.bucket)
+        self.key = location.key
+        self.ttl = float(ttl)
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._etag: str | None = None
+        self._client = boto3_client(storage)
+
+    # ---- S3 calls
+    @staticmethod
+    def _code(exc: Exception) -> str:
+        response = getattr(exc, "response", None) or {}
+        return str(response.get("Error", {}).get("Code", ""))
+
+    def _refused(self, exc: Exception) -> bool:
+        """A conditional write lost: 412, or 409 (a concurrent conditional write, on AWS)."""
+        return self._code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "412")
+
+    def _put(self, body: dict[str, Any], **condition: str) -> str:
+        response = self._client.put_object(
+            Bucket=self.bucket,
+            Key=self.key,
+            Body=json.dumps(body).encode(),
+            ContentType="application/json",
+            **condition,
+        )
+        return str(response["ETag"])
+
+    def _read(self) -> tuple[dict[str, Any], str] | None:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self.key)
+        except Exception as exc:
+            if self._code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise
+        try:
+            body = json.loads(response["Body"].read().decode())
+        except ValueError:
+            body = {}  # unreadable: treated as expired
+        return body, str(response["ETag"])
+
+    def _probe(self) -> None:
+        """Refuse a store that ignores If-None-Match (it would grant every writer)."""
+        from botocore.exceptions import ClientError
+
+        key = f"{self.key}.probe-{self.token}"
+        self._client.put_object(Bucket=self.bucket, Key=key, Body=b"1", IfNoneMatch="*")
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=b"2", IfNoneMatch="*")
+        except ClientError as exc:
+            if not self._refused(exc):
+                raise
+        else:
+            raise LeaseError(
+                f"the S3 store of {self.uri} ignores conditional writes (If-None-Match), so "
+                "it cannot grant an exclusive lease; use a store that supports them (AWS S3, "
+                "SeaweedFS, MinIO, ...) or a local train.storage_path"
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    # ---- the lease
+    def acquire(self) -> bool:
+        from botocore.exceptions import ClientError
+
+        self._probe()
+        for _ in range(3):
+            try:
+                self._etag = self._put(_lease_body(self.token, self.ttl), IfNoneMatch="*")
+                return self._confirm()
+            except ClientError as exc:
+                if not self._refused(exc):
+                    raise
+            current = self._read()
+            if current is None:  # released in between: try again
+                continue
+            body, etag = current
+            if float(body.get("expires_at", 0.0)) > time.time():
+                return False
+            try:  # expired: take it over, unless someone else changed it first
+                self._etag = self._put(_lease_body(self.token, self.ttl), IfMatch=etag)
+            except ClientError as exc:
+                if not self._refused(exc):
+                    raise
+                return False
+            log.warning(
+                "took over the expired lease %s of %s", self.uri, body.get("owner", "unknown")
+            )
+            return self._confirm()
+        return False
+
+    def _confirm(self) -> bool:
+        current = self._read()
+        mine = current is not None and current[0].get("token") == self.token
+        if mine:
+            self._etag = current[1]
+        return mine
+
+    def renew(self) -> bool:
+        """Extend the lease; False (and ``lost``) when it is no longer ours."""
+        from botocore.exceptions import ClientError
+
+        if self._etag is None or self.lost:
+            return False
+        try:
+            self._etag = self._put(_lease_body(self.token, self.ttl), IfMatch=self._etag)
+            return True
+        except ClientError as exc:
+            if not self._refused(exc):
+                raise
+            self.lost = True
+            return False
+
+    def release(self) -> None:
+        from botocore.exceptions import ClientError
+
+        if self._etag is None or self.lost:
+            return
+        etag, self._etag = self._etag, None
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+        except ClientError as exc:
+            if self._refused(exc):
+                return  # not ours any more: leave it to its holder
+            # stores without conditional deletes: delete only what still holds our token
+            current = self._read()
+            if current is not None and current[0].get("token") == self.token:
+                self._client.delete_object(Bucket=self.bucket, Key=self.key)
+
+    def holder(self) -> dict[str, Any] | None:
+        current = self._read()
+        return current[0] if current else None
+
+
+class FileLease:
+    """An exclusive lease as ``flock`` on a local file (released by the kernel on exit)."""
+
+    def __init__(self, path: str | os.PathLike[str], ttl: float = LEASE_TTL_S):
+        self.path = Path(path)
+        self.uri = str(self.path)
+        self.ttl = ttl
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        body = _lease_body(self.token, self.ttl)
+        body["expires_at"] = None  # held until released or the process ends
+        os.pwrite(fd, json.dumps(body).encode(), 0)
+        return True
+
+    def renew(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)  # the file stays: unlinking a lock file lets two holders in
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            text = self.path.read_text()
+        except OSError:
+            return None
+        with contextlib.suppress(ValueError):
+            return json.loads(text) if text.strip() else None
+        return None
+
+
+def open_lease(cfg: Config, name: str, alias: str, ttl: float = LEASE_TTL_S) -> Lease:
+    """The lease of (model ``name``, ``alias``) under ``<train.storage_path>/_locks/``."""
+    from pipeline.train.trainer import storage_location
+
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{name}@{alias}")
+    where = storage_location(cfg).child("_locks", f"{safe}.lock")
+    if where.is_s3:
+        return S3Lease(where, cfg.storage, ttl)
+    return FileLease(where.path, ttl)
+
+
+class _Heartbeat:
+    """Renews a lease every ``ttl / 4`` seconds in a daemon thread until stopped."""
+
+    def __init__(self, lease: Lease, ttl: float) -> None:
+        self.lease = lease
+        self.interval = max(0.05, ttl / 4)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fmpipe-lease", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.lease.renew():
+                    log.error("the retrain lease was lost; this run will not promote")
+                    return
+            except Exception as exc:  # a network blip: try again at the next beat
+                log.warning("renewing the retrain lease failed: %s", exc)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass
+class Champion:
+    """The version an alias points at."""
+
+    version: str
+    manifest_hash: str
+    run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _mlflow_client(cfg: Config) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _registered(client: MlflowClient, name: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")):
+            return None
+        raise
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    model = _registered(client, name)
+    if model is None:
+        return None
+    version = dict(getattr(model, "aliases", None) or {}).get(alias)
+    return str(version) if version is not None else None
+
+
+def read_champion(client: MlflowClient, name: str, alias: str) -> Champion | None:
+    """The version ``alias`` points at, with its ``manifest_hash`` tag; None when unset."""
+    version = _alias_version(client, name, alias)
+    if version is None:
+        return None
+    mv = client.get_model_version(name, version)
+    tags = dict(mv.tags or {})
+    return Champion(str(mv.version), tags.get("manifest_hash", ""), mv.run_id or None, tags)
+
+
+def _prior_evaluation(
+    client: MlflowClient, name: str, manifest_hash: str, base: str, init: str
+) -> Any | None:
+    """A version already decided for this data, this champion and this init, if any."""
+    quoted = name.replace("'", "\\'")
+    for mv in client.search_model_versions(f"name = '{quoted}'"):
+        tags = dict(mv.tags or {})
+        if (
+            tags.get("manifest_hash") == manifest_hash
+            and tags.get(TAG_BASE) == base
+            and tags.get(TAG_INIT) == init
+            and tags.get(TAG_DECISION) in ("promoted", "rejected")
+        ):
+            return mv
+    return None
+
+
+def _record(client: MlflowClient, name: str, outcome: str, message: str) -> None:
+    """What the last retrain concluded, as tags of the registered model (best effort)."""
+    from pipeline.tracking import scrub
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        if _registered(client, name) is None:
+            return
+        client.set_registered_model_tag(name, "fmpipe.retrain.last_outcome", outcome)
+        client.set_registered_model_tag(name, "fmpipe.retrain.last_message", scrub(message)[:4000])
+        client.set_registered_model_tag(name, "fmpipe.retrain.last_run_at", stamp)
+    except Exception as exc:
+        log.warning("could not record the retrain outcome on model %s: %s", name, exc)
+
+
+PromoteStatus = Literal["promoted", "champion_moved", "lease_lost"]
+
+
+def promote_if_unchanged(
+    client: MlflowClient,
+    name: str,
+    alias: str,
+    version: str,
+    expected: str | None,
+    lease: Lease,
+) -> tuple[PromoteStatus, str]:
+    """Compare-and-set: point ``alias`` at ``version`` only if it still points at
+    ``expected`` (None: at nothing). The caller holds ``lease``; it is renewed first, which
+    fails when the lease is no longer ours. Returns ``(status, reason when not promoted)``."""
+    if not lease.renew():
+        return "lease_lost", (
+            "the retrain lease was lost before promotion (held too long without renewal and "
+            "taken over); not promoted, the next run evaluates again"
+        )
+    current = _alias_version(client, name, alias)
+    if current != expected:
+        return "champion_moved", (
+            f"the '{alias}' alias moved from version {expected or 'none'} to "
+            f"{current or 'none'} while this run trained; the next run compares against it"
+        )
+    client.set_registered_model_alias(name, alias, str(version))
+    return "promoted", ""
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate_checkpoint(checkpoint_dir: str | os.PathLike[str], val: ValSet) -> float:
+    """Validation loss of a checkpoint's EMA weights on ``val`` (the trainer's metric)."""
+    from pipeline.checkpoint import load_for_inference
+    from pipeline.train.validate import validation_loss
+
+    model, _ = load_for_inference(checkpoint_dir, use_ema=True)
+    return validation_loss(model, val)
+
+
+# --------------------------------------------------------------------------- seeding
+def _seed_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: report the given checkpoint files as checkpoint 0 of this run."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="fmpipe-seed-") as tmp:
+        for file_name, data in config["files"].items():
+            Path(tmp, file_name).write_bytes(data)
+        ray.train.report(
+            {"images_seen": 0, "seeded_from": config["source"]},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=config["dir_name"],
+        )
+
+
+def _seed_run(cand: Config, champion_dir: Path, manifest_hash: str, source: str) -> None:
+    """Make the champion's weights checkpoint 0 of run ``cand.train.run_name``: model and EMA
+    states, no optimizer or RNG state, images seen 0, the candidate's config."""
+    import io
+
+    import ray.train
+    import torch
+    import yaml
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.checkpoint import (
+        CONFIG_FILE,
+        FORMAT,
+        MODEL_FILE,
+        STATE_FILE,
+        TrainState,
+        load_checkpoint,
+    )
+    from pipeline.rayenv import ensure_ray
+    from pipeline.train.loop import checkpoint_dir_name
+    from pipeline.train.trainer import storage_location
+
+    ckpt = load_checkpoint(champion_dir)
+    buffer = io.BytesIO()
+    payload = {"format": FORMAT, "model": ckpt.model, "ema": ckpt.ema, "optimizer": None, "rng": []}
+    torch.save(payload, buffer)
+    state = TrainState(
+        manifest_hash=manifest_hash, data_shape=list(ckpt.state.data_shape), world_size=1
+    )
+    files = {
+        MODEL_FILE: buffer.getvalue(),
+        STATE_FILE: state.to_json().encode(),
+        CONFIG_FILE: yaml.safe_dump(cand.to_dict(), sort_keys=False).encode(),
+    }
+    storage = storage_location(cand)
+    ensure_ray()
+    trainer = TorchTrainer(
+        _seed_loop,
+        train_loop_config={"files": files, "source": source, "dir_name": checkpoint_dir_name(0)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, use_gpu=False, resources_per_worker={"CPU": 0.1}
+        ),
+        run_config=ray.train.RunConfig(
+            name=cand.train.run_name,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem if storage.is_s3 else None,
+            failure_config=ray.train.FailureConfig(max_failures=1),
+        ),
+    )
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------- retrain
+@dataclass
+class RetrainResult:
+    outcome: Outcome
+    message: str
+    model_name: str
+    manifest_hash: str
+    champion_version: str | None = None  # the champion compared against (before the run)
+    candidate_version: str | None = None
+    candidate_val_loss: float | None = None
+    champion_val_loss: float | None = None
+    run_name: str | None = None
+    mlflow_run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def promoted(self) -> bool:
+        return self.outcome == "promoted"
+
+
+def _candidate_config(cfg: Config, manifest_hash: str, champion: Champion | None, init: str):
+    cand = cfg.model_copy(deep=True)
+    base = f"v{champion.version}" if init == "champion" and champion else "scratch"
+    cand.train.run_name = f"{cfg.train.run_name}-retrain-{manifest_hash[:12]}-{base}"
+    cand.train.total_images = cfg.retrain.images
+    cand.train.registered_model_name = ""  # registered here, after the evaluation
+    return cand
+
+
+def _adopt_architecture(cand: Config, champion_dir: Path, say: Callable[[str], None]) -> None:
+    """Continuing: the network and image shape are the champion's (from its checkpoint)."""
+    from pipeline.checkpoint import load_checkpoint
+
+    own = load_checkpoint(champion_dir).config
+    changed = own.model.model_dump() != cand.model.model_dump() or (
+        own.data.resolution,
+        own.data.channels,
+    ) != (cand.data.resolution, cand.data.channels)
+    if changed:
+        say(
+            "[retrain] the config's network differs from the champion's; continuing with the "
+            "champion's (retrain.from_scratch=true trains the configured one)"
+        )
+    cand.model = own.model.model_copy(deep=True)
+    cand.data.resolution = own.data.resolution
+    cand.data.channels = own.data.channels
+
+
+def _find_version(client: MlflowClient, name: str, run_id: str, artifact_path: str) -> str | None:
+    """A version already registered from this run's artifact path (a re-run after a crash)."""
+    quoted = name.replace("'", "\\'")
+    for mv in client.search_model_versions(f"name = '{quoted}'"):
+        if mv.run_id == run_id and str(mv.source or "").rstrip("/").endswith(artifact_path):
+            return str(mv.version)
+    return None
+
+
+def retrain(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> RetrainResult:
+    """One scheduled retraining step (see the module doc). Never raises for "nothing to do"."""
+    say = print_fn or (lambda _line: None)
+    name = cfg.train.registered_model_name.strip()
+    alias = cfg.retrain.alias
+    if not name:
+        raise ConfigError(
+            "train.registered_model_name is empty: retrain needs the registered model whose "
+            f"'{alias}' alias it maintains (e.g. train.registered_model_name=digits)"
+        )
+    from pipeline.data.stream import open_dataset
+
+    manifest_hash = open_dataset(cfg, "train").manifest.content_hash()
+    client = _mlflow_client(cfg)
+    init = "scratch" if cfg.retrain.from_scratch else "champion"
+
+    def done(outcome: Outcome, message: str, champion: Champion | None, **kw) -> RetrainResult:
+        say(f"[retrain] {message}")
+        _record(client, name, outcome, message)
+        return RetrainResult(
+            outcome,
+            message,
+            name,
+            manifest_hash,
+            champion_version=champion.version if champion else None,
+            **kw,
+        )
+
+    def nothing_to_do(champion: Champion | None) -> RetrainResult | None:
+        if champion is not None and champion.manifest_hash == manifest_hash:
+            return done(
+                "no_new_data",
+                f"no new data: {name}@{alias} (version {champion.version}) was trained on "
+                f"dataset {manifest_hash[:12]}, the current one; nothing to train",
+                champion,
+            )
+        effective_init = init if champion is not None else "scratch"
+        base = champion.version if champion else "none"
+        prior = _prior_evaluation(client, name, manifest_hash, base, effective_init)
+        if prior is not None:
+            tags = dict(prior.tags or {})
+            return done(
+                "already_evaluated",
+                f"dataset {manifest_hash[:12]} was already evaluated against "
+                f"{alias} version {base}: version {prior.version} was "
+                f"{tags.get(TAG_DECISION)}"
+                + (f" ({tags[TAG_REJECTED]})" if tags.get(TAG_REJECTED) else "")
+                + "; nothing to train",
+                champion,
+            )
+        return None
+
+    # fast path, without the lease: most scheduled ticks end here
+    champion = read_champion(client, name, alias)
+    early = nothing_to_do(champion)
+    if early is not None:
+        return early
+
+    lease = open_lease(cfg, name, alias)
+    if not lease.acquire():
+        holder = lease.holder() or {}
+        until = holder.get("expires_at")
+        when = f", lease until {time.strftime('%H:%M:%S', time.localtime(until))}" if until else ""
+        message = (
+            f"busy: another retrain of {name}@{alias} holds {lease.uri} "
+            f"({holder.get('owner', 'unknown owner')}{when}); it does the work"
+        )
+        say(f"[retrain] {message}")
+        return RetrainResult(
+            "busy",
+            message,
+            name,
+            manifest_hash,
+            champion_version=champion.version if champion else None,
+        )
+    try:
+        with _Heartbeat(lease, lease.ttl):
+            # authoritative: the champion may have changed before we got the lease
+            champion = read_champion(client, name, alias)
+            early = nothing_to_do(champion)
+            if early is not None:
+                return early
+            return _train_evaluate_promote(cfg, client, lease, champion, manifest_hash, say)
+    finally:
+        lease.release()
+
+
+def _train_evaluate_promote(
+    cfg: Config,
+    client: MlflowClient,
+    lease: Lease,
+    champion: Champion | None,
+    manifest_hash: str,
+    say: Callable[[str], None],
+) -> RetrainResult:
+    from pipeline.data.stream import open_dataset
+    from pipeline.tracking import Tracker, resolve_model_uri, scrub, tracking_uri
+    from pipeline.train.data import load_val_set
+    from pipeline.train.trainer import find_latest_state, storage_location, train
+
+    name, alias = cfg.train.registered_model_name.strip(), cfg.retrain.alias
+    margin = cfg.retrain.promote_margin
+    init = "champion" if champion is not None and not cfg.retrain.from_scratch else "scratch"
+    cand = _candidate_config(cfg, manifest_hash, champion, init)
+    base = champion.version if champion else "none"
+    say(
+        f"[retrain] new data: dataset {manifest_hash[:12]}"
+        + (
+            f" vs {name}@{alias} = version {champion.version} "
+            f"(dataset {champion.manifest_hash[:12] or 'unknown'})"
+            if champion
+            else f" and no {name}@{alias} yet"
+        )
+    )
+
+    with tempfile.TemporaryDirectory(prefix="fmpipe-retrain-") as tmp:
+        champion_dir: Path | None = None
+        if champion is not None:
+            champion_dir = Path(tmp, "champion")
+            resolve_model_uri(f"models:/{name}/{champion.version}", cfg, dst_dir=champion_dir)
+        if init == "champion" and champion_dir is not None:
+            _adopt_architecture(cand, champion_dir, say)
+            run_dir = storage_location(cand).child(cand.train.run_name)
+            previous, _ = find_latest_state(run_dir)
+            if previous is None:
+                source = f"models:/{name}/{champion.version}"
+                say(f"[retrain] candidate '{cand.train.run_name}' starts from {source}")
+                _seed_run(cand, champion_dir, manifest_hash, source)
+        else:
+            say(f"[retrain] candidate '{cand.train.run_name}' trains from scratch")
+
+        result = train(cand, print_fn=say)
+        run_id = result.mlflow_run_id
+        if not run_id:
+            raise RuntimeError("the candidate run has no MLflow run id; cannot register it")
+        artifact_path = str(
+            result.metrics.get("checkpoint_artifacts")
+            or f"{_CHECKPOINT_ARTIFACTS}/images_{result.images_seen:012d}"
+        )
+
+        # ---- evaluate both on the same val split, same fixed draws
+        cand_dir = Path(tmp, "candidate")
+        resolve_model_uri(f"runs:/{run_id}/{artifact_path}", cand, dst_dir=cand_dir)
+        val = load_val_set(cand, open_dataset(cand, "val"), cand.train.val_max_images)
+        cand_val = evaluate_checkpoint(cand_dir, val)
+        champ_val = evaluate_checkpoint(champion_dir, val) if champion_dir is not None else None
+        say(
+            f"[retrain] val_loss on {len(val)} images: candidate {cand_val:.5f}"
+            + (f", champion {champ_val:.5f}" if champ_val is not None else "")
+            + f" (margin {margin:g})"
+        )
+
+    # ---- register the candidate with its metrics (once, even when re-run after a crash)
+    tracker = Tracker(client, run_id, tracking_uri(cfg))
+    tags = {
+        "manifest_hash": manifest_hash,
+        "images_seen": result.images_seen,
+        "val_loss": f"{cand_val:.6g}",
+        TAG_CHAMPION_VAL: "" if champ_val is None else f"{champ_val:.6g}",
+        "run_name": cand.train.run_name,
+        TAG_BASE: base,
+        TAG_INIT: init,
+        "fmpipe.retrain.margin": f"{margin:g}",
+        TAG_DECISION: "pending",
+    }
+    version = _find_version(client, name, run_id, artifact_path)
+    if version is None:
+        version = tracker.register_model_version(name, artifact_path, tags)
+    else:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, str(value))
+
+    # ---- decide, then compare-and-set the alias under the lease
+    if champ_val is None or cand_val < champ_val - margin:
+        better, reason = True, ""
+    else:
+        better = False
+        reason = (
+            f"val_loss {cand_val:.5f} is not below the champion's (version {base}) "
+            f"{champ_val:.5f} - margin {margin:g}"
+        )
+    status = "not_better"
+    if better:
+        status, reason = promote_if_unchanged(
+            client, name, alias, version, champion.version if champion else None, lease
+        )
+    promoted = status == "promoted"
+    # a lost lease is no verdict on the candidate: "aborted" lets the next run decide again
+    decision = "promoted" if promoted else "aborted" if status == "lease_lost" else "rejected"
+    client.set_model_version_tag(name, version, TAG_DECISION, decision)
+    if not promoted:
+        client.set_model_version_tag(name, version, TAG_REJECTED, scrub(reason))
+    metrics = {"retrain/candidate_val_loss": cand_val, "retrain/promoted": float(promoted)}
+    if champ_val is not None:
+        metrics["retrain/champion_val_loss"] = champ_val
+    tracker.log_metrics(metrics, step=result.images_seen)
+    tracker.set_tags(
+        {
+            "fmpipe.job": "retrain",
+            TAG_DECISION: decision,
+            "fmpipe.retrain.version": version,
+            TAG_BASE: base,
+        }
+    )
+    outcome: Outcome = "promoted" if promoted else "rejected"
+    if promoted:
+        message = f"promoted {name} version {version} to '{alias}' (val_loss {cand_val:.5f}" + (
+            f" < {champ_val:.5f} - {margin:g}, was version {base})"
+            if champ_val is not None
+            else ")"
+        )
+    else:
+        now_at = _alias_version(client, name, alias) or "none"
+        message = f"rejected {name} version {version}: {reason}; '{alias}' is at version {now_at}"
+    say(f"[retrain] {message}")
+    _record(client, name, decision, message)
+    return RetrainResult(
+        outcome,
+        message,
+        name,
+        manifest_hash,
+        champion_version=champion.version if champion else None,
+        candidate_version=version,
+        candidate_val_loss=cand_val,
+        champion_val_loss=champ_val,
+        run_name=cand.train.run_name,
+        mlflow_run_id=run_id,
+    )
