@@ -1,0 +1,145 @@
+"""`fmpipe bench train` and `fmpipe bench sample` at a tiny size: the tables come out whole.
+
+Smoke tests only: they check that each benchmark runs in-process end to end and prints its
+ratio lines with positive numbers, never how fast anything is (DESIGN.md, "Measuring").
+One local Ray (2 CPUs) serves the module; the benchmarks find it running and leave it up.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import bench
+from pipeline.bench.train import gpu_throughput, steady_state
+from pipeline.checkpoint import TrainState, save_checkpoint
+from pipeline.config import build_config
+from pipeline.data.prepare import prepare_dataset
+from pipeline.models import build_model
+from pipeline.train.trainer import _format_progress
+
+pytestmark = pytest.mark.slow
+
+TINY_UNET = [
+    "model.base_channels=8",
+    "model.channel_mult=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attention_resolutions=[4]",
+    "model.num_heads=2",
+    "model.norm_groups=4",
+]
+NUMBER = r"([\d,]+\.?\d*)"
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    patch = pytest.MonkeyPatch()
+    # Ray Train collects reports at its health checks (default every 2 s): check more often.
+    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A class-conditional 8x8 U-Net checkpoint (random non-zero weights) whose config
+    names a real digits dataset, so the quality table has real images to compare with."""
+    root = tmp_path_factory.mktemp("bench-model")
+    tree = {
+        "prepare": {"source": "digits", "out": str(root / "digits"), "resolution": 8},
+        "data": {"uri": str(root / "digits"), "resolution": 8, "channels": 1},
+        "model": {"num_classes": 10},
+    }
+    cfg = build_config(tree, TINY_UNET)
+    prepare_dataset(cfg, log=None)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, (1, 8, 8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the output conv starts at zero
+    state = TrainState(images_seen=1, step=1, data_shape=[1, 8, 8])
+    return save_checkpoint(root / "ckpt", model=model, ema=model, state=state, config=cfg)
+
+
+def test_steady_state_reads_the_trainers_progress_lines():
+    def line(seen: int, rate: float, wait: float) -> str:
+        event = {"kind": "log", "images_seen": seen, "total_images": 512, "loss": 1.0,
+                 "lr": 1e-3, "images_per_sec": rate, "data_wait_fraction": wait}  # fmt: skip
+        return _format_progress(event)
+
+    lines = ["[train] starting", line(128, 10.0, 0.9), line(384, 200.0, 0.1), line(512, 100.0, 0.4)]
+    rate, wait, windows = steady_state(lines, warmup_images=128)
+    # 256 images in 1.28 s and 128 images in 1.28 s: 150 images/s, waiting 0.25 of the time
+    assert windows == 2
+    assert rate == pytest.approx(150.0)
+    assert wait == pytest.approx(0.25)
+
+
+def test_mfu_code_path_runs_on_cpu():
+    cfg = build_config({"data": {"resolution": 8, "channels": 1}}, TINY_UNET)
+    row = gpu_throughput(cfg, 16, 4, peak_flops=1e12, device="cpu", warmup=1, steps=1)
+    assert row.images_per_sec > 0 and row.forward_gflops_per_image > 0
+    assert math.isfinite(row.mfu) and row.mfu > 0
+
+
+def test_bench_train_prints_the_ratio_table(ray_local, capsys):
+    argv = ["train", "--images", "512", "data.batch_size=32", "data.resolution=8", *TINY_UNET]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    plain = re.search(rf"\(a\) plain PyTorch loop.*?\s{NUMBER}\s+{NUMBER}\s+-", out)
+    fmpipe = re.search(rf"\(b\) fmpipe train.*?\s{NUMBER}\s+{NUMBER}\s+{NUMBER}%", out)
+    ratio = re.search(rf"ratio b/a: {NUMBER} \(goal >= 0.95\)", out)
+    assert plain and fmpipe and ratio, out
+    assert all(number(v) > 0 for v in (*plain.groups(), *fmpipe.groups()[:2], ratio.group(1)))
+    assert 0 <= number(fmpipe.group(3)) <= 100
+    assert "16 steps = 512 images" in out
+    if not torch.cuda.is_available():
+        assert "GPU: skipped" in out
+
+
+def test_bench_sample_prints_ratios_and_quality(ray_local, tiny_checkpoint, capsys):
+    argv = ["sample", "--model", str(tiny_checkpoint), "--num-samples", "100", "--steps", "4"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    for label in ("(a) torchdiffeq", "(b) fmpipe sampler", "(c) fmpipe sample on Ray"):
+        row = re.search(rf"{re.escape(label)}.*?\s{NUMBER}\s+{NUMBER}", out)
+        assert row and number(row.group(1)) > 0 and number(row.group(2)) > 0, out
+    b_a = re.search(rf"ratio b/a: {NUMBER} \(goal >= 1.0\)", out)
+    c_ba = re.search(rf"ratio c/\(b\*A\): {NUMBER} \(goal >= 0.9\), A=1", out)
+    assert b_a and c_ba, out
+    assert number(b_a.group(1)) > 0 and number(c_ba.group(1)) > 0
+    floor = re.search(rf"real vs real\s+-\s+{NUMBER}", out)
+    assert floor and number(floor.group(1)) > 0, out
+    assert "floor = the same distance between two disjoint real subsets" in out
+    for name, nfe in (("euler 2", 2), ("euler 32", 32), ("midpoint 8", 16), ("heun 8", 16)):
+        row = re.search(rf"^{name}\s+{NUMBER}\s+{NUMBER}", out, re.MULTILINE)
+        assert row and number(row.group(1)) == nfe and number(row.group(2)) > 0, (name, out)
+    assert re.search(rf"^dopri5\s+{NUMBER}\s+{NUMBER}", out, re.MULTILINE), out
+
+
+def test_bench_sample_without_the_demo_model_says_what_to_do(capsys):
+    assert bench.main(["sample"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "models:/digits@champion" in err and "make demo" in err and "--model" in err
