@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -26,6 +27,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+
+
+def overrides_from(pairs: dict[str, Any]) -> list[str]:
+    """``{"train.lr": 1e-3, "data.uri": None}`` -> ``["train.lr=0.001"]`` (None: flag not given)."""
+    return [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
 
 
 def packaged_defaults(name: str) -> dict[str, Any]:

@@ -30,10 +30,9 @@ dataset, storage or registry cannot be used; 2 for a config error.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from jobs._common import add_config_arguments, resolve_config, run_job
+from jobs._common import add_config_arguments, overrides_from, resolve_config, run_job
 from pipeline.config import ConfigError, fmpipe_home
 
 
@@ -78,7 +77,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         "retrain.promote_margin": args.margin,
         "retrain.from_scratch": args.from_scratch,
     }
-    return [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
+    return overrides_from(pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

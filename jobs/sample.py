@@ -20,10 +20,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from jobs._common import add_config_arguments, resolve_config, run_job
+from jobs._common import add_config_arguments, overrides_from, resolve_config, run_job
 from pipeline.config import ConfigError
 
 
@@ -103,12 +102,7 @@ _FLAG_KEYS = {
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
-    extra = []
-    for flag, key in _FLAG_KEYS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            extra.append(f"{key}={json.dumps(value)}")
-    return extra
+    return overrides_from({key: getattr(args, flag) for flag, key in _FLAG_KEYS.items()})
 
 
 def main(argv: list[str] | None = None) -> int:

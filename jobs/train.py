@@ -18,10 +18,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from jobs._common import add_config_arguments, resolve_config, run_job
+from jobs._common import add_config_arguments, overrides_from, resolve_config, run_job
 from pipeline.config import ConfigError, fmpipe_home
 
 
@@ -67,7 +66,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         "train.total_images": args.images,
         "train.use_gpu": None if args.gpus_per_worker is None else args.gpus_per_worker > 0,
     }
-    return [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
+    return overrides_from(pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
