@@ -54,6 +54,7 @@ from pipeline.data.stream import (
     bad_sample_tracker,
     read_shard,
     shard_order,
+    shard_rows_dataset,
 )
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ def build_train_stream(
     compute = None
     if cfg.data.read_parallelism > 0:
         compute = ray.data.TaskPoolStrategy(size=cfg.data.read_parallelism)
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = shard_rows_dataset(rows)
     return ds.map_batches(MultiEpochDecoder(cfg, info, tracker), batch_size=1, compute=compute)
 
 
