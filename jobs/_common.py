@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -52,6 +53,8 @@ def resolve_config(
 def run_job(body: Callable[[], int]) -> int:
     """Run a job body; turn config errors into one clear line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # MLflow re-sets its logger's level on import: tell it through its own variable.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for chatty in ("botocore", "boto3", "urllib3", "s3transfer", "ray", "mlflow", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)  # their detail stays in Ray's logs
     try:
