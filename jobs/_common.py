@@ -50,6 +50,29 @@ def resolve_config(
     return load_config(path, [*(extra or []), *args.overrides], defaults=base)
 
 
+def run_guarded(
+    job: str,
+    action: Callable[[], object],
+    user_errors: tuple[type[BaseException], ...],
+    resume_hint: str,
+) -> int:
+    """Run a job's main action: a user error is one scrubbed line and exit 1, Ctrl-C says how
+    to resume and exits 130; config errors pass through to :func:`run_job` (exit 2)."""
+    from pipeline.storage import scrub
+
+    try:
+        action()
+    except ConfigError:
+        raise
+    except user_errors as exc:
+        print(f"fmpipe {job}: error: {scrub(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fmpipe {job}: interrupted; {resume_hint}", file=sys.stderr)
+        return 130
+    return 0
+
+
 def run_job(body: Callable[[], int]) -> int:
     """Run a job body; turn config errors into one clear line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -20,8 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import add_config_arguments, overrides_from, resolve_config, run_job
-from pipeline.config import ConfigError
+from jobs._common import add_config_arguments, overrides_from, resolve_config, run_guarded, run_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,20 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.data.prepare import prepare_dataset
         from pipeline.storage import StorageError
 
-        try:
-            prepare_dataset(cfg)
-        except ConfigError:
-            raise
-        except (StorageError, ValueError, OSError) as exc:
-            print(f"fmpipe prepare: error: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(
-                "fmpipe prepare: interrupted; run the same command again to resume",
-                file=sys.stderr,
-            )
-            return 130
-        return 0
+        return run_guarded(
+            "prepare",
+            lambda: prepare_dataset(cfg),
+            (StorageError, ValueError, OSError),
+            "run the same command again to resume",
+        )
 
     return run_job(body)
 

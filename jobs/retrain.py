@@ -32,8 +32,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import add_config_arguments, overrides_from, resolve_config, run_job
-from pipeline.config import ConfigError, fmpipe_home
+from jobs._common import add_config_arguments, overrides_from, resolve_config, run_guarded, run_job
+from pipeline.config import fmpipe_home
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,22 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.data.stream import DatasetError
         from pipeline.retrain import LeaseError, retrain
         from pipeline.storage import StorageError
-        from pipeline.tracking import ModelNotFound, scrub
+        from pipeline.tracking import ModelNotFound
 
-        try:
-            retrain(cfg)
-        except ConfigError:
-            raise
-        except (DatasetError, StorageError, LeaseError, ModelNotFound) as exc:
-            print(f"fmpipe retrain: error: {scrub(str(exc))}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(
-                "fmpipe retrain: interrupted; the next run resumes the candidate",
-                file=sys.stderr,
-            )
-            return 130
-        return 0
+        return run_guarded(
+            "retrain",
+            lambda: retrain(cfg),
+            (DatasetError, StorageError, LeaseError, ModelNotFound),
+            "the next run resumes the candidate",
+        )
 
     return run_job(body)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import add_config_arguments, overrides_from, resolve_config, run_job
+from jobs._common import add_config_arguments, overrides_from, resolve_config, run_guarded, run_job
 from pipeline.config import ConfigError
 
 
@@ -122,29 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.checkpoint import CheckpointError
         from pipeline.sample import SampleJobError, generate
         from pipeline.storage import StorageError
-        from pipeline.tracking import ModelNotFound, scrub
+        from pipeline.tracking import ModelNotFound
 
-        try:
-            generate(cfg)
-        except ConfigError:
-            raise
-        except (
-            ModelNotFound,
-            CheckpointError,
-            SampleJobError,
-            StorageError,
-            ValueError,
-            OSError,
-        ) as exc:
-            print(f"fmpipe sample: error: {scrub(str(exc))}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(
-                "fmpipe sample: interrupted; re-run the same command to finish the missing shards",
-                file=sys.stderr,
-            )
-            return 130
-        return 0
+        return run_guarded(
+            "sample",
+            lambda: generate(cfg),
+            (ModelNotFound, CheckpointError, SampleJobError, StorageError, ValueError, OSError),
+            "re-run the same command to finish the missing shards",
+        )
 
     return run_job(body)
 
