@@ -4,6 +4,7 @@ fmpipe bench toy    2-D example: sliced W2 per solver vs two independent data dr
 fmpipe bench data   input pipeline vs a decode ceiling and webdataset + DataLoader
 fmpipe bench train  fmpipe training (1 Ray Train worker + Ray Data) vs a plain PyTorch loop
 fmpipe bench sample sampler and Ray batch inference vs a torchdiffeq loop; quality vs NFE
+fmpipe bench gpu    U-Net training MFU and sampling samples/s on one GPU (no Ray needed)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{toy,data,train,sample}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{toy,data,train,sample,gpu}")
     toy = sub.add_parser("toy", help="2-D example: sample quality per solver vs the data floor")
     toy.add_argument("--num-samples", type=int, default=10_000, help="samples per figure")
     add_config_arguments(toy)
@@ -96,6 +97,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per setting of the quality table (default N, at most half the real images)",
     )
     add_config_arguments(sample)
+    gpu = sub.add_parser(
+        "gpu",
+        help="U-Net bf16 training images/s + MFU and sampling samples/s on one GPU",
+        description="On one GPU, a CIFAR-class U-Net (jobs/configs/gpu.yaml < --config < "
+        "overrides) at each resolution: the bf16 matrix-product ceiling; the plain bf16 "
+        "training step, eager and torch.compile, with images/s and MFU; fmpipe's sampler "
+        "(Euler) in bf16 and fp32, and bf16 compiled, with samples/s. Runs go most important "
+        "first and stop starting after --budget seconds. Needs PyTorch and pydantic only.",
+    )
+    gpu.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
+    gpu.add_argument("--train-batch", type=int, default=256, metavar="B", help="training batch")
+    gpu.add_argument(
+        "--block", type=int, default=500, metavar="B", help="sampling compute block (500)"
+    )
+    gpu.add_argument("--steps", type=int, default=32, metavar="K", help="Euler steps (32)")
+    gpu.add_argument(
+        "--blocks", type=int, default=2, metavar="n", help="timed blocks per sampling row"
+    )
+    gpu.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    gpu.add_argument(
+        "--budget", type=float, default=420.0, metavar="S", help="start no run after S seconds"
+    )
+    gpu.add_argument(
+        "--peak-tflops", type=float, metavar="T", help="dense bf16 peak (default: by name)"
+    )
+    gpu.add_argument(
+        "--runs",
+        nargs="+",
+        default=["train", "nhwc", "sample", "train-compile", "sample-compile"],
+        metavar="KIND",
+        help="which rows: train nhwc sample train-compile sample-compile (default all)",
+    )
+    gpu.add_argument(
+        "--profile", action="store_true", help="first print the eager step's top GPU kernels"
+    )
+    gpu.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
+    gpu.add_argument("--device", default="cuda", help="cuda (default) or cpu, to try the code path")
+    add_config_arguments(gpu)
     return parser
 
 
@@ -120,6 +159,28 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             run_train_benchmark(
                 cfg, args.images, gpu_batch=args.gpu_batch, peak_tflops=args.peak_tflops
+            )
+        elif args.bench == "gpu":
+            from pipeline.bench.gpu import run_gpu_benchmark
+
+            cfg = resolve_config(args, defaults="gpu")
+            if args.print_config:
+                print(cfg.to_yaml(), end="")
+                return 0
+            run_gpu_benchmark(
+                cfg,
+                resolutions=tuple(args.resolutions),
+                train_batch=args.train_batch,
+                sample_block=args.block,
+                sample_steps=args.steps,
+                sample_blocks=args.blocks,
+                compile=not args.no_compile,
+                peak_tflops=args.peak_tflops,
+                budget_seconds=args.budget,
+                device=args.device,
+                json_out=args.json,
+                runs=tuple(args.runs),
+                profile=args.profile,
             )
         elif args.bench == "sample":
             from pipeline.bench.sample import BenchSampleError, run_sample_benchmark

@@ -7,15 +7,19 @@ One local Ray (2 CPUs) serves the module; the benchmarks find it running and lea
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from jobs import bench
-from pipeline.bench.train import gpu_throughput, steady_state
+from pipeline.bench.gpu import gpu_throughput
+from pipeline.bench.train import steady_state
 from pipeline.checkpoint import TrainState, save_checkpoint
 from pipeline.config import build_config
 from pipeline.data.prepare import prepare_dataset
@@ -101,6 +105,38 @@ def test_mfu_code_path_runs_on_cpu():
     row = gpu_throughput(cfg, 16, 4, peak_flops=1e12, device="cpu", warmup=1, steps=1)
     assert row.images_per_sec > 0 and row.forward_gflops_per_image > 0
     assert math.isfinite(row.mfu) and row.mfu > 0
+
+
+def test_bench_gpu_code_path_on_cpu_needs_no_ray(tmp_path: Path):
+    """`fmpipe bench gpu` runs where only PyTorch and pydantic are (the H200 lease)."""
+    out = tmp_path / "gpu.json"
+    argv = ["gpu", "data.resolution=8", *TINY_UNET, "--device", "cpu", "--resolutions", "8",
+            "--train-batch", "4", "--block", "4", "--steps", "2", "--blocks", "1",
+            "--no-compile", "--json", str(out)]  # fmt: skip
+    code = (
+        "import sys; from jobs import bench\n"
+        f"rc = bench.main({argv!r})\n"
+        "heavy = [m for m in ('ray', 'mlflow', 'webdataset', 'boto3', 'pyarrow') "
+        "if m in sys.modules]\n"
+        "print('HEAVY', heavy); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout
+    figures = json.loads(out.read_text())
+    assert [(r["resolution"], r["mode"]) for r in figures["train"]] == [
+        (8, "eager"),
+        (8, "eager+NHWC"),
+    ]
+    assert {(r["precision"], r["mode"]) for r in figures["sample"]} == {
+        ("bf16", "eager"),
+        ("fp32", "eager"),
+    }
+    assert all(
+        r["images_per_sec"] > 0 and r["forward_gflops_per_image"] > 0 for r in figures["train"]
+    )
+    assert all(r["samples_per_sec"] > 0 for r in figures["sample"])
+    assert figures["skipped"] == []
 
 
 def test_bench_train_prints_the_ratio_table(ray_local, capsys):

@@ -187,6 +187,22 @@ def test_network_batch_size_changes_bits_but_samples_do_not(tmp_path: Path) -> N
     assert a == b
 
 
+def test_bf16_sampling_is_block_exact_and_close_to_fp32() -> None:
+    """sample.precision=bf16: autocast around the network only; blocks keep it exact."""
+    cfg = build_config({"model": TINY_UNET})
+    model = _perturbed(cfg, 0).eval()
+    fp32, _ = integrate_range(model, 0, 16, _unet_settings())
+    bf16_big, _ = integrate_range(model, 0, 24, _unet_settings(precision="bf16"))
+    bf16_small, _ = integrate_range(model, 5, 13, _unet_settings(precision="bf16"))
+    assert torch.equal(bf16_big[5:13], bf16_small)
+    assert bf16_big.dtype == torch.float32 and torch.isfinite(bf16_big).all()
+    assert not torch.equal(bf16_big[:16], fp32)  # the arithmetic really changed
+    assert (bf16_big[:16] - fp32).abs().max() < 0.1
+    meta = _unet_settings(precision="bf16").sample_meta(3, 1)
+    assert meta["precision"] == "bf16"
+    assert "precision" not in _unet_settings().sample_meta(3, 1)
+
+
 # --------------------------------------------------------------------------- the Ray job
 def test_exact_count_unique_indices_webdataset_and_manifest(tmp_path: Path) -> None:
     out = str(tmp_path / "out")

@@ -38,8 +38,6 @@ for forward + backward, divided by the step time and by the GPU's dense bf16 pea
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 import os
 import platform
 import re
@@ -51,40 +49,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from pipeline.bench.gpu import GpuFigures, gpu_section
+from pipeline.bench.plain import LoopTiming, PlainTrainer, batches, timed_steps, uses_bf16
 from pipeline.config import Config, ConfigError
 from pipeline.data.decode import DecodeSpec, to_model_range
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.stream import DatasetInfo, open_dataset, read_shard
-from pipeline.models import build_model, count_parameters
+from pipeline.models import count_parameters
 
 __all__ = [
-    "PEAK_BF16_TFLOPS",
     "GpuFigures",
     "TrainFigures",
     "bench_train_config",
-    "forward_flops",
-    "gpu_throughput",
     "load_train_images",
-    "plain_training",
     "run_train_benchmark",
 ]
 
 WARMUP_STEPS = 10  # optimizer steps excluded from the steady-state figures
 GOAL_RATIO = 0.95  # (b) / (a)
-GPU_RESOLUTIONS = (32, 64)
-GPU_TIMED_STEPS = 30
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
-# Matched in order against torch.cuda.get_device_name(): the first key contained wins.
-PEAK_BF16_TFLOPS: dict[str, float] = {
-    "H200": 989.0,
-    "H100": 989.0,  # SXM; the PCIe card is 756
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 70.0,
-    "L4": 121.0,
-}
 
 Log = Callable[[str], None]
 
@@ -103,23 +87,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _uses_bf16(cfg: Config, device: torch.device) -> bool:
-    """The training loop's rule: bf16 autocast when ``precision`` is bf16, or auto on CUDA."""
-    precision = cfg.train.precision
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    if _uses_bf16(cfg, device):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- config + data
@@ -180,125 +147,6 @@ def load_train_images(cfg: Config, info: DatasetInfo) -> tuple[Tensor, Tensor]:
     x_1 = torch.from_numpy(to_model_range(np.stack([image for _, _, image in samples])))
     label = torch.tensor([lab for _, lab, _ in samples], dtype=torch.long)
     return x_1, label
-
-
-# --------------------------------------------------------------------------- (a) plain loop
-class PlainTrainer:
-    """The plain PyTorch training step (module doc, (a)) on one device, no Ray, no DDP."""
-
-    def __init__(self, cfg: Config, data_shape: tuple[int, ...], device: torch.device) -> None:
-        t = cfg.train
-        self.cfg = cfg
-        self.device = device
-        torch.manual_seed(cfg.seed)  # the same initial weights as fmpipe's worker
-        self.net = build_model(cfg.model, data_shape).to(device).train()
-        self.model: nn.Module = torch.compile(self.net) if t.compile else self.net
-        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.params = [p for p in self.net.parameters() if p.requires_grad]
-        self.ema_params = list(self.ema.parameters())
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay
-        )
-        self.num_classes = int(getattr(self.net, "num_classes", 0) or 0)
-        self.ema_beta = 0.5 ** (cfg.data.batch_size / t.ema_halflife_images)
-        self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-
-    def step(self, x_1: Tensor, label: Tensor | None) -> None:
-        t_cfg = self.cfg.train
-        batch = x_1.shape[0]
-        x_0 = torch.randn(x_1.shape, generator=self.generator, device=self.device)
-        t = torch.rand(batch, generator=self.generator, device=self.device)
-        if self.num_classes > 0 and label is not None:
-            label = label.clamp(min=0)  # unlabelled rows (-1) would be class 0; digits have none
-            if t_cfg.label_dropout > 0:
-                drop = torch.rand(batch, generator=self.generator, device=self.device)
-                label = torch.where(drop < t_cfg.label_dropout, self.num_classes, label)
-        else:
-            label = None
-        t_b = t.view(-1, *([1] * (x_1.ndim - 1)))
-        x_t = t_b * x_1 + (1 - t_b) * x_0
-        with _autocast(self.cfg, self.device):
-            velocity = self.model(x_t, t, label)
-        loss = (velocity.float() - (x_1 - x_0)).square().mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, t_cfg.grad_clip)
-        self.optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_beta)
-
-
-def _batches(x_1: Tensor, label: Tensor, batch: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless contiguous slices of one seeded permutation (wrapping at the end)."""
-    n = len(x_1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    x_1, label = x_1[perm].contiguous(), label[perm].contiguous()
-    start = 0
-    while True:
-        stop = start + batch
-        if stop <= n:
-            yield x_1[start:stop], label[start:stop]
-        else:
-            wrap = stop - n
-            yield torch.cat([x_1[start:], x_1[:wrap]]), torch.cat([label[start:], label[:wrap]])
-        start = stop % n
-
-
-@dataclass
-class LoopTiming:
-    """Seconds of one run of consecutive steps: ``warmup`` steps, then ``timed`` steps."""
-
-    warmup_seconds: float
-    steady_seconds: float
-    warmup: int
-    timed: int
-    batch: int
-
-    @property
-    def images(self) -> int:
-        return (self.warmup + self.timed) * self.batch
-
-    @property
-    def steady_images_per_sec(self) -> float:
-        return self.timed * self.batch / self.steady_seconds
-
-
-def timed_steps(
-    trainer: PlainTrainer,
-    batches: Iterator[tuple[Tensor, Tensor]],
-    warmup: int,
-    timed: int,
-) -> LoopTiming:
-    """``warmup`` untimed-for-the-figure steps, then ``timed`` steps, both clocked."""
-    device = trainer.device
-    _sync(device)
-    began = time.perf_counter()
-    for _ in range(warmup):
-        trainer.step(*next(batches))
-    _sync(device)
-    mark = time.perf_counter()
-    for _ in range(timed):
-        trainer.step(*next(batches))
-    _sync(device)
-    return LoopTiming(
-        mark - began, time.perf_counter() - mark, warmup, timed, trainer.cfg.data.batch_size
-    )
-
-
-def plain_training(
-    cfg: Config,
-    x_1: Tensor,
-    label: Tensor,
-    steps: int,
-    warmup: int,
-    device: torch.device | str = "cpu",
-) -> LoopTiming:
-    """Run (a) in one go: ``steps`` steps of ``data.batch_size``, the first ``warmup`` apart."""
-    device = torch.device(device)
-    trainer = PlainTrainer(cfg, tuple(x_1.shape[1:]), device)
-    batches = _batches(x_1.to(device), label.to(device), cfg.data.batch_size, cfg.seed)
-    return timed_steps(trainer, batches, warmup, steps - warmup)
 
 
 # --------------------------------------------------------------------------- (b) fmpipe
@@ -373,132 +221,6 @@ def fmpipe_training(cfg: Config, warmup_images: int) -> StreamFigures:
     )
 
 
-# --------------------------------------------------------------------------- GPU: MFU
-def forward_flops(model: nn.Module, x: Tensor, t: Tensor, label: Tensor | None) -> int:
-    """FLOPs of one forward pass, as ``torch.utils.flop_counter.FlopCounterMode`` counts them.
-
-    Matrix multiplies, convolutions and attention (2 FLOPs per multiply-add); element-wise
-    work (norms, activations) is not counted, as is usual for MFU.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x, t, label)
-    return int(counter.get_total_flops())
-
-
-def peak_bf16_flops(device_name: str, override_tflops: float | None = None) -> tuple[float, str]:
-    """``(peak FLOP/s, how it was chosen)`` for the device, or ``(nan, reason)`` if unknown."""
-    if override_tflops:
-        return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (--peak-tflops)"
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in device_name:
-            return tflops * 1e12, f"{key} dense bf16 {tflops:g} TFLOP/s"
-    return math.nan, f"unknown for '{device_name}' (pass --peak-tflops)"
-
-
-@dataclass
-class GpuFigures:
-    resolution: int
-    params: int
-    batch: int
-    images_per_sec: float
-    step_ms: float
-    forward_gflops_per_image: float
-    achieved_tflops: float
-    mfu: float  # nan when the peak is unknown
-
-
-def _scaled_model(cfg: Config, resolution: int) -> Config:
-    """``cfg`` at another resolution, attention kept at the same U-Net levels."""
-    out = cfg.model_copy(deep=True)
-    factor = resolution / cfg.data.resolution
-    out.model.attention_resolutions = [
-        round(size * factor) for size in cfg.model.attention_resolutions
-    ]
-    out.data.resolution = resolution
-    out.train.precision = "bf16"
-    out.train.compile = cfg.train.compile
-    return out
-
-
-def gpu_throughput(
-    cfg: Config,
-    resolution: int,
-    batch: int,
-    *,
-    peak_flops: float,
-    device: torch.device | str = "cuda",
-    warmup: int = WARMUP_STEPS,
-    steps: int = GPU_TIMED_STEPS,
-) -> GpuFigures:
-    """Images/s and MFU of the plain bf16 training step at ``resolution`` on ``device``.
-
-    Synthetic images (speed does not depend on the pixels); the step is (a)'s.
-    """
-    device = torch.device(device)
-    scaled = _scaled_model(cfg, resolution)
-    shape = (cfg.data.channels, resolution, resolution)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    trainer = PlainTrainer(scaled, shape, device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    x_1 = torch.rand((batch, *shape), generator=gen, device=device) * 2 - 1
-    num_classes = trainer.num_classes
-    label = torch.arange(batch, device=device) % max(num_classes, 1) if num_classes else None
-    t = torch.rand(batch, generator=gen, device=device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-        flops = forward_flops(trainer.net, x_1, t, label)
-    for _ in range(warmup):
-        trainer.step(x_1, label)
-    _sync(device)
-    began = time.perf_counter()
-    for _ in range(steps):
-        trainer.step(x_1, label)
-    _sync(device)
-    step_seconds = (time.perf_counter() - began) / steps
-    achieved = 3 * flops / step_seconds
-    return GpuFigures(
-        resolution=resolution,
-        params=count_parameters(trainer.net),
-        batch=batch,
-        images_per_sec=batch / step_seconds,
-        step_ms=1000 * step_seconds,
-        forward_gflops_per_image=flops / batch / 1e9,
-        achieved_tflops=achieved / 1e12,
-        mfu=achieved / peak_flops if peak_flops > 0 else math.nan,
-    )
-
-
-def _gpu_section(cfg: Config, batch: int, peak_tflops: float | None, log: Log) -> list[GpuFigures]:
-    if not torch.cuda.is_available():
-        log("GPU: skipped (no CUDA device here); with one, bf16 images/s and MFU at 32x32, 64x64")
-        return []
-    name = torch.cuda.get_device_name()
-    peak, how = peak_bf16_flops(name, peak_tflops)
-    log("")
-    log(
-        f"GPU {name}: plain bf16 training step (a), synthetic {cfg.data.channels}-channel "
-        f"images, batch {batch}, {GPU_TIMED_STEPS} steps timed after {WARMUP_STEPS}"
-    )
-    log(f"MFU = 3 x forward FLOPs (torch.utils.flop_counter) / step time / peak; peak = {how}")
-    log(
-        f"{'res':>4} {'params':>10} {'images/s':>10} {'step ms':>8} "
-        f"{'fwd GFLOP/img':>14} {'TFLOP/s':>8} {'MFU':>7}"
-    )
-    rows = []
-    for res in GPU_RESOLUTIONS:
-        row = gpu_throughput(cfg, res, batch, peak_flops=peak, device="cuda")
-        rows.append(row)
-        mfu = "n/a" if math.isnan(row.mfu) else f"{100 * row.mfu:.1f}%"
-        log(
-            f"{res:>4} {row.params:>10,} {row.images_per_sec:>10,.0f} {row.step_ms:>8.1f} "
-            f"{row.forward_gflops_per_image:>14.3f} {row.achieved_tflops:>8.1f} {mfu:>7}"
-        )
-    return rows
-
-
 # --------------------------------------------------------------------------- the benchmark
 @dataclass
 class TrainFigures:
@@ -568,8 +290,8 @@ def run_train_benchmark(
             x_1, label = load_train_images(run_cfg, info)
             trainer = PlainTrainer(run_cfg, tuple(x_1.shape[1:]), device)
             startup = time.perf_counter() - started
-            batches = _batches(x_1.to(device), label.to(device), batch, run_cfg.seed)
-            plain = [timed_steps(trainer, batches, warmup, (timed + 1) // 2)]
+            source = batches(x_1.to(device), label.to(device), batch, run_cfg.seed)
+            plain = [timed_steps(trainer, source, warmup, (timed + 1) // 2)]
 
             # (b) fmpipe on Ray: 1 Ray Train worker fed by the Ray Data stream.
             started_ray = ensure_ray()
@@ -582,12 +304,12 @@ def run_train_benchmark(
                     ray.shutdown()
 
             if timed // 2:  # (a), second half
-                plain.append(timed_steps(trainer, batches, warmup, timed // 2))
+                plain.append(timed_steps(trainer, source, warmup, timed // 2))
         params = count_parameters(trainer.net)
 
     figures = TrainFigures(plain, startup, stream, images)
     c, r = run_cfg.data.channels, run_cfg.data.resolution
-    precision = "bf16 autocast" if _uses_bf16(run_cfg, device) else "fp32"
+    precision = "bf16 autocast" if uses_bf16(run_cfg, device) else "fp32"
     halves = ", ".join(f"{p.steady_images_per_sec:,.1f}" for p in plain)
     log(
         f"machine: {platform.machine()}, {_cores()} cores; torch {torch.__version__}, "
@@ -628,5 +350,5 @@ def run_train_benchmark(
     )
     if stream.windows == 0:
         log("note: no progress lines came back from (b); its steady figure is the whole loop's")
-    figures.gpu = _gpu_section(run_cfg, gpu_batch or batch, peak_tflops, log)
+    figures.gpu = gpu_section(run_cfg, gpu_batch or batch, peak_tflops, log)
     return figures

@@ -76,10 +76,11 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
-        # -> 3 x (B, heads, H*W, C/heads): the layout scaled_dot_product_attention expects.
-        q, k, v = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w).permute(
-            1, 0, 2, 4, 3
-        )
+        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        # -> 3 x (B, heads, H*W, C/heads), copied so the head dimension is innermost: the
+        # fused (flash / memory-efficient) attention kernels need it, else SDPA falls back
+        # to the unfused math path that materialises the (H*W)^2 attention matrix.
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)

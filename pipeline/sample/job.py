@@ -254,6 +254,7 @@ def _settings(cfg: Config, source: ModelSource, out: Any, block: int) -> Sampler
         block_size=block,
         chunk_size=s.batch_size,
         use_gpu=s.use_gpu,
+        precision=s.precision,
         out_uri=out.uri,
         storage=storage,
         meta={

@@ -10,6 +10,7 @@ covering that range, converts to uint8 PNGs, packs a tar and writes it atomicall
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -48,6 +49,7 @@ class SamplerSettings:
     block_size: int
     chunk_size: int = 256  # samples held and encoded at once (sample.batch_size)
     use_gpu: bool = False
+    precision: str = "fp32"  # fp32 | bf16 (autocast around the network; the state stays fp32)
     torch_threads: int = 0  # 0: leave torch's default
     out_uri: str = ""
     storage: dict[str, Any] = field(default_factory=dict)  # StorageConfig fields
@@ -70,6 +72,8 @@ class SamplerSettings:
         }
         if self.solver == "dopri5":
             meta.update(atol=self.atol, rtol=self.rtol)
+        if self.precision != "fp32":
+            meta["precision"] = self.precision
         return meta
 
 
@@ -93,9 +97,16 @@ def integrate_block(
     if labels is not None:
         labels = labels.to(device)
     w = float(settings.guidance_scale)
+    device_type = torch.device(device).type
+    if settings.precision == "bf16":
+        arithmetic = torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    else:
+        arithmetic = contextlib.nullcontext()
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return guided_velocity(model, x, t, labels, w)
+        with arithmetic:
+            v = guided_velocity(model, x, t, labels, w)
+        return v.float()
 
     with torch.inference_mode():
         solution = solve_ode(
