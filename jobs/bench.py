@@ -94,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality-samples",
         type=int,
         metavar="n",
-        help="samples per setting of the quality table (default N, at most half the real images)",
+        help="samples per setting of the quality table (default N, at most half the real "
+        "images; 0 skips the table)",
+    )
+    sample.add_argument(
+        "--speed-samples",
+        type=int,
+        metavar="n",
+        help="samples (a) and (b) each time, in whole blocks (default N): a large N for (c) "
+        "then costs no more time on (a) and (b)",
     )
     add_config_arguments(sample)
     gpu = sub.add_parser(
@@ -203,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                 logging.getLogger("mlflow").setLevel(logging.WARNING)  # no DB-creation notices
             try:
                 run_sample_benchmark(
-                    cfg, model, data_uri=args.data, quality_samples=args.quality_samples
+                    cfg,
+                    model,
+                    data_uri=args.data,
+                    quality_samples=args.quality_samples,
+                    speed_samples=args.speed_samples,
                 )
             except BenchSampleError as exc:
                 print(f"fmpipe bench sample: error: {exc}", file=sys.stderr)

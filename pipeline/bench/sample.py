@@ -361,14 +361,15 @@ class SampleFigures:
     quality_n: int = 0
     floor: float = math.nan
     quality: list[QualityRow] = field(default_factory=list)
+    n_ab: int = 0  # samples (a) and (b) each integrated (whole blocks); 0: num_samples
 
     @property
     def a(self) -> float:
-        return self.plain.per_sec(self.num_samples)
+        return self.plain.per_sec(self.n_ab or self.num_samples)
 
     @property
     def b(self) -> float:
-        return self.sampler.per_sec(self.num_samples)
+        return self.sampler.per_sec(self.n_ab or self.num_samples)
 
     @property
     def c(self) -> float:
@@ -389,6 +390,7 @@ def run_sample_benchmark(
     *,
     data_uri: str | None = None,
     quality_samples: int | None = None,
+    speed_samples: int | None = None,
     log: Log = print,
 ) -> SampleFigures:
     """Run (a), (b), (c) and the quality table; print them (see the module doc)."""
@@ -420,8 +422,10 @@ def run_sample_benchmark(
         num_cpus, threads = _actor_resources(actors, s.use_gpu)
         device = _pick_device(s.use_gpu)  # the actors' device and kernel flags
         net = source.factory().to(device).eval().requires_grad_(False)
+        # (a) and (b) time whole blocks: their rates need no more than a few of them.
+        n_ab = max(1, math.ceil(min(n, speed_samples or n) / block)) * block
         with _torch_threads(threads):
-            plain, sampler = in_process_speed(net, settings, n, device)
+            plain, sampler = in_process_speed(net, settings, n_ab, device)
         with tempfile.TemporaryDirectory(prefix="fmpipe-bench-sample-") as tmp:
             wall, job_rate, shards, actors = ray_job_speed(cfg, source, block, Path(tmp))
     finally:
@@ -430,7 +434,7 @@ def run_sample_benchmark(
 
             ray.shutdown()
 
-    figures = SampleFigures(n, actors, threads, plain, sampler, wall, job_rate)
+    figures = SampleFigures(n, actors, threads, plain, sampler, wall, job_rate, n_ab=n_ab)
     log(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
         f"{device.type}"
@@ -441,8 +445,9 @@ def run_sample_benchmark(
         f"seed {s.seed}"
     )
     log(
-        f"(a), (b): this process, {threads} torch threads = what each of (c)'s {actors} "
-        f"actor(s) gets ({num_cpus:g} Ray CPU each); (c): {shards} shards written"
+        f"(a), (b): this process, {n_ab:,} samples each, {threads} torch threads = what each "
+        f"of (c)'s {actors} actor(s) gets ({num_cpus:g} Ray CPU each); (c): {n:,} samples, "
+        f"{shards} shards written"
     )
     log("")
     log(f"{'':<54} {'samples/s':>10} {'seconds':>8} {'NFE/sample':>11}")
@@ -451,7 +456,10 @@ def run_sample_benchmark(
         ("(b) fmpipe sampler, integrate_range, one process", sampler),
     )
     for name, row in rows:
-        log(f"{name:<54} {row.per_sec(n):>10,.1f} {row.seconds:>8.2f} {row.nfe_per_sample:>11.1f}")
+        log(
+            f"{name:<54} {row.per_sec(n_ab):>10,.1f} {row.seconds:>8.2f} "
+            f"{row.nfe_per_sample:>11.1f}"
+        )
     log(
         f"{f'(c) fmpipe sample on Ray, {actors} actor(s), shards written':<54} "
         f"{figures.c:>10,.1f} {wall:>8.2f} {'':>11}"
@@ -466,6 +474,9 @@ def run_sample_benchmark(
 
     # ---- quality versus NFE
     log("")
+    if quality_samples == 0:
+        log("quality vs NFE: skipped (--quality-samples 0)")
+        return figures
     data = data_uri or ""
     try:
         data = data or training_data_uri(cfg, model_uri)

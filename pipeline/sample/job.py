@@ -361,6 +361,7 @@ def _start_tracker(cfg: Config, source: ModelSource, out_uri: str, block_size: i
                 "block_size": block_size,
                 "num_actors": s.num_actors,
                 "use_gpu": s.use_gpu,
+                "precision": s.precision,
                 "out": out_uri,
             }
         )
