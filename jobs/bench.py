@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(toy)
     data = sub.add_parser("data", help="input pipeline vs decode ceiling and a plain baseline")
     data.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
-    data.add_argument("--num-samples", type=int, default=8000, help="images per resolution")
+    data.add_argument(
+        "--num-samples",
+        type=int,
+        default=40_000,
+        help="images per resolution (40,000: an epoch of several seconds, so the per-epoch "
+        "start-up does not dominate)",
+    )
     data.add_argument("--cores", type=int, default=2, help="Ray CPUs = DataLoader workers")
     train = sub.add_parser(
         "train",

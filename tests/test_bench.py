@@ -139,6 +139,23 @@ def test_bench_gpu_code_path_on_cpu_needs_no_ray(tmp_path: Path):
     assert figures["skipped"] == []
 
 
+def test_bench_data_prints_the_ratio_table():
+    """Own SeaweedFS and Ray (the S3 settings must reach Ray's workers): a subprocess."""
+    argv = [sys.executable, "-m", "jobs.cli", "bench", "data", "--resolutions", "8",
+            "--num-samples", "300"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = re.search(rf"^\s+8\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+"
+                    rf"{NUMBER}\s+{NUMBER}\s*$", proc.stdout, re.M)  # fmt: skip
+    assert row, proc.stdout
+    ceiling, baseline, fmpipe, c_b, c_a, in_process, c_a2 = (number(v) for v in row.groups())
+    assert min(ceiling, baseline, fmpipe, in_process) > 0
+    assert c_b == pytest.approx(fmpipe / baseline, abs=0.01)
+    assert c_a == pytest.approx(fmpipe / (2 * ceiling), abs=0.01)
+    assert c_a2 == pytest.approx(fmpipe / (2 * in_process), abs=0.01)
+    assert "batch  512" in proc.stdout  # the ot cost table
+
+
 def test_bench_train_prints_the_ratio_table(ray_local, capsys):
     argv = ["train", "--images", "512", "data.batch_size=32", "data.resolution=8", *TINY_UNET]
     assert bench.main(argv) == 0

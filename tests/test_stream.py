@@ -20,6 +20,7 @@ from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, shard_nam
 from pipeline.data.stream import (
     DatasetError,
     TooManyBadSamples,
+    _plain_tar_members,
     bad_sample_tracker,
     build_stream,
     iter_epoch_batches,
@@ -220,6 +221,66 @@ def test_read_shard_truncated_and_missing_image():
     assert "truncated or corrupt tar" in stats.error
     good, stats = read_shard(b"\x00garbage" * 100, "g.tar", 4, DecodeSpec(8, 1))
     assert stats.ok == 0 and stats.lost == 4 and stats.error
+
+
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_tar_walk_matches_tarfile_or_defers_to_it(fmt):
+    """The header parser reads what tarfile reads, and hands tarfile what it cannot read."""
+    rng = np.random.default_rng(0)
+
+    def archive(names: list[str], with_dir: bool = False) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            if with_dir:
+                info = tarfile.TarInfo("sub")
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            for name in names:
+                payload = rng.bytes(int(rng.integers(0, 1500)))
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        return buf.getvalue()
+
+    plain = archive([f"sub/{i:06d}.{ext}" for i in range(5) for ext in ("png", "cls")], True)
+    assert _plain_tar_members(plain) == _tarfile_members(plain)
+    prefixed = archive([f"{'d' * 120}/{i:04d}.png" for i in range(3)])  # ustar prefix field
+    fast = _plain_tar_members(prefixed)
+    assert fast is None or fast == _tarfile_members(prefixed)
+    if fmt == tarfile.USTAR_FORMAT:
+        assert fast is not None  # the prefix field is parsed, not deferred
+    if fmt != tarfile.USTAR_FORMAT:  # a name ustar cannot hold: pax or GNU long-name header
+        long_name = archive(["x" * 150 + ".png"])
+        assert _plain_tar_members(long_name) is None
+        assert _tarfile_members(long_name)[0][0] == "x" * 150 + ".png"
+    # damage: a flipped header byte, a cut member, a missing end marker -> tarfile decides
+    broken = bytearray(plain)
+    broken[5] ^= 0xFF
+    assert _plain_tar_members(bytes(broken)) is None
+    assert _plain_tar_members(plain[: len(plain) // 2]) is None
+    assert _plain_tar_members(plain.rstrip(b"\0")) is None
+
+
+def test_fmpipe_written_shards_take_the_fast_tar_walk(tmp_path):
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.sample.shards import tar_bytes
+
+    out = str(tmp_path / "digits")
+    cfg = build_config(
+        {"prepare": {"source": "digits", "out": out, "shard_size": 500}, "data": {"uri": out}}
+    )
+    prepare_dataset(cfg, log=None)
+    info = open_dataset(cfg, "train")
+    written = [info.location.child(s.name).read_bytes() for s in info.manifest.shards]
+    written.append(tar_bytes([(f"{i:010d}.png", bytes(range(i))) for i in range(40)]))
+    for data in written:
+        fast = _plain_tar_members(data)
+        assert fast is not None and fast == _tarfile_members(data)
 
 
 def test_read_shard_flip_is_seeded_per_key():
