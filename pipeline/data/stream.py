@@ -435,53 +435,20 @@ def _plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
 def _iter_tar(data: bytes, stats: ShardStats) -> Iterator[_RawSample]:
     """Group tar members into samples by key; damage ends the walk with ``stats.error``."""
     members = _plain_tar_members(data)
-    if members is None:
-        yield from _iter_tar_with_tarfile(data, stats)
-        return
-    current: _RawSample | None = None
-    for name, payload in members:
-        match = _KEY_RE.match(name)
-        if not match:
-            continue  # no extension: not part of any sample
-        key, ext = match.group(1), match.group(2).lower()
-        if current is not None and current.key != key:
-            yield current
-            current = None
-        if current is None:
-            current = _RawSample(key, {})
-        current.members[ext] = payload
-    if current is not None:
-        yield current
-
-
-def _iter_tar_with_tarfile(data: bytes, stats: ShardStats) -> Iterator[_RawSample]:
-    """:func:`_iter_tar` through ``tarfile``: any tar it reads, and damage reported."""
+    source = iter(members) if members is not None else _tarfile_members(data)
     current: _RawSample | None = None
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue  # directories, links, devices: never followed
-                match = _KEY_RE.match(member.name)
-                if not match:
-                    continue  # no extension: not part of any sample
-                key, ext = match.group(1), match.group(2).lower()
-                fileobj = tar.extractfile(member)
-                payload = fileobj.read() if fileobj is not None else b""
-                if len(payload) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} is truncated")
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = _RawSample(key, {})
-                current.members[ext] = payload
-            # tarfile stops quietly at a truncated or invalid header past the first one:
-            # a complete archive has a zero block (end-of-archive marker) where it stopped.
-            end = data[tar.offset : tar.offset + tarfile.BLOCKSIZE]
-            if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
-                what = "ends" if len(end) < tarfile.BLOCKSIZE else "has an invalid header"
-                raise tarfile.ReadError(f"archive {what} at byte {tar.offset} (no end marker)")
+        for name, payload in source:
+            match = _KEY_RE.match(name)
+            if not match:
+                continue  # no extension: not part of any sample
+            key, ext = match.group(1), match.group(2).lower()
+            if current is not None and current.key != key:
+                yield current
+                current = None
+            if current is None:
+                current = _RawSample(key, {})
+            current.members[ext] = payload
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         last = f" after key {current.key}" if current is not None else ""
         stats.error = f"truncated or corrupt tar{last}: {type(exc).__name__}: {exc}"
@@ -489,6 +456,28 @@ def _iter_tar_with_tarfile(data: bytes, stats: ShardStats) -> Iterator[_RawSampl
             current.incomplete = True
     if current is not None:
         yield current
+
+
+def _tarfile_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """``(name, payload)`` of each regular file through ``tarfile``: any tar it reads.
+
+    Raises ``tarfile.ReadError`` where the archive is damaged, a missing end marker too.
+    """
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue  # directories, links, devices: never followed
+            fileobj = tar.extractfile(member)
+            payload = fileobj.read() if fileobj is not None else b""
+            if len(payload) != member.size:
+                raise tarfile.ReadError(f"member {member.name} is truncated")
+            yield member.name, payload
+        # tarfile stops quietly at a truncated or invalid header past the first one:
+        # a complete archive has a zero block (end-of-archive marker) where it stopped.
+        end = data[tar.offset : tar.offset + tarfile.BLOCKSIZE]
+        if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+            what = "ends" if len(end) < tarfile.BLOCKSIZE else "has an invalid header"
+            raise tarfile.ReadError(f"archive {what} at byte {tar.offset} (no end marker)")
 
 
 def _label_of(sample: _RawSample, num_classes: int) -> int:
