@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -55,17 +55,26 @@ def run_guarded(
     action: Callable[[], object],
     user_errors: tuple[type[BaseException], ...],
     resume_hint: str,
+    failures: Mapping[type[BaseException], Callable[[BaseException], str]] | None = None,
 ) -> int:
     """Run a job's main action: a user error is one scrubbed line and exit 1, Ctrl-C says how
-    to resume and exits 130; config errors pass through to :func:`run_job` (exit 2)."""
+    to resume and exits 130; config errors pass through to :func:`run_job` (exit 2).
+
+    ``failures`` words other exception types itself: ``fmpipe <job>: <message>``, scrubbed,
+    exit 1 (the first type in the mapping that matches)."""
     from pipeline.storage import scrub
 
+    failures = failures or {}
     try:
         action()
     except ConfigError:
         raise
     except user_errors as exc:
         print(f"fmpipe {job}: error: {scrub(str(exc))}", file=sys.stderr)
+        return 1
+    except tuple(failures) as exc:
+        message = next(word for kind, word in failures.items() if isinstance(exc, kind))
+        print(f"fmpipe {job}: {scrub(message(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fmpipe {job}: interrupted; {resume_hint}", file=sys.stderr)

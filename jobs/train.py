@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import add_config_arguments, overrides_from, resolve_config, run_job
-from pipeline.config import ConfigError, fmpipe_home
+from jobs._common import add_config_arguments, overrides_from, resolve_config, run_guarded, run_job
+from pipeline.config import fmpipe_home
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,35 +83,31 @@ def main(argv: list[str] | None = None) -> int:
         from ray.train import TrainingFailedError
 
         from pipeline.data.stream import DatasetError
-        from pipeline.storage import StorageError, scrub
+        from pipeline.storage import StorageError
         from pipeline.train.trainer import train
 
         print(
             f"fmpipe train: run '{cfg.train.run_name}', data {cfg.data.uri}, "
             f"{cfg.train.total_images:,} images, {cfg.train.num_workers} worker(s)"
         )
-        try:
+
+        def run() -> None:
             result = train(cfg)
-        except ConfigError:
-            raise
-        except (DatasetError, StorageError) as exc:
-            print(f"fmpipe train: error: {exc}", file=sys.stderr)
-            return 1
-        except TrainingFailedError as exc:
-            print(
-                f"fmpipe train: training failed: {scrub(str(exc))}\n"
-                "(worker logs: /tmp/ray/session_latest/logs; run the same command to resume "
-                "from the last checkpoint)",
-                file=sys.stderr,
-            )
-            return 1
-        except KeyboardInterrupt:
-            print(
-                "fmpipe train: interrupted; run the same command again to resume", file=sys.stderr
-            )
-            return 130
-        print("\n" + result.summary())
-        return 0
+            print("\n" + result.summary())
+
+        return run_guarded(
+            "train",
+            run,
+            (DatasetError, StorageError),
+            "run the same command again to resume",
+            failures={
+                TrainingFailedError: lambda exc: (
+                    f"training failed: {exc}\n"
+                    "(worker logs: /tmp/ray/session_latest/logs; run the same command to "
+                    "resume from the last checkpoint)"
+                )
+            },
+        )
 
     return run_job(body)
 

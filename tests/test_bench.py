@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_unet_overrides
 
 from jobs import bench
 from pipeline.bench.gpu import gpu_throughput
@@ -28,14 +29,7 @@ from pipeline.train.trainer import _format_progress
 
 pytestmark = pytest.mark.slow
 
-TINY_UNET = [
-    "model.base_channels=8",
-    "model.channel_mult=[1,2]",
-    "model.num_res_blocks=1",
-    "model.attention_resolutions=[4]",
-    "model.num_heads=2",
-    "model.norm_groups=4",
-]
+TINY_ARGS = tiny_unet_overrides()  # the tiny U-Net as model.<key>=<value> overrides
 NUMBER = r"([\d,]+\.?\d*)"
 
 
@@ -75,7 +69,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "data": {"uri": str(root / "digits"), "resolution": 8, "channels": 1},
         "model": {"num_classes": 10},
     }
-    cfg = build_config(tree, TINY_UNET)
+    cfg = build_config(tree, TINY_ARGS)
     prepare_dataset(cfg, log=None)
     torch.manual_seed(0)
     model = build_model(cfg.model, (1, 8, 8))
@@ -101,7 +95,7 @@ def test_steady_state_reads_the_trainers_progress_lines():
 
 
 def test_mfu_code_path_runs_on_cpu():
-    cfg = build_config({"data": {"resolution": 8, "channels": 1}}, TINY_UNET)
+    cfg = build_config({"data": {"resolution": 8, "channels": 1}}, TINY_ARGS)
     row = gpu_throughput(cfg, 16, 4, peak_flops=1e12, device="cpu", warmup=1, steps=1)
     assert row.images_per_sec > 0 and row.forward_gflops_per_image > 0
     assert math.isfinite(row.mfu) and row.mfu > 0
@@ -110,7 +104,7 @@ def test_mfu_code_path_runs_on_cpu():
 def test_bench_gpu_code_path_on_cpu_needs_no_ray(tmp_path: Path):
     """`fmpipe bench gpu` runs where only PyTorch and pydantic are (the H200 lease)."""
     out = tmp_path / "gpu.json"
-    argv = ["gpu", "data.resolution=8", *TINY_UNET, "--device", "cpu", "--resolutions", "8",
+    argv = ["gpu", "data.resolution=8", *TINY_ARGS, "--device", "cpu", "--resolutions", "8",
             "--train-batch", "4", "--block", "4", "--steps", "2", "--blocks", "1",
             "--no-compile", "--json", str(out)]  # fmt: skip
     code = (
@@ -157,7 +151,7 @@ def test_bench_data_prints_the_ratio_table():
 
 
 def test_bench_train_prints_the_ratio_table(ray_local, capsys):
-    argv = ["train", "--images", "512", "data.batch_size=32", "data.resolution=8", *TINY_UNET]
+    argv = ["train", "--images", "512", "data.batch_size=32", "data.resolution=8", *TINY_ARGS]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     plain = re.search(rf"\(a\) plain PyTorch loop.*?\s{NUMBER}\s+{NUMBER}\s+-", out)

@@ -20,6 +20,7 @@ import ray
 import torch
 import webdataset as wds
 from PIL import Image
+from tiny import TINY_UNET
 
 from pipeline.checkpoint import CheckpointError, TrainState, save_checkpoint
 from pipeline.config import Config, build_config
@@ -75,18 +76,6 @@ def gaussian_source(shape=(1, 4, 4)) -> ModelSource:
     )
 
 
-TINY_UNET = {
-    "kind": "unet",
-    "base_channels": 8,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attention_resolutions": [4],
-    "num_heads": 2,
-    "norm_groups": 4,
-    "num_classes": 3,
-}
-
-
 def _perturbed(cfg: Config, seed: int) -> torch.nn.Module:
     """A tiny U-Net with random non-zero weights (its output layer starts at zero)."""
     torch.manual_seed(seed)
@@ -99,7 +88,9 @@ def _perturbed(cfg: Config, seed: int) -> torch.nn.Module:
 
 def unet_checkpoint(directory: Path, seed: int = 0, run_id: str = "train-run-0") -> Path:
     """A real checkpoint of a class-conditional 8x8 U-Net (EMA differs from the raw weights)."""
-    cfg = build_config({"data": {"resolution": 8, "channels": 1}, "model": TINY_UNET})
+    cfg = build_config(
+        {"data": {"resolution": 8, "channels": 1}, "model": {**TINY_UNET, "num_classes": 3}}
+    )
     save_checkpoint(
         directory,
         model=_perturbed(cfg, seed + 1000),
@@ -164,7 +155,7 @@ def test_network_batch_size_changes_bits_but_samples_do_not(tmp_path: Path) -> N
     neighbours) is bit-identical, for fixed-step and adaptive solvers; so is a shard's tar
     whatever the chunk (batch) size.
     """
-    cfg = build_config({"model": TINY_UNET})
+    cfg = build_config({"model": {**TINY_UNET, "num_classes": 3}})
     model = _perturbed(cfg, 0).eval()
     x = torch.randn(64, 1, 8, 8)
     t = torch.rand(64)
@@ -189,7 +180,7 @@ def test_network_batch_size_changes_bits_but_samples_do_not(tmp_path: Path) -> N
 
 def test_bf16_sampling_is_block_exact_and_close_to_fp32() -> None:
     """sample.precision=bf16: autocast around the network only; blocks keep it exact."""
-    cfg = build_config({"model": TINY_UNET})
+    cfg = build_config({"model": {**TINY_UNET, "num_classes": 3}})
     model = _perturbed(cfg, 0).eval()
     fp32, _ = integrate_range(model, 0, 16, _unet_settings())
     bf16_big, _ = integrate_range(model, 0, 24, _unet_settings(precision="bf16"))

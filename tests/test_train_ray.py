@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_UNET
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import build_config
@@ -22,16 +23,6 @@ from pipeline.train.data import InMemorySource, SourceContext
 
 pytestmark = pytest.mark.slow
 
-TINY_MODEL = {
-    "kind": "unet",
-    "base_channels": 8,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attention_resolutions": [4],
-    "num_heads": 2,
-    "norm_groups": 4,
-    "num_classes": 3,
-}
 TOTAL = 44  # 5 full steps of 8 and a partial last step of 4 images
 
 
@@ -78,7 +69,7 @@ def tiny_cfg(tmp_path: Path, name: str, **train) -> object:
         {
             "seed": 0,
             "data": {"resolution": 8, "channels": 1, "batch_size": 8},
-            "model": TINY_MODEL,
+            "model": {**TINY_UNET, "num_classes": 3},
             "train": settings,
         }
     )
@@ -215,7 +206,7 @@ def test_digits_learn_on_s3_with_mlflow_and_resume(ray_local, s3_bucket, mlflow_
                 "seed": 0,
                 "data": {"uri": data_uri, "resolution": 16, "batch_size": 128},
                 "model": {
-                    **TINY_MODEL,
+                    **TINY_UNET,
                     "base_channels": 16,
                     "attention_resolutions": [8],
                     "num_heads": 4,

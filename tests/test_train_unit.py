@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny import TINY_UNET
 
 from pipeline.checkpoint import (
     CheckpointError,
@@ -23,20 +24,11 @@ from pipeline.train.ema import EMA, ema_beta
 from pipeline.train.loop import micro_batch_size, sample_grid
 from pipeline.train.validate import constant_predictor_loss, validation_loss
 
-TINY = {
-    "kind": "unet",
-    "base_channels": 8,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attention_resolutions": [4],
-    "num_heads": 2,
-    "norm_groups": 4,
-    "num_classes": 3,
-}
-
 
 def tiny_config(**model):
-    return build_config({"data": {"resolution": 8}, "model": {**TINY, **model}})
+    return build_config(
+        {"data": {"resolution": 8}, "model": {**TINY_UNET, "num_classes": 3, **model}}
+    )
 
 
 def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
