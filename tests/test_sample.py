@@ -178,6 +178,31 @@ def test_network_batch_size_changes_bits_but_samples_do_not(tmp_path: Path) -> N
     assert a == b
 
 
+def test_actor_sets_torch_threads_where_it_samples(tmp_path: Path) -> None:
+    """Ray Data calls the actor on another thread than its constructor: the thread count
+    must be set there (OpenMP's is per thread), and not in the constructor, whose thread
+    would otherwise start a second multi-threaded OpenMP team (libgomp then throttles)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.sample.sampler import SamplerActor
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    settings = _unet_settings(torch_threads=wanted, out_uri=str(tmp_path / "out"), num_classes=0)
+    actor = SamplerActor(functools.partial(GaussianVelocity, MU, SIGMA), settings)
+    assert torch.get_num_threads() == before  # the constructor left this thread alone
+
+    def call() -> tuple[int, dict]:
+        rows = actor({"shard": np.array([0]), "start": np.array([0]), "stop": np.array([8])})
+        return torch.get_num_threads(), rows
+
+    with ThreadPoolExecutor(1) as pool:
+        threads, rows = pool.submit(call).result()
+    assert threads == wanted
+    assert list(rows["num_samples"]) == [8]
+    assert (tmp_path / "out" / shard_name(0)).exists()
+
+
 def test_bf16_sampling_is_block_exact_and_close_to_fp32() -> None:
     """sample.precision=bf16: autocast around the network only; blocks keep it exact."""
     cfg = build_config({"model": {**TINY_UNET, "num_classes": 3}})

@@ -188,8 +188,8 @@ class SamplerActor:
         from pipeline.config import StorageConfig
         from pipeline.storage import resolve
 
-        if settings.torch_threads > 0:
-            torch.set_num_threads(settings.torch_threads)
+        # torch's thread count is set where the work runs, in __call__: building the network
+        # here with several threads would start a second OpenMP team in this process.
         self.settings = settings
         self.device = _pick_device(settings.use_gpu)
         model = factory()
@@ -213,6 +213,12 @@ class SamplerActor:
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Ray Data runs this on another thread than the constructor. OpenMP's thread count is
+        # per thread (Ray sets OMP_NUM_THREADS=1 in workers), so it is set where the work runs;
+        # and only here: a second multi-threaded OpenMP team in the process makes libgomp
+        # throttle its spin-waits (more OpenMP threads than cores), about 1.3x slower.
+        if self.settings.torch_threads > 0:
+            torch.set_num_threads(self.settings.torch_threads)
         rows = [
             self.write_shard(int(j), int(a), int(b))
             for j, a, b in zip(batch["shard"], batch["start"], batch["stop"], strict=True)
