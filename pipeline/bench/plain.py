@@ -29,8 +29,20 @@ __all__ = [
     "plain_training",
     "sync",
     "timed_steps",
+    "torch_threads",
     "uses_bf16",
 ]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` (at least 1) for the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def sync(device: torch.device) -> None:

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from pipeline.bench.plain import torch_threads
 from pipeline.config import Config
 from pipeline.eval.metrics import sliced_wasserstein2
 from pipeline.sample.determinism import default_block_size
@@ -85,16 +86,6 @@ Log = Callable[[str], None]
 
 class BenchSampleError(ValueError):
     """The benchmark cannot run as asked (a missing model, most often). One line."""
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -424,7 +415,7 @@ def run_sample_benchmark(
         net = source.factory().to(device).eval().requires_grad_(False)
         # (a) and (b) time whole blocks: their rates need no more than a few of them.
         n_ab = max(1, math.ceil(min(n, speed_samples or n) / block)) * block
-        with _torch_threads(threads):
+        with torch_threads(threads):
             plain, sampler = in_process_speed(net, settings, n_ab, device)
         with tempfile.TemporaryDirectory(prefix="fmpipe-bench-sample-") as tmp:
             wall, job_rate, shards, actors = ray_job_speed(cfg, source, block, Path(tmp))
@@ -489,7 +480,7 @@ def run_sample_benchmark(
         reason = " ".join(str(exc).split())
         log(f"quality vs NFE: skipped ({type(exc).__name__}: {reason})")
         return figures
-    with _torch_threads(os.cpu_count() or 1):
+    with torch_threads(os.cpu_count() or 1):
         q_n, floor, quality = quality_table(
             net, cfg, source, real, quality_samples or n, block, device, s.seed
         )

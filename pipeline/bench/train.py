@@ -37,13 +37,12 @@ for forward + backward, divided by the step time and by the GPU's dense bf16 pea
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +51,14 @@ import torch
 from torch import Tensor
 
 from pipeline.bench.gpu import GpuFigures, gpu_section
-from pipeline.bench.plain import LoopTiming, PlainTrainer, batches, timed_steps, uses_bf16
+from pipeline.bench.plain import (
+    LoopTiming,
+    PlainTrainer,
+    batches,
+    timed_steps,
+    torch_threads,
+    uses_bf16,
+)
 from pipeline.config import Config, ConfigError
 from pipeline.data.decode import DecodeSpec, to_model_range
 from pipeline.data.prepare import prepare_dataset
@@ -77,16 +83,6 @@ def _cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------- config + data
@@ -284,7 +280,7 @@ def run_train_benchmark(
         run_cfg.train.log_every_steps = warmup  # (b)'s first log window = the warm-up
         info = open_dataset(run_cfg, "train")
 
-        with _torch_threads(threads):
+        with torch_threads(threads):
             # (a) plain loop: decode everything once, then train from memory.
             started = time.perf_counter()
             x_1, label = load_train_images(run_cfg, info)
