@@ -188,8 +188,10 @@ class SamplerActor:
         from pipeline.config import StorageConfig
         from pipeline.storage import resolve
 
-        # torch's thread count is set where the work runs, in __call__: building the network
-        # here with several threads would start a second OpenMP team in this process.
+        # torch's thread count is set in __call__, on the thread Ray Data samples on. Building
+        # the network here with several threads would leave a second multi-threaded OpenMP
+        # team in the process (one per thread that runs parallel work); with more OpenMP
+        # threads than cores libgomp throttles its spin-waits, and sampling ran ~1.2x slower.
         self.settings = settings
         self.device = _pick_device(settings.use_gpu)
         model = factory()
@@ -213,10 +215,7 @@ class SamplerActor:
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Ray Data runs this on another thread than the constructor. OpenMP's thread count is
-        # per thread (Ray sets OMP_NUM_THREADS=1 in workers), so it is set where the work runs;
-        # and only here: a second multi-threaded OpenMP team in the process makes libgomp
-        # throttle its spin-waits (more OpenMP threads than cores), about 1.3x slower.
+        # Here, on the thread that does the work (not the constructor's: see __init__).
         if self.settings.torch_threads > 0:
             torch.set_num_threads(self.settings.torch_threads)
         rows = [
