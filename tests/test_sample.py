@@ -179,9 +179,9 @@ def test_network_batch_size_changes_bits_but_samples_do_not(tmp_path: Path) -> N
 
 
 def test_actor_sets_torch_threads_where_it_samples(tmp_path: Path) -> None:
-    """Ray Data calls the actor on another thread than its constructor: the thread count
-    must be set there (OpenMP's is per thread), and not in the constructor, whose thread
-    would otherwise start a second multi-threaded OpenMP team (libgomp then throttles)."""
+    """Ray Data calls the actor on another thread than its constructor: the thread count is
+    set there, and not in the constructor, whose thread would otherwise run multi-threaded
+    work and leave a second OpenMP team in the process (libgomp then throttles)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.sample.sampler import SamplerActor
@@ -196,8 +196,11 @@ def test_actor_sets_torch_threads_where_it_samples(tmp_path: Path) -> None:
         rows = actor({"shard": np.array([0]), "start": np.array([0]), "stop": np.array([8])})
         return torch.get_num_threads(), rows
 
-    with ThreadPoolExecutor(1) as pool:
-        threads, rows = pool.submit(call).result()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            threads, rows = pool.submit(call).result()
+    finally:
+        torch.set_num_threads(before)  # the rest of the session keeps its thread count
     assert threads == wanted
     assert list(rows["num_samples"]) == [8]
     assert (tmp_path / "out" / shard_name(0)).exists()
