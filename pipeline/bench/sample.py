@@ -7,9 +7,12 @@ and step count, ``N`` samples in compute blocks of ``B`` (the fmpipe block size:
 (a) baseline: a plain loop in this process calling the network through
     ``torchdiffeq.odeint`` with the same method on the same fixed grid
     (``t = linspace(0, 1, steps + 1)``; ``heun`` is torchdiffeq's ``heun2``, ``dopri5`` the
-    adaptive one with the same tolerances), batch = ``B``, noise from ``torch.randn``.
+    adaptive one with the same tolerances), batch = ``B``, noise from ``torch.randn``, the
+    network as loaded.
 (b) fmpipe's sampler in this process: :func:`pipeline.sample.sampler.integrate_range` over
-    the same blocks (per-sample seeded noise, fmpipe's own solvers).
+    the same blocks (per-sample seeded noise, fmpipe's own solvers), the network prepared
+    as the actors prepare it (:func:`pipeline.sample.sampler.prepare_model`: channels-last
+    on the CPU).
 (c) ``fmpipe sample`` end to end: :func:`pipeline.sample.generate` on a Ray Data actor pool
     of ``A`` actors, PNG encoding and WebDataset shards written to a temporary directory,
     the manifest and grid included (no MLflow); timed around the whole call.
@@ -17,8 +20,10 @@ and step count, ``N`` samples in compute blocks of ``B`` (the fmpipe block size:
 (a) and (b) use the torch thread count each of (c)'s actors gets (``fmpipe sample``'s own
 rule: the Ray CPUs minus half a CPU, shared by the actors), so ``c / (b * A)`` is the
 fraction of ``A`` independent in-process samplers the Ray job delivers. Both run after one
-untimed block each, alternating block by block, so load changes on a shared machine weigh
-on both alike.
+untimed block each, alternating block by block, half of their blocks before (c) and half
+after, so load changes on a shared machine weigh on all three alike. This process keeps
+freed heap memory (:func:`pipeline.malloc.keep_freed_memory`) as each of (c)'s actors does,
+so (a), (b) and (c) run with the same allocator behaviour.
 
 Quality versus NFE: for each solver setting, ``n`` samples from fmpipe's sampler (quantised
 to uint8 as the shards hold them) against ``n`` real images of the model's training split;
@@ -39,6 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -46,9 +52,13 @@ from torch import Tensor, nn
 from pipeline.bench.plain import torch_threads
 from pipeline.config import Config
 from pipeline.eval.metrics import sliced_wasserstein2
+from pipeline.malloc import keep_freed_memory
 from pipeline.sample.determinism import default_block_size
-from pipeline.sample.sampler import SamplerSettings, integrate_range
+from pipeline.sample.sampler import SamplerSettings, integrate_range, prepare_model
 from pipeline.sample.source import ModelSource
+
+if TYPE_CHECKING:
+    from pipeline.sample.job import SampleResult
 
 __all__ = [
     "QUALITY_SETTINGS",
@@ -206,6 +216,11 @@ class SpeedRow:
     def per_sec(self, n: int) -> float:
         return n / self.seconds if self.seconds > 0 else 0.0
 
+    def __add__(self, other: SpeedRow) -> SpeedRow:
+        return SpeedRow(
+            self.seconds + other.seconds, self.nfe + other.nfe, self.blocks + other.blocks
+        )
+
     @property
     def nfe_per_sample(self) -> float:
         return self.nfe / self.blocks if self.blocks else 0.0
@@ -213,11 +228,14 @@ class SpeedRow:
 
 def in_process_speed(
     net: nn.Module,
+    sampler_net: nn.Module,
     settings: SamplerSettings,
     num_samples: int,
     device: torch.device,
 ) -> tuple[SpeedRow, SpeedRow]:
-    """(a) and (b) over the blocks covering ``[0, num_samples)``, alternating block by block."""
+    """(a) on ``net`` (as loaded) and (b) on ``sampler_net`` (:func:`prepare_model`: as the
+    actors run it), over the blocks covering ``[0, num_samples)``, alternating block by block.
+    """
     from pipeline.sample.determinism import block_ranges, sample_labels
 
     block = settings.block_size
@@ -236,7 +254,7 @@ def in_process_speed(
         return nfe
 
     def run_b(start: int) -> int:
-        _, nfes = integrate_range(net, start, start + block, settings, device)
+        _, nfes = integrate_range(sampler_net, start, start + block, settings, device)
         return sum(nfes)
 
     run_a(0)  # warm-up, untimed
@@ -262,8 +280,8 @@ def shard_size_for(num_samples: int, block: int, actors: int) -> int:
 
 def ray_job_speed(
     cfg: Config, source: ModelSource, block: int, root: Path
-) -> tuple[float, float, int, int]:
-    """(c): ``(wall seconds of generate(), its Ray-job samples/s, shards, actors used)``."""
+) -> tuple[float, SampleResult, int]:
+    """(c): ``(wall seconds of generate(), its result, actors used)``."""
     from pipeline.sample.job import generate
 
     run = cfg.model_copy(deep=True)
@@ -277,7 +295,7 @@ def ray_job_speed(
         wall = time.perf_counter() - began
     if result.num_samples != n:
         raise RuntimeError(f"(c) wrote {result.num_samples} samples, expected {n}")
-    return wall, result.samples_per_sec, result.shards, min(actors, result.shards)
+    return wall, result, min(actors, result.shards)
 
 
 # --------------------------------------------------------------------------- quality
@@ -412,13 +430,28 @@ def run_sample_benchmark(
         actors = min(s.num_actors, shards)  # what generate() will use
         num_cpus, threads = _actor_resources(actors, s.use_gpu)
         device = _pick_device(s.use_gpu)  # the actors' device and kernel flags
-        net = source.factory().to(device).eval().requires_grad_(False)
+        net = source.factory().to(device).eval().requires_grad_(False)  # (a): as loaded
+        sampler_net = prepare_model(source.factory(), device)  # (b): as (c)'s actors run it
         # (a) and (b) time whole blocks: their rates need no more than a few of them.
-        n_ab = max(1, math.ceil(min(n, speed_samples or n) / block)) * block
+        # Half of them before (c) and half after, pooled: a drift in the machine's speed
+        # during the run then weighs on both sides alike.
+        blocks_ab = max(1, math.ceil(min(n, speed_samples or n) / block))
+        halves = [((blocks_ab + 1) // 2) * block, (blocks_ab // 2) * block]
+        n_ab = blocks_ab * block
+        keep_freed_memory()  # as (c)'s actors do; (a) gets it too
         with torch_threads(threads):
-            plain, sampler = in_process_speed(net, settings, n_ab, device)
+            plain, sampler = in_process_speed(net, sampler_net, settings, halves[0], device)
         with tempfile.TemporaryDirectory(prefix="fmpipe-bench-sample-") as tmp:
-            wall, job_rate, shards, actors = ray_job_speed(cfg, source, block, Path(tmp))
+            wall, result, actors = ray_job_speed(cfg, source, block, Path(tmp))
+        job_rate, shards = result.samples_per_sec, result.shards
+        # each actor's samples/s inside its shards (integrating, encoding, writing)
+        in_shards = n / result.shard_seconds if result.shard_seconds > 0 else 0.0
+        b_halves = [sampler.per_sec(halves[0])]
+        if halves[1]:
+            with torch_threads(threads):
+                plain_2, sampler_2 = in_process_speed(net, sampler_net, settings, halves[1], device)
+            plain, sampler = plain + plain_2, sampler + sampler_2
+            b_halves.append(sampler_2.per_sec(halves[1]))
     finally:
         if started_ray:
             import ray
@@ -438,7 +471,11 @@ def run_sample_benchmark(
     log(
         f"(a), (b): this process, {n_ab:,} samples each, {threads} torch threads = what each "
         f"of (c)'s {actors} actor(s) gets ({num_cpus:g} Ray CPU each); (c): {n:,} samples, "
-        f"{shards} shards written"
+        f"{shards} shards written; all three keep freed heap memory (pipeline.malloc)"
+    )
+    log(
+        f"(a) and (b) ran half before and half after (c); (b)'s samples/s in the halves: "
+        f"{', '.join(f'{rate:,.1f}' for rate in b_halves)}"
     )
     log("")
     log(f"{'':<54} {'samples/s':>10} {'seconds':>8} {'NFE/sample':>11}")
@@ -460,7 +497,8 @@ def run_sample_benchmark(
         f"ratio c/(b*A): {figures.c_over_ba:.3f} (goal >= {GOAL_C_OVER_BA}), A={actors}; "
         f"(c) is generate() end to end (actor start-up, PNG encoding, shard, manifest and "
         f"grid writes included); its Ray job alone: {job_rate:,.1f} samples/s, "
-        f"c/(b*A) {job_rate / (figures.b * actors):.3f}"
+        f"c/(b*A) {job_rate / (figures.b * actors):.3f}; inside its shards, per actor: "
+        f"{in_shards:,.1f} samples/s, {in_shards / figures.b:.3f} of (b)"
     )
 
     # ---- quality versus NFE
@@ -482,7 +520,7 @@ def run_sample_benchmark(
         return figures
     with torch_threads(os.cpu_count() or 1):
         q_n, floor, quality = quality_table(
-            net, cfg, source, real, quality_samples or n, block, device, s.seed
+            sampler_net, cfg, source, real, quality_samples or n, block, device, s.seed
         )
     figures.quality_n, figures.floor, figures.quality = q_n, floor, quality
     log(

@@ -88,6 +88,7 @@ class SampleResult:
     samples_per_sec: float  # samples_written / generate_seconds (0 if nothing was missing)
     nfe_per_sample: float  # velocity evaluations per integrated sample (mean over blocks)
     manifest: Manifest
+    shard_seconds: float = 0.0  # summed over the shards written: each actor's time inside them
     grid_path: Path | None = None
     mlflow_run_id: str | None = None
     model: dict[str, Any] = field(default_factory=dict)  # ModelSource.describe()
@@ -500,6 +501,7 @@ def generate(
             samples_per_sec=written / generate_seconds if generate_seconds > 0 else 0.0,
             nfe_per_sample=nfe_per_sample,
             manifest=manifest,
+            shard_seconds=sum(float(r["seconds"]) for r in rows),
             grid_path=grid_path,
             mlflow_run_id=tracker.run_id if tracker else None,
             model=source.describe(),

@@ -66,6 +66,7 @@ from pipeline.checkpoint import (
 from pipeline.config import Config, ModelConfig, build_config
 from pipeline.data.coupling import sample_generator, sample_seed
 from pipeline.flow import CondOTPath, cfm_loss_per_sample, solve_ode
+from pipeline.malloc import keep_freed_memory
 from pipeline.models import build_model, guided_velocity
 from pipeline.optim import lr_factor
 from pipeline.train.data import BatchSource, RayDataSource, SourceContext, ValSet
@@ -278,6 +279,7 @@ def training_loop(
     ws = _Dist(device)
     rank, world = ws.rank, ws.world_size
     torch.set_num_threads(_threads(torch_threads, ws.local_world_size))
+    keep_freed_memory()  # each step reuses the last one's activation pages (pipeline.malloc)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
