@@ -111,6 +111,21 @@ def test_pickled_location_works(root: Location) -> None:
     assert pickle.loads(blob).read_bytes() == b"payload"
 
 
+def test_unpickled_locations_share_the_process_filesystem(root: Location) -> None:
+    """A Location pickles as how to rebuild it: every copy unpickled in a process uses that
+    process's one filesystem object (one S3 client and its connections for all tasks)."""
+    blob = pickle.dumps(root.child("a", "b.bin"))
+    first, second = pickle.loads(blob), pickle.loads(blob)
+    assert first.filesystem is second.filesystem is root.filesystem
+    assert (first.uri, first.path, first.is_s3, first.endpoint, first.region) == (
+        root.child("a", "b.bin").uri,
+        root.child("a", "b.bin").path,
+        root.is_s3,
+        root.endpoint,
+        root.region,
+    )
+
+
 def test_local_uri_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     rel = resolve("data/train")

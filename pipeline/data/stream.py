@@ -557,7 +557,7 @@ class ShardDecoder:
 
     def __init__(
         self,
-        filesystem: Any,
+        location: Location,
         spec: DecodeSpec,
         *,
         num_classes: int,
@@ -567,7 +567,10 @@ class ShardDecoder:
         shuffle: bool,
         tracker: BadSampleTracker | None,
     ) -> None:
-        self.filesystem = filesystem
+        # The dataset's Location, not its filesystem object: a Location unpickles to the
+        # worker process's cached filesystem (pipeline.storage.Location.__reduce__), so the
+        # tasks a worker runs share one S3 client and its connections.
+        self.location = location
         self.spec = spec
         self.num_classes = num_classes
         self.seed, self.epoch = seed, epoch
@@ -578,7 +581,7 @@ class ShardDecoder:
 
     def _read(self, path: str) -> tuple[bytes, str]:
         try:
-            with self.filesystem.open_input_stream(path) as stream:
+            with self.location.filesystem.open_input_stream(path) as stream:
                 return stream.read(), ""
         except Exception as exc:  # missing object, permission, network
             return b"", f"cannot read shard: {type(exc).__name__}: {exc}"
@@ -680,7 +683,7 @@ def build_stream(
         {"name": n, "path": by_name[n].path, "num_samples": by_name[n].num_samples} for n in order
     ]
     decoder = ShardDecoder(
-        info.filesystem,
+        info.location,
         _spec(cfg),
         num_classes=info.manifest.num_classes,
         seed=cfg.seed,

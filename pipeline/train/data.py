@@ -122,7 +122,7 @@ class MultiEpochDecoder:
 
     def __init__(self, cfg: Config, info: DatasetInfo, tracker: Any) -> None:
         self.cfg = cfg
-        self.filesystem = info.filesystem
+        self.location = info.location  # pickles as a rebuild recipe (see ShardDecoder)
         self.spec = _spec(cfg)
         self.num_classes = info.manifest.num_classes
         self.tracker = tracker
@@ -133,7 +133,7 @@ class MultiEpochDecoder:
         ):
             epoch = int(epoch)
             decoder = ShardDecoder(
-                self.filesystem,
+                self.location,
                 self.spec,
                 num_classes=self.num_classes,
                 seed=self.cfg.seed,
