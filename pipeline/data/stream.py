@@ -38,7 +38,8 @@ gets never depends on the order in which parallel shards finish; pass
 Bad input (accounting design). The decode stage skips a sample whose image is undecodable,
 missing, or of an unexpected mode or size, whose label is unreadable, or whose key repeats;
 a truncated or corrupt tar loses the samples after the damage (counted against the
-manifest's count for that shard). After each shard the stage sends one record
+manifest's count for that shard). After each shard that skipped a sample or held another
+count than declared, the stage sends one record
 ``(shard, declared, ok, bad, lost, examples)`` to a small named Ray actor
 (:class:`BadSampleTracker`; 0 CPUs; one per dataset split and decode settings, shared by
 every process of the job through its name; the first handle is kept alive by the process
@@ -142,7 +143,7 @@ class ShardStats:
 class BadSampleReport:
     total: int  # denominator: manifest count (or more, if shards held extra samples)
     max_bad_fraction: float
-    shards: dict[str, ShardStats] = field(default_factory=dict)  # shards read so far
+    shards: dict[str, ShardStats] = field(default_factory=dict)  # shards reported so far
 
     @property
     def skipped(self) -> int:
@@ -228,7 +229,14 @@ class BadSampleTracker:
         self.epoch = epoch
 
     def record(self, stats: ShardStats) -> None:
-        """Send one shard's stats; raise :class:`TooManyBadSamples` if over the limit."""
+        """Send one shard's stats; raise :class:`TooManyBadSamples` if over the limit.
+
+        A clean shard (every declared sample decoded, nothing skipped) changes neither the
+        count of skipped samples nor the denominator, so it is not sent: no actor round
+        trip per shard in the common case (the counter took ~3% of a core at 9k images/s).
+        """
+        if stats.skipped == 0 and stats.ok == stats.declared and not stats.error:
+            return
         exceeded, summary = ray.get(self.handle.record.remote(self.epoch, stats))
         if exceeded:
             raise TooManyBadSamples(summary)
