@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline.flow import solve_ode
 from pipeline.malloc import keep_freed_memory
-from pipeline.models import guided_velocity
+from pipeline.models import guided_velocity, to_device_layout
 from pipeline.sample.determinism import block_ranges, sample_labels, sample_noise
 from pipeline.sample.shards import encode_sample_png, sample_members, tar_bytes
 
@@ -86,19 +86,12 @@ class SamplerSettings:
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """The network as the sampler runs it: on ``device``, in eval mode, without gradients.
-
-    On the CPU its 4-D weights are also made channels-last: PyTorch then runs the
-    convolutions, and the activations between them, in NHWC, the layout oneDNN computes in,
-    so no reorder is needed around each convolution (the demo U-Net: ~1.13x the forward
-    passes per second on one core; docs/benchmarks.md). Outputs differ from the NCHW ones in
-    the last bits only; every sampler (actor or in-process) prepares the network this way,
-    so sample i stays bit-identical across batch sizes, actors and restarts.
+    """The network as every sampler runs it: on ``device`` in its fastest layout there
+    (:func:`pipeline.models.to_device_layout`: channels-last on the CPU), in eval mode,
+    without gradients. Actors and in-process samplers all prepare it this way, so sample i
+    stays bit-identical across batch sizes, actors and restarts.
     """
-    model = model.to(device).eval().requires_grad_(False)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return to_device_layout(model, device).eval().requires_grad_(False)
 
 
 def integrate_block(

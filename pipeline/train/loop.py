@@ -67,7 +67,7 @@ from pipeline.config import Config, ModelConfig, build_config
 from pipeline.data.coupling import sample_generator, sample_seed
 from pipeline.flow import CondOTPath, cfm_loss_per_sample, solve_ode
 from pipeline.malloc import keep_freed_memory
-from pipeline.models import build_model, guided_velocity
+from pipeline.models import build_model, guided_velocity, to_device_layout
 from pipeline.optim import lr_factor
 from pipeline.train.data import BatchSource, RayDataSource, SourceContext, ValSet
 from pipeline.train.ema import EMA
@@ -289,7 +289,7 @@ def training_loop(
 
     # ---- network, EMA, optimizer; then the checkpoint, if resuming
     torch.manual_seed(seed)  # same initial weights on every rank
-    net = build_model(model_cfg, data_shape).to(device)
+    net = to_device_layout(build_model(model_cfg, data_shape), device)  # NHWC on the CPU
     num_classes = int(getattr(net, "num_classes", 0))
     ema = EMA(net, ema_halflife_images, ema_warmup_ratio)
     state = TrainState(manifest_hash=manifest_hash, data_shape=list(data_shape), world_size=world)
