@@ -330,6 +330,19 @@ def test_rerun_writes_only_the_missing_shard(tmp_path: Path) -> None:
     assert redone.shards_written == 4
     assert {meta["seed"] for _, meta, _ in read_samples(str(out)).values()} == {2}
 
+    # An output started by an older fmpipe (its job file lacks a key added since, here the
+    # layout): complete, it is used as it is; with a shard missing, it is refused, since
+    # new shards could differ from the old ones in the last bits.
+    job = json.loads((out / JOB_FILE).read_text())
+    del job["identity"]["layout"]
+    (out / JOB_FILE).write_text(json.dumps(job))
+    complete = generate(other, source=gaussian_source(), block_size=8, track=False)
+    assert complete.shards_written == 0 and complete.num_samples == 64
+    (out / shard_name(3)).unlink()
+    with pytest.raises(SampleJobError, match=r"older fmpipe, which did not record layout"):
+        generate(other, source=gaussian_source(), block_size=8, track=False)
+    assert not (out / shard_name(3)).exists()
+
 
 class KillOnce(GaussianVelocity):
     """The Gaussian velocity, but the process is SIGKILLed at call ``at`` (once per job)."""

@@ -138,11 +138,18 @@ def _job_identity(cfg: Config, source: ModelSource, block_size: int) -> dict[str
         "shard_size": s.shard_size,
         "block_size": block_size,
         "device": "cuda" if s.use_gpu else "cpu",
+        # the network's memory layout (prepare_model) changes the last bits of samples
+        "layout": "as-built" if s.use_gpu else "channels-last",
     }
 
 
-def _check_job_file(out: Any, identity: dict[str, Any], source: ModelSource) -> None:
-    """Write ``_sample_job.json`` or refuse when the one there describes another job."""
+def _check_job_file(out: Any, identity: dict[str, Any], source: ModelSource) -> list[str]:
+    """Write ``_sample_job.json`` or refuse when the one there describes another job.
+
+    Returns the identity keys the file there does not record at all (it was written by an
+    older fmpipe, before those keys existed): the caller may finish reading such an output,
+    but must not add samples to it (:func:`_refuse_to_mix`).
+    """
     location = out.child(JOB_FILE)
     if location.exists():
         try:
@@ -150,16 +157,28 @@ def _check_job_file(out: Any, identity: dict[str, Any], source: ModelSource) -> 
         except ValueError:
             previous = {}
         prior = previous.get("identity", {})
-        changed = sorted(k for k in identity if prior.get(k) != identity[k])
+        unrecorded = sorted(k for k in identity if prior and k not in prior)
+        changed = sorted(k for k in identity if k not in unrecorded and prior.get(k) != identity[k])
         if changed:
             shown = "; ".join(f"{k}: {prior.get(k)!r} there, {identity[k]!r} now" for k in changed)
             raise SampleJobError(
                 f"output {out.uri} already holds samples of another job ({shown}); use another "
                 f"--out, or delete {out.uri} to start over"
             )
-        return
+        return unrecorded
     body = {"identity": identity, "model": source.describe()}
     location.write_bytes((json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
+    return []
+
+
+def _refuse_to_mix(out: Any, unrecorded: list[str], missing_shards: int) -> None:
+    """An older fmpipe's output: complete, it is used as it is; incomplete, it is refused."""
+    if unrecorded and missing_shards:
+        raise SampleJobError(
+            f"output {out.uri} was started by an older fmpipe, which did not record "
+            f"{', '.join(unrecorded)}; its {missing_shards} missing shard(s) would not match "
+            f"the shards there bit for bit. Use another --out, or delete {out.uri} to start over"
+        )
 
 
 def _existing_shards(
@@ -417,7 +436,7 @@ def generate(
     say(f"model: {source.label} ({source.checkpoint or source.uri}), output: {out.uri}")
 
     identity = _job_identity(cfg, source, block)
-    _check_job_file(out, identity, source)
+    unrecorded = _check_job_file(out, identity, source)
     ranges = shard_ranges(s.num_samples, s.shard_size)
     conditional = source.num_classes > 0
     settings = _settings(cfg, source, out, block)
@@ -426,6 +445,7 @@ def generate(
     expect = {k: v for k, v in settings.sample_meta(0, None).items() if k not in skip}
     done, _broken = _existing_shards(out, ranges, conditional, expect)
     todo = [(j, a, b) for j, (a, b) in enumerate(ranges) if j not in done]
+    _refuse_to_mix(out, unrecorded, len(todo))
     if done:
         say(f"{len(done)} of {len(ranges)} shards already at {out.uri}; writing {len(todo)}")
 
