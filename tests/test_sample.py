@@ -314,6 +314,8 @@ def test_rerun_writes_only_the_missing_shard(tmp_path: Path) -> None:
 
     nothing = generate(cfg, source=gaussian_source(), block_size=8, track=False)
     assert nothing.shards_written == 0 and nothing.num_samples == 64
+    assert "speed: nothing to generate" in nothing.summary_lines()[1]
+    assert "samples/s" in first.summary_lines()[1]
 
     # A broken object under a final name is detected and redone.
     (out / shard_name(0)).write_bytes(b"not a tar")

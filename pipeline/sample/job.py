@@ -99,7 +99,9 @@ class SampleResult:
             f"({self.samples_written} generated now, {self.shards - self.shards_written} "
             "shards were already there)",
             f"speed: {self.samples_per_sec:.1f} samples/s, {self.nfe_per_sample:g} NFE per "
-            f"sample, wall time {self.wall_seconds:.1f} s",
+            f"sample, wall time {self.wall_seconds:.1f} s"
+            if self.samples_written
+            else f"speed: nothing to generate, wall time {self.wall_seconds:.1f} s",
         ]
         if self.grid_path is not None:
             lines.append(f"grid of the first {GRID_SAMPLES}: {self.grid_path}")
