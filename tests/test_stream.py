@@ -19,6 +19,7 @@ from pipeline.data.decode import BadSample, DecodeSpec, decode_image, to_model_r
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, shard_name
 from pipeline.data.stream import (
     DatasetError,
+    ShardStats,
     TooManyBadSamples,
     _plain_tar_members,
     bad_sample_tracker,
@@ -476,6 +477,20 @@ def test_bad_samples_skipped_counted_and_reported(tmp_path):
     assert broken.lost > 0 and "truncated or corrupt tar" in broken.error
     assert broken.ok + broken.bad + broken.lost == 10
     assert report.worst(1)[0].shard in ("shard-000000.tar", "shard-000001.tar")
+
+
+def test_a_clean_pass_overwrites_an_earlier_bad_record(tmp_path):
+    """A clean shard's record is sent without waiting, but still replaces the record of an
+    earlier pass over the same shard that lost samples (say, to a transient read error)."""
+    root = str(tmp_path / "bad")
+    _bad_dataset(root)
+    cfg = _cfg(root, "data.max_bad_fraction=0.5")
+    tracker = bad_sample_tracker(cfg, open_dataset(cfg, "train"), epoch=7)
+    tracker.record(ShardStats("shard-000002.tar", 10, ok=0, lost=10, error="read timed out"))
+    assert tracker.report().skipped == 10
+    tracker.record(ShardStats("shard-000002.tar", 10, ok=10))  # not waited for
+    report = tracker.report()  # sent after it by the same process: runs after it
+    assert report.skipped == 0 and report.shards["shard-000002.tar"].ok == 10
 
 
 def test_too_many_bad_samples_stops_naming_the_worst_shard(tmp_path):
