@@ -661,7 +661,11 @@ def _check_s3(location: Location, *, must_exist: bool) -> None:
     uri, endpoint = location.uri, location.endpoint
     at = _where(endpoint)
     try:
-        client = _make_client(endpoint, location.region or _DEFAULT_REGION, 3.0, 5.0, 2)
+        # One client per endpoint and credentials (building one costs ~0.5 s: botocore
+        # loads its service model), shared by every check of this process.
+        client = _cached_client(
+            endpoint, location.region or _DEFAULT_REGION, 3.0, 5.0, 2, _credential_fingerprint()
+        )
         listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
         if must_exist and key and not listing.get("KeyCount", len(listing.get("Contents", []))):
             try:
