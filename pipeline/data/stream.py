@@ -76,7 +76,6 @@ from pipeline.data.coupling import PairingStage, couple, noise_to_float, sample_
 from pipeline.data.decode import IMAGE_EXTENSIONS, BadSample, DecodeSpec, decode_image
 from pipeline.data.decode import to_model_range as _to_model_range
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
-from pipeline.malloc import keep_freed_memory
 from pipeline.storage import Location, StorageError, check_access, resolve
 
 __all__ = [
@@ -596,7 +595,6 @@ class ShardDecoder:
             return b"", f"cannot read shard: {type(exc).__name__}: {exc}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        keep_freed_memory()  # once per worker process (pipeline.malloc)
         for name, path, declared in zip(
             batch["name"], batch["path"], batch["num_samples"], strict=True
         ):

@@ -71,7 +71,7 @@ def to_device_layout(model: nn.Module, device: torch.device) -> nn.Module:
 
     On the CPU the 4-D weights become channels-last: PyTorch then runs the convolutions and
     the activations between them in NHWC, oneDNN's own layout, with no reorder around each
-    convolution (measured on the demo U-Net, one core: 1.13x the forward passes per second
+    convolution (measured on the demo U-Net, one core: 1.14x the forward passes per second
     when sampling, 1.035x the training steps; docs/benchmarks.md). On CUDA the layout is
     left as built (NHWC helped at 64x64 and hurt at 32x32 in eager mode on the H200).
     The values are the same; the last bits of results differ from NCHW's.
