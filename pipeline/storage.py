@@ -45,6 +45,7 @@ __all__ = [
     "StorageError",
     "boto3_client",
     "check_access",
+    "read_whole",
     "resolve",
     "s3_endpoint",
     "s3_region",
@@ -249,6 +250,19 @@ def boto3_client(
 # --------------------------------------------------------------------------- Location
 
 
+def read_whole(filesystem: pafs.FileSystem, path: str) -> bytes:
+    """The whole file at ``path``, in one read of its known size.
+
+    Not ``open_input_stream(path).read()``: a pyarrow input stream is not seekable, so
+    ``read()`` pulls it in 256 KiB chunks, and on S3 each chunk is a ranged GET of its own.
+    Measured against SeaweedFS for a 1.65 MB shard: 10.4 ms and 9.8 ms of server CPU that
+    way, 2.3 ms and 1.5 ms with this one HEAD + one GET. Errors are pyarrow's (callers
+    word them).
+    """
+    with filesystem.open_input_file(path) as file:
+        return file.read()
+
+
 def _default_file_mode() -> int:
     """0o666 less the process umask (what a plain ``open(path, "w")`` would create)."""
     with contextlib.suppress(OSError, ValueError):
@@ -362,8 +376,8 @@ class Location:
 
     def read_bytes(self) -> bytes:
         """The whole file here."""
-        with self._errors("read"), self.filesystem.open_input_stream(self.path) as stream:
-            return stream.read()
+        with self._errors("read"):
+            return read_whole(self.filesystem, self.path)
 
     # ---- writes (atomic)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import pickle
+import re
+import socket
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -20,6 +25,7 @@ from pipeline.storage import (
     StorageError,
     boto3_client,
     check_access,
+    read_whole,
     resolve,
     s3_endpoint,
     scrub,
@@ -124,6 +130,70 @@ def test_unpickled_locations_share_the_process_filesystem(root: Location) -> Non
         root.endpoint,
         root.region,
     )
+
+
+class _CountingProxy:
+    """A loopback TCP proxy to an HTTP server that counts the request lines passing it."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                if count:  # request lines: "GET /bucket/key HTTP/1.1"
+                    self.requests += re.findall(rb"(?:^|\r\n)([A-Z]+) /\S* HTTP/1", data)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def counting_proxy(s3_server, monkeypatch: pytest.MonkeyPatch) -> Iterator[_CountingProxy]:
+    """S3 clients made now talk to the real server through a request-counting proxy."""
+    proxy = _CountingProxy(s3_server.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    yield proxy
+    proxy.close()
+
+
+def test_read_whole_reads_an_s3_object_in_one_get(s3_bucket: str, counting_proxy) -> None:
+    # 1.5 MiB: six of pyarrow's 256 KiB stream chunks, each a ranged GET of its own
+    payload = os.urandom(3 * MiB // 2)
+    shard = resolve(f"{s3_bucket}/read/shard.tar")
+    shard.write_bytes(payload)
+    counting_proxy.requests.clear()
+    assert read_whole(shard.filesystem, shard.path) == payload
+    assert shard.read_bytes() == payload
+    gets = [r for r in counting_proxy.requests if r == b"GET"]
+    assert len(gets) == 2, counting_proxy.requests  # one per read
+
+
+def test_read_whole_local(tmp_path: Path) -> None:
+    payload = os.urandom(MiB + 7)
+    (tmp_path / "f.bin").write_bytes(payload)
+    where = resolve(tmp_path / "f.bin")
+    assert read_whole(where.filesystem, where.path) == payload
+    with pytest.raises(FileNotFoundError):
+        read_whole(where.filesystem, where.path + ".missing")
 
 
 def test_local_uri_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

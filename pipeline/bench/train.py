@@ -64,6 +64,7 @@ from pipeline.data.decode import DecodeSpec, to_model_range
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.stream import DatasetInfo, open_dataset, read_shard
 from pipeline.models import count_parameters
+from pipeline.storage import read_whole
 
 __all__ = [
     "GpuFigures",
@@ -132,10 +133,12 @@ def load_train_images(cfg: Config, info: DatasetInfo) -> tuple[Tensor, Tensor]:
     spec = DecodeSpec(resolution=cfg.data.resolution, channels=cfg.data.channels)
     samples: list[tuple[str, int, np.ndarray]] = []
     for shard in info.shards:
-        with info.filesystem.open_input_stream(shard.path) as stream:
-            data = stream.read()
         got, _ = read_shard(
-            data, shard.name, shard.num_samples, spec, num_classes=info.manifest.num_classes
+            read_whole(info.filesystem, shard.path),
+            shard.name,
+            shard.num_samples,
+            spec,
+            num_classes=info.manifest.num_classes,
         )
         samples.extend(got)
     if not samples:

@@ -183,4 +183,7 @@ def decode_image(data: bytes, ext: str, spec: DecodeSpec, flip: bool = False) ->
 def to_model_range(images: np.ndarray) -> np.ndarray:
     """uint8 ``(..., H, W, C)`` -> float32 ``(..., C, H, W)`` in [-1, 1] (``u8 / 127.5 - 1``)."""
     moved = np.moveaxis(images, -1, -3)
-    return np.ascontiguousarray(moved, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+    out = np.ascontiguousarray(moved, dtype=np.float32)  # the one new array; then in place
+    out /= np.float32(127.5)
+    out -= np.float32(1.0)
+    return out

@@ -54,7 +54,9 @@ from pipeline.data.stream import (
     bad_sample_tracker,
     read_shard,
     shard_order,
+    skip_task_memory_polling,
 )
+from pipeline.storage import read_whole
 
 if TYPE_CHECKING:
     import ray.data
@@ -185,6 +187,7 @@ def build_train_stream(
     # pipeline.data.stream): beside a training worker, more decode tasks in flight only
     # take CPU from the step (measured: 300 vs 520 images/s, docs/benchmarks.md).
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    skip_task_memory_polling(ds)
     return ds.map_batches(MultiEpochDecoder(cfg, info, tracker), batch_size=1, compute=compute)
 
 
@@ -309,8 +312,7 @@ def load_val_set(cfg: Config, info: DatasetInfo, max_images: int) -> ValSet:
     spec = _spec(cfg)
     samples: list[tuple[str, int, np.ndarray]] = []
     for shard in sorted(info.shards, key=lambda s: s.name):
-        with info.filesystem.open_input_stream(shard.path) as stream:
-            data = stream.read()
+        data = read_whole(info.filesystem, shard.path)
         got, _ = read_shard(data, shard.name, shard.num_samples, spec,
                             num_classes=info.manifest.num_classes)  # fmt: skip
         samples.extend(got)

@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 from pipeline.checkpoint import STATE_FILE, TrainState, data_shape_of
 from pipeline.config import Config, ConfigError, fmpipe_home
 from pipeline.rayenv import ensure_ray
-from pipeline.storage import Location, check_access, resolve, scrub
+from pipeline.storage import Location, check_access, read_whole, resolve, scrub
 from pipeline.train.data import BatchSource, ValSet, build_train_stream, epochs_needed, load_val_set
 from pipeline.train.loop import micro_batch_size, train_loop_per_worker
 
@@ -127,8 +127,7 @@ def find_latest_state(run_dir: Location) -> tuple[TrainState | None, str | None]
     for name in names:
         state_path = f"{run_dir.path}/{name}/{STATE_FILE}"
         try:
-            with fs.open_input_stream(state_path) as stream:
-                text = stream.read().decode()
+            text = read_whole(fs, state_path).decode()
             return TrainState.from_json(text, _uri(run_dir, f"{run_dir.path}/{name}")), name
         except Exception:  # incomplete upload: try the previous one
             continue
