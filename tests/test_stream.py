@@ -263,6 +263,12 @@ def test_fast_tar_walk_matches_tarfile_or_defers_to_it(fmt):
     broken = bytearray(plain)
     broken[5] ^= 0xFF
     assert _plain_tar_members(bytes(broken)) is None
+    # a later header whose fields all still parse: only its checksum shows the damage
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        last_header = tar.getmembers()[-1].offset
+    broken = bytearray(plain)
+    broken[last_header + 140] ^= 0x01  # an mtime digit: '0'..'7' stays octal
+    assert _plain_tar_members(bytes(broken)) is None
     assert _plain_tar_members(plain[: len(plain) // 2]) is None
     assert _plain_tar_members(plain.rstrip(b"\0")) is None
 

@@ -412,15 +412,19 @@ def _plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
     instead, with its own checks and error messages.
     """
     members: list[tuple[str, bytes]] = []
+    header_blocks: list[int] = []  # block index of each member's header
+    stored_checksums: list[int] = []
     pos, n = 0, len(data)
     try:
         while pos + tarfile.BLOCKSIZE <= n:
             header = data[pos : pos + tarfile.BLOCKSIZE]
-            if header.count(0) == tarfile.BLOCKSIZE:
-                return members  # end-of-archive marker
-            checksum = sum(header) - sum(header[148:156]) + 8 * 0x20
-            if _octal(header[148:156]) != checksum or header[124] & 0x80:
+            if header[0] == 0 and header.count(0) == tarfile.BLOCKSIZE:
+                # end-of-archive marker: the members stand if every header checksum holds
+                return members if _checksums_hold(data, header_blocks, stored_checksums) else None
+            if header[124] & 0x80:
                 return None
+            header_blocks.append(pos // tarfile.BLOCKSIZE)
+            stored_checksums.append(_octal(header[148:156]))
             size = _octal(header[124:136])
             name = header[:100].split(b"\0", 1)[0]
             if header[257:263] == _POSIX_MAGIC:
@@ -439,6 +443,18 @@ def _plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return None  # no end marker
+
+
+def _checksums_hold(data: bytes, header_blocks: list[int], stored: list[int]) -> bool:
+    """Every listed 512-byte header's checksum (the sum of its bytes, the checksum field
+    counted as spaces) equals the value stored in it; one vectorised pass per shard, which
+    costs a fraction of summing each header in Python (~3% of a 64x64 decode task)."""
+    if not header_blocks:
+        return True
+    blocks = np.frombuffer(data, np.uint8, count=len(data) // tarfile.BLOCKSIZE * 512)
+    headers = blocks.reshape(-1, tarfile.BLOCKSIZE)[header_blocks]
+    sums = headers.sum(axis=1, dtype=np.int64) - headers[:, 148:156].sum(axis=1, dtype=np.int64)
+    return bool(np.array_equal(sums + 8 * 0x20, np.asarray(stored, dtype=np.int64)))
 
 
 def _iter_tar(data: bytes, stats: ShardStats) -> Iterator[_RawSample]:

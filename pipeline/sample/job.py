@@ -334,7 +334,10 @@ def _run_ray_job(
         results = dataset.map_batches(
             SamplerActor,
             fn_constructor_kwargs={"factory": factory, "settings": settings},
-            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+            # Two shards in flight per actor: the next one is queued at the actor while it
+            # works, so it never waits ~0.2 s for the driver's scheduling loop between
+            # shards (measured); a killed actor's queued shard is retried like its current.
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
             batch_size=1,
             batch_format="numpy",
             num_cpus=num_cpus,
