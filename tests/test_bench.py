@@ -139,14 +139,17 @@ def test_bench_data_prints_the_ratio_table():
             "--num-samples", "300"]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    row = re.search(rf"^\s+8\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+"
-                    rf"{NUMBER}\s+{NUMBER}\s*$", proc.stdout, re.M)  # fmt: skip
+    numbers = r"\s+".join([NUMBER] * 9)
+    row = re.search(rf"^\s+8\s+{numbers}\s*$", proc.stdout, re.M)
     assert row, proc.stdout
-    ceiling, baseline, fmpipe, c_b, c_a, in_process, c_a2 = (number(v) for v in row.groups())
-    assert min(ceiling, baseline, fmpipe, in_process) > 0
+    ceiling, baseline, fmpipe, c_b, c_a, in_process, c_a2, per_epoch, c1_a = (
+        number(v) for v in row.groups()
+    )
+    assert min(ceiling, baseline, fmpipe, in_process, per_epoch) > 0
     assert c_b == pytest.approx(fmpipe / baseline, abs=0.01)
     assert c_a == pytest.approx(fmpipe / (2 * ceiling), abs=0.01)
     assert c_a2 == pytest.approx(fmpipe / (2 * in_process), abs=0.01)
+    assert c1_a == pytest.approx(per_epoch / (2 * ceiling), abs=0.01)
     assert "batch  512" in proc.stdout  # the ot cost table
 
 

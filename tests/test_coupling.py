@@ -82,6 +82,22 @@ def test_pairing_stage_reproducible_for_seed_and_different_for_another():
     assert not np.allclose(a["x_0"], d["x_0"])
 
 
+def test_pairing_stage_takes_each_rows_epoch_column():
+    batch = _batch(KEYS[:12])
+    cfg = build_config(overrides=["seed=7"])
+    epochs = np.array([3, 5] * 6, dtype=np.int64)  # mixed: each row its own epoch
+    mixed = PairingStage.from_config(cfg, epoch=0)({**batch, "epoch": epochs})
+    for epoch in (3, 5):
+        alone = PairingStage.from_config(cfg, epoch=epoch)(dict(batch))
+        rows = epochs == epoch
+        np.testing.assert_array_equal(mixed["x_0"][rows], alone["x_0"][rows])
+        np.testing.assert_array_equal(mixed["t"][rows], alone["t"][rows])
+    one = PairingStage.from_config(cfg, epoch=0)({**batch, "epoch": np.full(12, 5)})
+    np.testing.assert_array_equal(
+        one["x_0"], PairingStage.from_config(cfg, epoch=5)(dict(batch))["x_0"]
+    )
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_noise_storage_dtype(dtype):
     batch = _batch(KEYS[:8])

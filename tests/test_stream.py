@@ -387,6 +387,27 @@ def test_shard_order_per_epoch(digits_root):
     assert streamed_order(0) != streamed_order(1)
 
 
+def test_multi_epoch_stream_is_the_one_epoch_streams_back_to_back(digits_root):
+    uri, truth = digits_root
+    cfg = _cfg(uri, "seed=3", "data.hflip=true")
+    info = open_dataset(cfg, "train")
+    ds = build_stream(cfg, "train", 1, info=info, preserve_order=True, num_epochs=2)
+    rows = ds.to_pandas()
+    assert rows["epoch"].tolist() == sorted(rows["epoch"].tolist())  # epoch 1, then 2
+    for epoch in (1, 2):
+        part = rows[rows["epoch"] == epoch]
+        alone = build_stream(cfg, "train", epoch, info=info, preserve_order=True).to_pandas()
+        assert "epoch" not in alone.columns
+        assert part["key"].tolist() == alone["key"].tolist()  # same shard and sample order
+        assert sorted(part["key"]) == sorted(truth)  # every sample once per epoch
+        for name in ("x_1", "x_0", "t", "label"):  # same flips, noise and times
+            np.testing.assert_array_equal(np.stack(part[name]), np.stack(alone[name]))
+    first, second = (rows[rows["epoch"] == e].set_index("key") for e in (1, 2))
+    assert not np.array_equal(np.stack(first["x_0"]), np.stack(second.loc[first.index, "x_0"]))
+    with pytest.raises(ValueError, match="num_epochs"):
+        build_stream(cfg, "train", 0, info=info, num_epochs=0)
+
+
 def test_pairing_reproducible_through_the_stream(digits_root):
     uri, _ = digits_root
     a = _collect(_cfg(uri, "seed=5"))

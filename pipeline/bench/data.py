@@ -13,9 +13,12 @@ run) and do the same work per image: Pillow decode (:func:`decode_image`), scali
 (b) baseline: the ``webdataset`` library reading the shards over HTTP (presigned URLs,
     webdataset's own curl pipe) into a ``torch.utils.data.DataLoader`` with the same number
     of worker processes as (c) uses CPUs.
-(c) fmpipe: the Ray Data stream (:func:`iter_epoch_batches`) as training consumes it,
-    timed over :data:`STREAM_EPOCHS` epochs after a warm-up epoch that starts Ray's
-    worker processes. (a) runs once before and once after (c), and the mean is used.
+(c) fmpipe: the Ray Data stream (:func:`iter_epoch_batches`) feeding ``iter_torch_batches``,
+    :data:`STREAM_EPOCHS` epochs in one stream, as training reads them (one Dataset for
+    the run), after a warm-up epoch that starts Ray's worker processes. (a) runs once
+    before and once after (c), and the mean is used.
+(c1) the same epochs as separate one-epoch streams: each pays Ray Data's start-up (plan,
+    executor, first tasks; ~0.35 s on 2 CPUs), which (c) pays once.
 
 Also the cost of ``ot`` coupling per batch size: images/s through ``couple`` alone.
 """
@@ -44,9 +47,12 @@ from pipeline.servers import SeaweedFS
 from pipeline.storage import boto3_client
 
 BUCKET = "fmpipe-bench"
-STREAM_EPOCHS = 3  # (c) is timed over this many epochs after the warm-up one
+STREAM_EPOCHS = 3  # (c): this many epochs in one stream, after the warm-up epoch
+EPOCH_STREAMS = 2  # (c1): this many one-epoch streams, one after the other
 A_PRIME = "(a') fmpipe 1 proc/core"
 C_OVER_A_PRIME = "c/(a'*cores)"
+C1 = "(c1) 1 epoch/stream"
+C1_OVER_A = "c1/(a*cores)"
 
 
 @dataclass
@@ -57,6 +63,7 @@ class DataFigures:
     fmpipe: float
     cores: int
     in_process_per_core: float = float("nan")
+    per_epoch_streams: float = float("nan")  # (c1)
 
     @property
     def vs_baseline(self) -> float:
@@ -65,6 +72,10 @@ class DataFigures:
     @property
     def vs_ceiling(self) -> float:
         return self.fmpipe / (self.ceiling_per_core * self.cores)
+
+    @property
+    def per_epoch_vs_ceiling(self) -> float:
+        return self.per_epoch_streams / (self.ceiling_per_core * self.cores)
 
     @property
     def vs_in_process(self) -> float:
@@ -189,10 +200,10 @@ def ot_cost(resolution: int, channels: int, batch_sizes=(128, 256, 512), repeats
     return rows
 
 
-def _steady_stream_rate(cfg: Config, epochs: int) -> float:
-    """(c) images/s over ``epochs`` whole epochs after the warm-up epoch (1, 2, ...)."""
+def _epoch_streams_rate(cfg: Config, first_epoch: int, streams: int) -> float:
+    """(c1) images/s of ``streams`` one-epoch streams in a row, from ``first_epoch`` on."""
     images = seconds = 0.0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, first_epoch + streams):
         figures = stream_throughput(cfg, "train", epoch)
         images += figures["images"]
         seconds += figures["seconds"]
@@ -221,7 +232,7 @@ def run_data_benchmark(
             log(
                 f"{'res':>4} {'(a) ceiling/core':>17} {'(b) wds+DataLoader':>19} "
                 f"{'(c) fmpipe':>11} {'c/b':>6} {'c/(a*cores)':>12} "
-                f"{A_PRIME:>24} {C_OVER_A_PRIME:>13}"
+                f"{A_PRIME:>24} {C_OVER_A_PRIME:>13} {C1:>20} {C1_OVER_A:>13}"
             )
             for res in resolutions:
                 uri = f"s3://{BUCKET}/shapes{res}"
@@ -247,15 +258,20 @@ def run_data_benchmark(
                 in_process = fmpipe_in_process(cfg, shards)
                 baseline = webdataset_baseline(cfg, workers=cores)
                 stream_throughput(cfg, "train", 0)  # warm-up: Ray worker processes start
-                fmpipe = _steady_stream_rate(cfg, epochs=STREAM_EPOCHS)
+                fmpipe = stream_throughput(cfg, "train", 1, num_epochs=STREAM_EPOCHS)[
+                    "images_per_s"
+                ]
+                per_epoch = _epoch_streams_rate(cfg, 1 + STREAM_EPOCHS, EPOCH_STREAMS)
                 # (a) once before and once after (c): a shared machine's drift hits both
                 ceiling = (ceiling_before + decode_ceiling(cfg, shards)) / 2
-                row = DataFigures(res, ceiling, baseline, fmpipe, cores, in_process)
+                row = DataFigures(res, ceiling, baseline, fmpipe, cores,
+                                  in_process, per_epoch)  # fmt: skip
                 figures.append(row)
                 log(
                     f"{res:>4} {ceiling:>17,.0f} {baseline:>19,.0f} {fmpipe:>11,.0f} "
                     f"{row.vs_baseline:>6.2f} {row.vs_ceiling:>12.2f} "
-                    f"{in_process:>24,.0f} {row.vs_in_process:>13.2f}"
+                    f"{in_process:>24,.0f} {row.vs_in_process:>13.2f} "
+                    f"{per_epoch:>20,.0f} {row.per_epoch_vs_ceiling:>13.2f}"
                 )
             log("\not coupling (exact assignment) on the consumer batch, 3x32x32 and 3x64x64:")
             for res in resolutions:

@@ -251,6 +251,27 @@ class PairingStage:
         self.apply_coupling = bool(apply_coupling)
         self._sampler = build_time_sampler(time_sampler, mean=time_mean, std=time_std)
 
+    def _draw(
+        self, keys: list[str], shape: Sequence[int], epochs: np.ndarray | None
+    ) -> tuple[Tensor, Tensor]:
+        """Each row's draws from ``(seed, epoch, key)``: the stage's epoch, or the row's own
+        ``epoch`` column in a multi-epoch stream."""
+        if epochs is None or len(epochs) == 0:
+            return draw_noise_and_time(keys, shape, self.seed, self.epoch, self._sampler)
+        epochs = np.asarray(epochs)
+        if (epochs == epochs[0]).all():  # the rule: a block comes from one shard of one epoch
+            return draw_noise_and_time(keys, shape, self.seed, int(epochs[0]), self._sampler)
+        x_0 = torch.empty((len(keys), *shape), dtype=torch.float32)
+        t = torch.empty(len(keys), dtype=torch.float32)
+        for epoch in np.unique(epochs):
+            rows = np.flatnonzero(epochs == epoch)
+            part = [keys[i] for i in rows]
+            index = torch.from_numpy(rows)
+            x_0[index], t[index] = draw_noise_and_time(
+                part, shape, self.seed, int(epoch), self._sampler
+            )
+        return x_0, t
+
     @classmethod
     def from_config(cls, cfg: Any, epoch: int, apply_coupling: bool = False) -> PairingStage:
         """Build from a :class:`pipeline.config.Config` (``seed``, ``data.*``, ``flow.*``)."""
@@ -269,7 +290,7 @@ class PairingStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x_1 = np.asarray(batch["x_1"])
         keys = [str(k) for k in batch["key"]]
-        x_0, t = draw_noise_and_time(keys, x_1.shape[1:], self.seed, self.epoch, self._sampler)
+        x_0, t = self._draw(keys, x_1.shape[1:], batch.get("epoch"))
         if self.apply_coupling and self.coupling == "ot" and len(keys) > 1:
             perm = ot_permutation(x_1, x_0, batch.get("label"), self.per_class)
             x_0 = x_0[perm]

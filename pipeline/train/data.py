@@ -123,39 +123,26 @@ class MultiEpochDecoder:
     """
 
     def __init__(self, cfg: Config, info: DatasetInfo, tracker: Any) -> None:
-        self.cfg = cfg
-        self.location = info.location  # pickles as a rebuild recipe (see ShardDecoder)
-        self.spec = _spec(cfg)
-        self.num_classes = info.manifest.num_classes
-        self.tracker = tracker
+        # Both read each row's own epoch (rows carry it): the order, flips and pairs of
+        # epoch e are those of the one-epoch stream of e (pipeline.data.stream).
+        self.decoder = ShardDecoder(
+            info.location,  # pickles as a rebuild recipe (see ShardDecoder)
+            _spec(cfg),
+            num_classes=info.manifest.num_classes,
+            seed=cfg.seed,
+            epoch=0,  # unused: every row has its epoch
+            hflip=cfg.data.hflip,
+            shuffle=cfg.data.shuffle_shards,
+            tracker=tracker,
+        )
+        self.pairing = PairingStage.from_config(cfg, 0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for name, path, declared, epoch in zip(
-            batch["name"], batch["path"], batch["num_samples"], batch["epoch"], strict=True
-        ):
-            epoch = int(epoch)
-            decoder = ShardDecoder(
-                self.location,
-                self.spec,
-                num_classes=self.num_classes,
-                seed=self.cfg.seed,
-                epoch=epoch,
-                hflip=self.cfg.data.hflip,
-                shuffle=self.cfg.data.shuffle_shards,
-                tracker=self.tracker,
-            )
-            pairing = PairingStage.from_config(self.cfg, epoch)
-            one = {"name": [name], "path": [path], "num_samples": [int(declared)]}
-            for chunk in decoder(one):
-                paired = pairing(chunk)
-                n = len(paired["key"])
-                yield {
-                    "x_1": paired["x_1"],
-                    "x_0": paired["x_0"],
-                    "t": paired["t"],
-                    "label": paired["label"],
-                    "epoch": np.full(n, epoch, dtype=np.int64),
-                }
+        if "epoch" not in batch:
+            raise ValueError("MultiEpochDecoder rows need an 'epoch' column")
+        for chunk in self.decoder(batch):
+            paired = self.pairing(chunk)
+            yield {name: paired[name] for name in ("x_1", "x_0", "t", "label", "epoch")}
 
 
 def build_train_stream(
