@@ -24,6 +24,7 @@ from pipeline.data.stream import (
     _plain_tar_members,
     bad_sample_tracker,
     build_stream,
+    collate_batch,
     iter_epoch_batches,
     open_dataset,
     read_shard,
@@ -317,6 +318,22 @@ def test_round_trip_local(digits_root):
     rows = _collect(_cfg(uri))
     _check_round_trip(rows, truth)
     assert all(row["x_0"].dtype == torch.float32 for row in rows.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_collate_gives_float32_noise_of_any_storage_dtype(dtype):
+    from pipeline.data.coupling import _store_noise, noise_to_float
+
+    x_0 = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    stored = _store_noise(x_0, dtype)
+    stored.flags.writeable = False  # as Ray hands it out: a view of the object store
+    batch = collate_batch({"x_0": stored, "key": np.array(list("abcdef"), dtype=object)})
+    assert batch["x_0"].dtype == torch.float32 and batch["key"] == list("abcdef")
+    expected = noise_to_float(torch.from_numpy(stored.copy()))
+    torch.testing.assert_close(batch["x_0"], expected, rtol=0, atol=0)
+    assert not np.shares_memory(batch["x_0"].numpy(), stored)  # never aliases the store
+    if dtype == "float32":
+        torch.testing.assert_close(batch["x_0"], x_0, rtol=0, atol=0)
 
 
 def test_round_trip_s3(s3_bucket):
