@@ -537,6 +537,28 @@ def test_a_clean_pass_overwrites_an_earlier_bad_record(tmp_path):
     assert report.skipped == 0 and report.shards["shard-000002.tar"].ok == 10
 
 
+def test_bad_sample_counts_keep_running_totals_that_match_a_recount():
+    """Random records, overwrites and epochs: the O(1) running totals say what a full
+    recount of the stored records says, after every record."""
+    from pipeline.data.stream import BadSampleCounts
+
+    rng = np.random.default_rng(0)
+    counts = BadSampleCounts(total=400, max_bad_fraction=0.05)
+    outcomes = set()
+    for _ in range(600):
+        epoch, shard = int(rng.integers(0, 3)), f"shard-{int(rng.integers(0, 40)):06d}.tar"
+        ok, bad = int(rng.integers(0, 11)), int(rng.integers(0, 3)) * int(rng.random() < 0.2)
+        lost = int(rng.random() < 0.05) * (10 - ok)
+        exceeded, summary = counts.record(epoch, ShardStats(shard, 10, ok=ok, bad=bad, lost=lost))
+        report = counts.report(epoch)
+        seen = sum(s.ok + s.bad + s.lost for s in report.shards.values())
+        assert report.total == max(400, seen)
+        assert exceeded == report.exceeded  # BadSampleReport recounts every shard
+        assert (summary == report.summary()) if exceeded else summary == ""
+        outcomes.add(exceeded)
+    assert outcomes == {True, False}  # both sides of the limit were exercised
+
+
 def test_too_many_bad_samples_stops_naming_the_worst_shard(tmp_path):
     root = str(tmp_path / "bad")
     _bad_dataset(root)

@@ -192,31 +192,47 @@ class TooManyBadSamples(RuntimeError):
 _KEEP_EPOCHS = 8  # epochs of reports a counter keeps
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
-class _BadSampleCounter:
-    """Per-epoch, per-shard stats of one dataset split; records overwrite by shard."""
+class BadSampleCounts:
+    """Per-epoch, per-shard stats of one dataset split; records overwrite by shard.
+
+    Keeps each epoch's running totals (samples seen, skipped), so one record costs O(1)
+    however many shards an epoch has, and the summary (a sort over the shards) is only
+    built when the limit is passed: one record per shard would otherwise cost O(shards),
+    O(shards^2) per epoch, in the single counter every decode task reports to.
+    """
 
     def __init__(self, total: int, max_bad_fraction: float) -> None:
         self._declared = total
         self._max_bad_fraction = max_bad_fraction
         self._epochs: dict[int, BadSampleReport] = {}
+        self._totals: dict[int, list[int]] = {}  # epoch -> [seen, skipped]
 
     def _epoch(self, epoch: int) -> BadSampleReport:
         if epoch not in self._epochs:
             self._epochs[epoch] = BadSampleReport(self._declared, self._max_bad_fraction)
+            self._totals[epoch] = [0, 0]
             for old in sorted(self._epochs)[:-_KEEP_EPOCHS]:
-                del self._epochs[old]
+                del self._epochs[old], self._totals[old]
         return self._epochs[epoch]
 
     def record(self, epoch: int, stats: ShardStats) -> tuple[bool, str]:
+        """Store one shard's stats; ``(over the limit, summary if over it else "")``."""
         report = self._epoch(epoch)
+        totals = self._totals[epoch]
+        for sign, shard in ((-1, report.shards.get(stats.shard)), (1, stats)):
+            if shard is not None:
+                totals[0] += sign * (shard.ok + shard.bad + shard.lost)
+                totals[1] += sign * shard.skipped
         report.shards[stats.shard] = stats
-        seen = sum(s.ok + s.bad + s.lost for s in report.shards.values())
-        report.total = max(self._declared, seen)
-        return report.exceeded, report.summary()
+        report.total = max(self._declared, totals[0])
+        exceeded = totals[1] / report.total > self._max_bad_fraction if report.total else False
+        return exceeded, report.summary() if exceeded else ""
 
     def report(self, epoch: int) -> BadSampleReport:
         return self._epoch(epoch)
+
+
+_BadSampleCounter = ray.remote(num_cpus=0, max_restarts=0)(BadSampleCounts)
 
 
 class BadSampleTracker:
