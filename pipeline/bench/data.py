@@ -17,8 +17,9 @@ run) and do the same work per image: Pillow decode (:func:`decode_image`), scali
     :data:`STREAM_EPOCHS` epochs in one stream, as training reads them (one Dataset for
     the run), after a warm-up epoch that starts Ray's worker processes. (a) runs once
     before and once after (c), and the mean is used.
-(c1) the same epochs as separate one-epoch streams: each pays Ray Data's start-up (plan,
-    executor, first tasks; ~0.35 s on 2 CPUs), which (c) pays once.
+(c1) the next :data:`EPOCH_STREAMS` epochs, each as a one-epoch stream of its own: each
+    pays Ray Data's start-up (plan, executor, first tasks; ~0.35 s on 2 CPUs), which (c)
+    pays once.
 
 Also the cost of ``ot`` coupling per batch size: images/s through ``couple`` alone.
 """
