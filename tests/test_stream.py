@@ -331,6 +331,8 @@ def test_collate_gives_float32_noise_of_any_storage_dtype(dtype):
     assert batch["x_0"].dtype == torch.float32 and batch["key"] == list("abcdef")
     expected = noise_to_float(torch.from_numpy(stored.copy()))
     torch.testing.assert_close(batch["x_0"], expected, rtol=0, atol=0)
+    rounded = x_0 if dtype == "float32" else x_0.to(getattr(torch, dtype)).float()
+    torch.testing.assert_close(batch["x_0"], rounded, rtol=0, atol=0)  # the stored values
     assert not np.shares_memory(batch["x_0"].numpy(), stored)  # never aliases the store
     if dtype == "float32":
         torch.testing.assert_close(batch["x_0"], x_0, rtol=0, atol=0)

@@ -780,7 +780,8 @@ def collate_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if name == "key":
             out[name] = [str(k) for k in column]
         elif name == "x_0" and column.dtype in (np.int16, np.float16):
-            out[name] = _noise_as_float32(column)  # the conversion is the copy
+            # 16-bit stored noise: the conversion to float32 makes the copy
+            out[name] = noise_to_float(_read_only_tensor(column))
         else:
             # Ray hands out read-only views of the object store: those are copied. A
             # writable array is already this process's own (Ray concatenated it from
@@ -790,27 +791,11 @@ def collate_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
-def _noise_as_float32(x_0: np.ndarray) -> torch.Tensor:
-    """16-bit stored noise -> a new float32 tensor, without OpenMP.
-
-    bfloat16 (int16 bits, see :func:`pipeline.data.coupling.noise_to_float`): the bits
-    shifted into the high half of a float32, one numpy pass. float16: torch's conversion
-    per sample, each under torch's parallel grain so it stays on this thread. A parallel
-    conversion of the whole batch here (a consumer thread of a busy node) had its OpenMP
-    threads spin against the decode tasks: the consumer took 45-50% of a core instead of
-    ~28% at 64x64 (py-spy: most of it in the conversion).
-    """
-    if x_0.dtype == np.int16:
-        bits = np.empty(x_0.shape, dtype=np.uint32)
-        np.left_shift(x_0.view(np.uint16), 16, out=bits, dtype=np.uint32)
-        return torch.from_numpy(bits.view(np.float32))
-    with warnings.catch_warnings():  # a read-only view, and only read here
+def _read_only_tensor(column: np.ndarray) -> torch.Tensor:
+    """A tensor over a read-only array (an object-store view), for reading from only."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        half = torch.from_numpy(np.ascontiguousarray(x_0))
-    out = torch.empty(half.shape, dtype=torch.float32)
-    for row in range(len(half)):
-        out[row].copy_(half[row])
-    return out
+        return torch.from_numpy(np.ascontiguousarray(column))
 
 
 class CollateBatch(NumpyBatchCollateFn):
