@@ -774,25 +774,27 @@ def build_stream(
 
 
 def collate_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """numpy batch -> torch tensors (``key`` stays a list of str)."""
+    """numpy batch -> torch tensors (``key`` stays a list of str).
+
+    Zero-copy, as Ray's own ``iter_torch_batches``: a column Ray hands out as a read-only
+    view of the object store becomes a tensor over that memory, so the batch's tensors are
+    for reading (``.clone()`` one before changing it in place). Copying them cost the
+    consumer ~100 KB of memcpy per 3x64x64 image and 3-5% of the stream's images/s on 2
+    cores. 16-bit stored noise is converted to a new float32 tensor.
+    """
     out: dict[str, Any] = {}
     for name, column in batch.items():
         if name == "key":
             out[name] = [str(k) for k in column]
         elif name == "x_0" and column.dtype in (np.int16, np.float16):
-            # 16-bit stored noise: the conversion to float32 makes the copy
             out[name] = noise_to_float(_read_only_tensor(column))
         else:
-            # Ray hands out read-only views of the object store: those are copied. A
-            # writable array is already this process's own (Ray concatenated it from
-            # several blocks), so it is taken as it is: one copy per batch at most.
-            owned = column.flags.writeable
-            out[name] = torch.from_numpy(column if owned else np.array(column, copy=True))
+            out[name] = _read_only_tensor(column)
     return out
 
 
 def _read_only_tensor(column: np.ndarray) -> torch.Tensor:
-    """A tensor over a read-only array (an object-store view), for reading from only."""
+    """A tensor over an array that may be a read-only object-store view (not copied)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(column))
@@ -821,7 +823,8 @@ def iter_epoch_batches(
     """Train-ready batches of one epoch: ``x_1``, ``x_0`` (float32, coupled), ``t``,
     ``label``, ``key`` (list), via ``iter_torch_batches`` with ``data.prefetch_batches``.
     ``num_epochs > 1``: that many epochs in one stream, with ``epoch`` (see
-    :func:`build_stream`).
+    :func:`build_stream`). The tensors may be views of Ray's object store, as with Ray's
+    own ``iter_torch_batches``: read them, or clone before changing one in place.
 
     The dataset is opened and checked now (a missing or empty one raises here, before any
     Ray work); batches stream when iterated. Coupling runs on each batch yielded. Raises
