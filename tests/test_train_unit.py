@@ -19,6 +19,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import build_config
 from pipeline.models import build_model
+from pipeline.optim import adamw, load_adamw_state
 from pipeline.train.data import InMemorySource, SourceContext, ValSet
 from pipeline.train.ema import EMA, ema_beta
 from pipeline.train.loop import micro_batch_size, sample_grid
@@ -64,6 +65,35 @@ def test_ema_update_is_the_documented_average():
         torch.testing.assert_close(ema.state_dict()[name], expected)
     assert not ema.module.training
     assert all(not p.requires_grad for p in ema.module.parameters())
+
+
+# --------------------------------------------------------------------------- optimizer
+def test_adamw_is_fused_on_the_cpu_and_takes_torchs_default_steps():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    fused_net = build_model(cfg.model, (1, 8, 8))
+    plain_net = build_model(cfg.model, (1, 8, 8))
+    plain_net.load_state_dict(fused_net.state_dict())
+    initial = {k: v.clone() for k, v in plain_net.state_dict().items()}
+    kw = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1}
+    fused = adamw(fused_net.parameters(), torch.device("cpu"), **kw)
+    plain = torch.optim.AdamW(plain_net.parameters(), **kw)  # torch's CPU default: a loop
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 0])
+    for step in range(3):
+        if step == 2:  # resume the fused one from the default one's state, as a checkpoint can
+            load_adamw_state(fused, plain.state_dict())
+            fused_net.load_state_dict(plain_net.state_dict())
+            assert all(group["fused"] is True for group in fused.param_groups)
+        for net, opt in ((fused_net, fused), (plain_net, plain)):
+            opt.zero_grad()
+            net(x, t, y).square().mean().backward()
+            opt.step()
+    moved = 0
+    for (name, a), b in zip(fused_net.named_parameters(), plain_net.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        moved += not torch.equal(a, initial[name])
+    assert moved > len(initial) // 2  # the steps did train (some tensors get no gradient)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -4,7 +4,8 @@ A plain single-process PyTorch step, no Ray, no DDP: draw ``x_0 ~ N(0, I)`` and
 ``t ~ U[0, 1)``, form ``x_t = t x_1 + (1 - t) x_0``, take the CFM loss
 ``|v(x_t, t, y) - (x_1 - x_0)|^2`` (labels dropped to the null class at
 ``train.label_dropout``), backward, clip the gradient norm, AdamW step (fused on CUDA, as
-fmpipe's loop uses it), EMA update (``torch._foreach_lerp_``). It imports neither Ray nor
+fmpipe's loop uses it; on the CPU torch's default per-tensor loop, where fmpipe's loop
+takes the fused kernel: :func:`pipeline.optim.adamw`), EMA update (``torch._foreach_lerp_``). It imports neither Ray nor
 the data stack, so the GPU benchmark runs where only PyTorch is installed.
 """
 

@@ -68,7 +68,7 @@ from pipeline.data.coupling import sample_generator, sample_seed
 from pipeline.flow import CondOTPath, cfm_loss_per_sample, solve_ode
 from pipeline.malloc import keep_freed_memory
 from pipeline.models import build_model, guided_velocity, to_device_layout
-from pipeline.optim import lr_factor
+from pipeline.optim import adamw, load_adamw_state, lr_factor
 from pipeline.train.data import BatchSource, RayDataSource, SourceContext, ValSet
 from pipeline.train.ema import EMA
 from pipeline.train.validate import model_labels, validation_loss
@@ -325,15 +325,9 @@ def training_loop(
         model = ray.train.torch.prepare_model(net, move_to_device=False, parallel_strategy="ddp")
     if compile:
         model = torch.compile(model)
-    optimizer = torch.optim.AdamW(
-        net.parameters(),
-        lr=lr,
-        betas=tuple(adam_betas),
-        weight_decay=weight_decay,
-        fused=device.type == "cuda" or None,  # one kernel for all parameters on GPUs
-    )
+    optimizer = adamw(net.parameters(), device, lr=lr, betas=adam_betas, weight_decay=weight_decay)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+        load_adamw_state(optimizer, optimizer_state)
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(
         getattr(model, "_orig_mod", None), nn.parallel.DistributedDataParallel
     )
