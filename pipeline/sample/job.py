@@ -53,7 +53,7 @@ from PIL import Image
 
 from pipeline.config import Config, fmpipe_home
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, shard_name
-from pipeline.rayenv import ensure_ray
+from pipeline.rayenv import ensure_ray, quiet_cpp_notices
 from pipeline.sample.determinism import default_block_size, shard_ranges
 from pipeline.sample.sampler import SamplerActor, SamplerSettings
 from pipeline.sample.shards import check_shard, sample_key
@@ -462,7 +462,8 @@ def generate(
             started_ray = ensure_ray(progress_bars=True)
             try:
                 t0 = time.perf_counter()
-                rows = _run_ray_job(source, settings, todo, s.num_actors, s.use_gpu, say)
+                with quiet_cpp_notices():  # ray#53727's notice stays in Ray's driver log
+                    rows = _run_ray_job(source, settings, todo, s.num_actors, s.use_gpu, say)
                 generate_seconds = time.perf_counter() - t0
             finally:
                 if started_ray:

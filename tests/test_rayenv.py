@@ -1,0 +1,72 @@
+"""The console filter for Ray's C++ notices, on a real file descriptor 2 (a subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+NOTICE = (
+    "[2026-11-29 01:38:37,419 E 30079 30079] core_worker.cc:2465: Actor with class name: "
+    "'MapWorker(MapBatches(SamplerActor))' and ID: 'f7554c' has constructor arguments in the "
+    "object store and max_restarts > 0. If the arguments in the object store go out of scope "
+    "or are lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727"
+)
+
+SCRIPT = f"""
+import os, sys, time
+from pipeline.rayenv import quiet_cpp_notices
+print("before", file=sys.stderr, flush=True)
+with quiet_cpp_notices():
+    os.write(2, b"first line\\n")
+    os.write(2, {NOTICE!r}.encode() + b"\\n")
+    os.write(2, b"[2026-11-29 01:38:38,000 W 1 1] other.cc:1: a real C++ warning\\n")
+    os.write(2, b"\\rRunning 50%")  # a progress bar: no newline
+    time.sleep(0.5)
+    print("python stderr", file=sys.stderr, flush=True)
+    os.write(2, b"[half a C++ li")  # split across writes: held until its end arrives
+    os.write(2, b"ne] core_worker.cc:1: the end\\n")
+print("after", file=sys.stderr, flush=True)
+raise SystemExit(3)
+"""
+
+
+def test_quiet_cpp_notices_drops_only_the_notice_and_keeps_order(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 3
+    err = done.stderr.decode()  # bytes: text mode would turn the progress bar's \r into \n
+    assert "53727" not in err and "constructor arguments" not in err
+    expected = [
+        "before\n",
+        "first line\n",
+        "[2026-11-29 01:38:38,000 W 1 1] other.cc:1: a real C++ warning\n",
+        "\rRunning 50%",
+        "python stderr\n",
+        "[half a C++ line] core_worker.cc:1: the end\n",
+        "after\n",
+    ]
+    assert err == "".join(expected), err
+
+
+def test_quiet_cpp_notices_passes_a_progress_bar_on_at_once(tmp_path):
+    """A partial line (no newline yet) reaches the console while the block still runs."""
+    script = """
+import os, sys, time
+from pipeline.rayenv import quiet_cpp_notices
+with quiet_cpp_notices():
+    os.write(2, b"\\rRunning 10%")
+    time.sleep(30)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        seen = b""
+        while len(seen) < len(b"\rRunning 10%"):
+            chunk = proc.stderr.read1(64)
+            assert chunk, "stderr closed before the progress bar arrived"
+            seen += chunk
+        assert seen == b"\rRunning 10%"
+        assert proc.poll() is None  # still inside the block: it was not held back
+    finally:
+        proc.kill()
+        proc.wait()
