@@ -5,8 +5,9 @@ A plain single-process PyTorch step, no Ray, no DDP: draw ``x_0 ~ N(0, I)`` and
 ``|v(x_t, t, y) - (x_1 - x_0)|^2`` (labels dropped to the null class at
 ``train.label_dropout``), backward, clip the gradient norm, AdamW step (fused on CUDA, as
 fmpipe's loop uses it; on the CPU torch's default per-tensor loop, where fmpipe's loop
-takes the fused kernel: :func:`pipeline.optim.adamw`), EMA update (``torch._foreach_lerp_``). It imports neither Ray nor
-the data stack, so the GPU benchmark runs where only PyTorch is installed.
+takes the fused kernel: :func:`pipeline.optim.adamw`), EMA update
+(``torch._foreach_lerp_``). It imports neither Ray nor the data stack, so the GPU
+benchmark runs where only PyTorch is installed.
 """
 
 from __future__ import annotations
