@@ -82,52 +82,88 @@ def ensure_ray(num_cpus: int | None = None, progress_bars: bool = False) -> bool
     return started
 
 
-@contextlib.contextmanager
-def quiet_cpp_notices(pattern: re.Pattern[bytes] = _CPP_NOTICES) -> Iterator[None]:
-    """Drop known C++ notices (``pattern``) from this process's stderr while inside.
+class _StderrFilter:
+    """File descriptor 2 through a pipe, and a thread that passes on what ``pattern`` spares.
 
-    File descriptor 2 goes through a pipe; a thread passes everything else on to the
-    original stderr as it arrives (a partial line at once unless it opens with ``[``, as
-    Ray's C++ log lines do), so tracebacks, warnings, Ray's Python logs and progress bars
-    still reach the console. On exit fd 2 is restored and the rest is flushed.
+    A partial line is passed on at once unless it opens with ``[`` (as Ray's C++ log lines
+    do), so progress bars (which end in ``\\r``) still move while the filter is in.
     """
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): nothing to do
-        yield
-        return
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
 
-    def write(data: bytes) -> None:
+    def __init__(self, pattern: re.Pattern[bytes]) -> None:
+        self.pattern = pattern
+        self.saved = -1
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> bool:
+        """Put the filter in; False (and nothing changed) when there is no usable fd 2."""
+        try:
+            sys.stderr.flush()
+            self.saved = os.dup(2)
+        except (OSError, ValueError):  # embedded interpreters, closed stderr
+            return False
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self.thread = threading.Thread(
+            target=self._forward, args=(read_end,), name="fmpipe-stderr-filter", daemon=True
+        )
+        self.thread.start()
+        return True
+
+    def stop(self) -> None:
+        """Restore fd 2 and let the thread pass on what is left in the pipe."""
+        with contextlib.suppress(ValueError, OSError):
+            sys.stderr.flush()
+        os.dup2(self.saved, 2)  # closes the pipe's last write end: the thread reads to its end
+        assert self.thread is not None
+        self.thread.join(timeout=5)
+        if not self.thread.is_alive():  # else a child holds the pipe: the thread writes on
+            os.close(self.saved)
+
+    def _write(self, data: bytes) -> None:
         with contextlib.suppress(OSError):  # a closed console: keep draining the pipe
             view = memoryview(data)
             while view:
-                view = view[os.write(saved, view) :]
+                view = view[os.write(self.saved, view) :]
 
-    def forward() -> None:
+    def _forward(self, read_end: int) -> None:
         pending = b""
         with os.fdopen(read_end, "rb", buffering=0) as pipe:
             while chunk := pipe.read(65536):
                 *lines, pending = (pending + chunk).split(b"\n")
-                kept = b"".join(line + b"\n" for line in lines if not pattern.search(line))
-                if not pending.startswith(b"["):  # not a C++ log line's start: pass it on
-                    kept, pending = kept + pending, b""  # now (progress bars end in \r)
+                kept = b"".join(line + b"\n" for line in lines if not self.pattern.search(line))
+                if not pending.startswith(b"["):  # not a C++ log line's start: pass it on now
+                    kept, pending = kept + pending, b""
                 if kept:
-                    write(kept)
-        if pending and not pattern.search(pending):
-            write(pending)
+                    self._write(kept)
+        if pending and not self.pattern.search(pending):
+            self._write(pending)
 
-    thread = threading.Thread(target=forward, name="fmpipe-stderr-filter", daemon=True)
-    thread.start()
+
+_filter_lock = threading.Lock()
+_filter: _StderrFilter | None = None
+_filter_users = 0
+
+
+@contextlib.contextmanager
+def quiet_cpp_notices() -> Iterator[None]:
+    """Drop Ray's known C++ notices (``_CPP_NOTICES``) from this process's stderr while inside.
+
+    Everything else written to fd 2 (tracebacks, warnings, Ray's Python logs, progress bars)
+    reaches the console as it arrives. Safe to nest and to enter from several threads: the
+    first entrant puts the filter in, the last one out takes it away.
+    """
+    global _filter, _filter_users
+    with _filter_lock:
+        if _filter_users == 0:
+            candidate = _StderrFilter(_CPP_NOTICES)
+            _filter = candidate if candidate.start() else None
+        _filter_users += 1
     try:
         yield
     finally:
-        with contextlib.suppress(ValueError, OSError):
-            sys.stderr.flush()
-        os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to its end
-        thread.join(timeout=5)
-        if not thread.is_alive():  # else a child holds the pipe: the thread still writes here
-            os.close(saved)
+        with _filter_lock:
+            _filter_users -= 1
+            if _filter_users == 0 and _filter is not None:
+                _filter.stop()
+                _filter = None

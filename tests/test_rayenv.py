@@ -70,3 +70,34 @@ with quiet_cpp_notices():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_quiet_cpp_notices_overlapping_users_share_one_filter(tmp_path):
+    """Two threads whose blocks overlap out of order: the notice is dropped while either is
+    inside, and fd 2 is the original one again once both are out."""
+    script = f"""
+import os, threading
+from pipeline.rayenv import quiet_cpp_notices
+original = os.fstat(2).st_ino
+a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+def a():
+    with quiet_cpp_notices():
+        a_in.set(); b_in.wait()
+        os.write(2, b"a inside\\n")
+    a_out.set()
+def b():
+    a_in.wait()
+    with quiet_cpp_notices():
+        b_in.set(); a_out.wait()
+        os.write(2, {NOTICE!r}.encode() + b"\\n")  # only b is inside now
+        os.write(2, b"b inside\\n")
+threads = [threading.Thread(target=a), threading.Thread(target=b)]
+[t.start() for t in threads]; [t.join() for t in threads]
+assert os.fstat(2).st_ino == original, "fd 2 was not restored"
+os.write(2, b"both out\\n")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr.decode() == "a inside\nb inside\nboth out\n"
