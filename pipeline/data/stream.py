@@ -787,14 +787,15 @@ def collate_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if name == "key":
             out[name] = [str(k) for k in column]
         elif name == "x_0" and column.dtype in (np.int16, np.float16):
-            out[name] = noise_to_float(_read_only_tensor(column))
+            out[name] = noise_to_float(_tensor_view(column))
         else:
-            out[name] = _read_only_tensor(column)
+            out[name] = _tensor_view(column)
     return out
 
 
-def _read_only_tensor(column: np.ndarray) -> torch.Tensor:
-    """A tensor over an array that may be a read-only object-store view (not copied)."""
+def _tensor_view(column: np.ndarray) -> torch.Tensor:
+    """A tensor over the array's memory (not copied), which may be a read-only view of the
+    object store: torch warns about those, and the batch is documented as read-only."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(column))
