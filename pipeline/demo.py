@@ -68,7 +68,9 @@ def run_demo(cfg: Config, say: Callable[[str], None] = print) -> DemoResult:
         point_alias(cfg, trained.registered_version)
         say(f"      models:/{name}@{CHAMPION} -> version {trained.registered_version}")
     say(f"[3/3] sample {cfg.sample.num_samples:,} from {cfg.sample.model} -> {cfg.sample.out}")
-    sampled = generate(cfg, log_line=lambda _line: None)
+    sampled = generate(
+        cfg, log_line=lambda line: say(line) if line.startswith("[sample]") else None
+    )
     return DemoResult(cfg.data.uri, trained, sampled, time.perf_counter() - began)
 
 

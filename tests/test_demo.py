@@ -40,6 +40,7 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path, monkeypatch, capsys):
     grids = list((home / "samples").glob("*/grid.png"))
     assert len(grids) == 1 and grids[0].read_bytes()[:4] == b"\x89PNG"
     assert str(grids[0]) in out and "mlflow ui --backend-store-uri" in out
+    assert "[sample] 3 / 3 shards  60 / 60 samples (100.0%)" in out  # the sample step's progress
 
     samples = home / "store" / "samples" / "digits"
     manifest = Manifest.from_json((samples / "_manifest.json").read_text())

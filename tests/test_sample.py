@@ -226,9 +226,18 @@ def test_bf16_sampling_is_block_exact_and_close_to_fp32() -> None:
 def test_exact_count_unique_indices_webdataset_and_manifest(tmp_path: Path, capfd) -> None:
     out = str(tmp_path / "out")
     cfg = sample_cfg(out, num_samples=100, shard_size=32, num_actors=2, batch_size=8, seed=5)
-    result = generate(cfg, source=gaussian_source(), block_size=8, track=False)
+    lines: list[str] = []
+    result = generate(
+        cfg, source=gaussian_source(), block_size=8, track=False, log_line=lines.append
+    )
     # Ray's C++ notice on actor pools with restarts (ray#53727) stays off the console
     assert "core_worker.cc" not in capfd.readouterr().err
+    # progress as shards come back: the first and the last at least, counts that only grow
+    progress = [line for line in lines if line.startswith("[sample]")]
+    assert progress[0].startswith("[sample] 1 / 4 shards")
+    assert progress[-1].startswith("[sample] 4 / 4 shards  100 / 100 samples (100.0%)")
+    counts = [int(line.split()[1]) for line in progress]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
 
     assert result.num_samples == 100 and result.samples_written == 100
     assert result.shards == result.shards_written == 4

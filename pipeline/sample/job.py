@@ -15,7 +15,8 @@ Steps of :func:`generate`:
    each actor builds the network once (weights from the Ray object store) and writes whole
    shards. Actors are restartable (``max_restarts``) and their tasks retried
    (``max_task_retries``), so a killed actor's shard is redone and the job still ends with
-   exactly N samples, each index once.
+   exactly N samples, each index once. The driver prints a ``[sample]`` progress line as
+   shards come back (the first, the last, and at most one per ``PROGRESS_EVERY_S``).
 5. ``_manifest.json`` (every shard with its count and sha256) is written atomically last.
 6. A grid of the first 64 samples is saved locally (``$FMPIPE_HOME/samples/<name>/grid.png``)
    and, with the parameters, samples/s, NFE per sample, the output URI and the manifest,
@@ -67,6 +68,7 @@ JOB_FILE = "_sample_job.json"
 GRID_SAMPLES = 64
 MAX_RESTARTS = 4  # actor restarts after a crash (per actor)
 MAX_TASK_RETRIES = 4  # retries of one shard's task after its actor died
+PROGRESS_EVERY_S = 10.0  # at most one progress line per this many seconds (and first, last)
 _READ_THREADS = 8
 
 
@@ -345,11 +347,24 @@ def _run_ray_job(
             max_restarts=MAX_RESTARTS,
             max_task_retries=MAX_TASK_RETRIES,
         )
+    total = sum(b - a for _, a, b in todo)
     log_line(
-        f"sampling {sum(b - a for _, a, b in todo)} samples in {len(todo)} shards on {actors} "
+        f"sampling {total} samples in {len(todo)} shards on {actors} "
         f"{'GPU' if use_gpu else 'CPU'} actor(s) ({num_cpus:g} CPU, {threads} torch threads each)"
     )
-    return [dict(row) for row in results.iter_rows()]
+    rows: list[dict[str, Any]] = []
+    began, said, written = time.perf_counter(), -math.inf, 0
+    for row in results.iter_rows():  # one row per shard, as each is written
+        rows.append(dict(row))
+        written += int(row["num_samples"])
+        now = time.perf_counter()
+        if len(rows) in (1, len(todo)) or now - said >= PROGRESS_EVERY_S:
+            said = now
+            log_line(
+                f"[sample] {len(rows):,} / {len(todo):,} shards  {written:,} / {total:,} samples "
+                f"({100 * written / total:5.1f}%)  {written / (now - began):7.1f} samples/s"
+            )
+    return rows
 
 
 def _start_tracker(cfg: Config, source: ModelSource, out_uri: str, block_size: int) -> Any:
@@ -459,7 +474,7 @@ def generate(
         rows: list[dict[str, Any]] = []
         generate_seconds = 0.0
         if todo:
-            started_ray = ensure_ray(progress_bars=True)
+            started_ray = ensure_ray()  # progress: the job's own [sample] lines
             try:
                 t0 = time.perf_counter()
                 with quiet_cpp_notices():  # ray#53727's notice stays in Ray's driver log
