@@ -349,7 +349,7 @@ def _run_ray_job(
         )
     total = sum(b - a for _, a, b in todo)
     log_line(
-        f"sampling {total} samples in {len(todo)} shards on {actors} "
+        f"sampling {total:,} samples in {len(todo):,} shards on {actors} "
         f"{'GPU' if use_gpu else 'CPU'} actor(s) ({num_cpus:g} CPU, {threads} torch threads each)"
     )
     rows: list[dict[str, Any]] = []
