@@ -47,8 +47,9 @@ def _console_handlers(name: str) -> list[logging.Handler]:
     ]
 
 
-def quiet_ray_console(progress_bars: bool = False) -> None:
-    """Raise Ray's console handlers to WARNING; file handlers keep everything."""
+def quiet_ray_console() -> None:
+    """Raise Ray's console handlers to WARNING (file handlers keep everything); no Ray Data
+    progress bars: the jobs print their own progress lines, which read the same in a log."""
     import ray.data
 
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
@@ -56,11 +57,11 @@ def quiet_ray_console(progress_bars: bool = False) -> None:
             handler.setLevel(logging.WARNING)
             handler.addFilter(_MuteRayNotices())
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = progress_bars
+    context.enable_progress_bars = False
     context.print_on_execution_start = False
 
 
-def ensure_ray(num_cpus: int | None = None, progress_bars: bool = False) -> bool:
+def ensure_ray(num_cpus: int | None = None) -> bool:
     """Start a quiet local Ray unless one is running (or ``ray job submit`` connected us).
 
     Returns True when this call started Ray (so the caller should shut it down).
@@ -78,7 +79,7 @@ def ensure_ray(num_cpus: int | None = None, progress_bars: bool = False) -> bool
             include_dashboard=False,
         )
         started = True
-    quiet_ray_console(progress_bars)
+    quiet_ray_console()
     return started
 
 
