@@ -13,16 +13,51 @@ the same run on 1 worker or 64 (the global batch is fixed; workers split it).
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
     """A config key is unknown or its value is invalid. The message names the key."""
+
+
+def _implemented(what: str, module: str, names: str) -> AfterValidator:
+    """A validator accepting only the names ``module.names`` implements (imported on use).
+
+    The allowed values of a setting come from the code that implements them (the solver
+    table in :mod:`pipeline.flow.solvers`, the model builders, ...), never from a copy of
+    their names here. The import is deferred so that ``--help`` and config parsing stay
+    free of torch until a value is checked.
+    """
+
+    def check(value: str) -> str:
+        allowed = tuple(getattr(importlib.import_module(module), names))
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not one of the {what}: {', '.join(allowed)}")
+        return value
+
+    return AfterValidator(check)
+
+
+SolverName = Annotated[str, _implemented("ODE solvers", "pipeline.flow.solvers", "SOLVERS")]
+CouplingName = Annotated[str, _implemented("couplings", "pipeline.data.coupling", "COUPLINGS")]
+NoiseDtype = Annotated[str, _implemented("noise dtypes", "pipeline.data.coupling", "NOISE_DTYPES")]
+TimeSamplerName = Annotated[
+    str, _implemented("time samplers", "pipeline.flow.time_samplers", "TIME_SAMPLERS")
+]
+ModelKind = Annotated[str, _implemented("model kinds", "pipeline.models", "MODEL_KINDS")]
 
 
 class Section(BaseModel):
@@ -51,9 +86,9 @@ class DataConfig(Section):
     channels: Literal[1, 3] = 1  # images are converted to L (1) or RGB (3)
     hflip: bool = False  # random horizontal flip; off by default because it ruins digits
     batch_size: int = Field(128, ge=1)  # global batch, split evenly across workers
-    coupling: Literal["independent", "ot"] = "independent"  # x_0 <-> x_1 pairing in a batch
+    coupling: CouplingName = "independent"  # x_0 <-> x_1 pairing in a batch
     ot_per_class: bool = False  # with coupling=ot and labels: assign within each class only
-    noise_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage dtype of x_0
+    noise_dtype: NoiseDtype = "float32"  # storage dtype of x_0
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)  # stop when more samples are bad
     shuffle_shards: bool = True  # shard order shuffled per epoch from the seed
     read_parallelism: int = Field(-1, ge=-1)  # Ray Data read tasks; -1 lets Ray decide
@@ -61,7 +96,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    kind: Literal["mlp", "unet"] = "unet"
+    kind: ModelKind = "unet"
     hidden_dim: int = Field(256, ge=1)  # mlp width
     depth: int = Field(4, ge=1)  # mlp hidden layers
     base_channels: int = Field(32, ge=1)  # unet channels at full resolution
@@ -81,7 +116,7 @@ class ModelConfig(Section):
 
 
 class FlowConfig(Section):
-    time_sampler: Literal["uniform", "logit_normal"] = "uniform"
+    time_sampler: TimeSamplerName = "uniform"
     logit_normal_mean: float = 0.0  # t = sigmoid(mean + std * z), z ~ N(0, 1)
     logit_normal_std: float = Field(1.0, gt=0.0)
 
@@ -113,16 +148,27 @@ class TrainConfig(Section):
     log_every_steps: int = Field(20, ge=1)
     val_every_images: int = Field(50_000, ge=1)
     val_max_images: int = Field(512, ge=1)
+    val_batch_size: int = Field(256, ge=1)  # rows per forward pass of the validation loss
     grid_every_images: int = Field(100_000, ge=1)
     grid_steps: int = Field(32, ge=1)  # euler steps for the sample grid
     registered_model_name: str = ""  # MLflow registry name; empty: do not register
+    alias: str = ""  # registry alias pointed at the version this run registers; empty: none
+
+    @model_validator(mode="after")
+    def _check_alias(self) -> TrainConfig:
+        if self.alias and not self.registered_model_name:
+            raise ValueError(
+                f"train.alias={self.alias!r} needs train.registered_model_name (the model "
+                "whose version the alias points at)"
+            )
+        return self
 
 
 class SampleConfig(Section):
     model: str = ""  # models:/<name>@<alias>, models:/<name>/<version>, or checkpoint URI
     out: str = ""  # output root for sample shards (s3:// or a path)
     num_samples: int = Field(1000, ge=1)
-    solver: Literal["euler", "midpoint", "heun", "rk4", "dopri5"] = "euler"
+    solver: SolverName = "euler"
     steps: int = Field(32, ge=1)  # fixed-step solvers
     atol: float = Field(1e-5, gt=0.0)  # dopri5
     rtol: float = Field(1e-5, gt=0.0)  # dopri5
@@ -236,7 +282,8 @@ def _format_validation_error(error: ValidationError) -> str:
         key = ".".join(str(part) for part in item["loc"]) or "config"
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"invalid value for '{key}'{shown}: {item['msg']}")
+        message = str(item["msg"]).removeprefix("Value error, ")
+        lines.append(f"invalid value for '{key}'{shown}: {message}")
     return "; ".join(lines)
 
 

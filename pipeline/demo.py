@@ -44,15 +44,9 @@ def with_home_paths(cfg: Config) -> Config:
         cfg.sample.out = str(store / "samples" / "digits")
     if not cfg.train.registered_model_name:
         cfg.train.registered_model_name = "digits"
+    if not cfg.train.alias:
+        cfg.train.alias = CHAMPION  # the trainer points it at the version it registers
     return cfg
-
-
-def point_alias(cfg: Config, version: str, alias: str = CHAMPION) -> None:
-    """Move ``alias`` of the registered model to ``version``."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
-    client.set_registered_model_alias(cfg.train.registered_model_name, alias, version)
 
 
 def run_demo(cfg: Config, say: Callable[[str], None] = print) -> DemoResult:
@@ -64,9 +58,9 @@ def run_demo(cfg: Config, say: Callable[[str], None] = print) -> DemoResult:
     say(f"[2/3] train {cfg.model.kind} on {cfg.data.uri} for {cfg.train.total_images:,} images")
     trained = train(cfg, print_fn=say)
     name = cfg.train.registered_model_name
-    if trained.registered_version:
-        point_alias(cfg, trained.registered_version)
-        say(f"      models:/{name}@{CHAMPION} -> version {trained.registered_version}")
+    if trained.registered_version and trained.registered_alias:
+        pointer = f"models:/{name}@{trained.registered_alias}"
+        say(f"      {pointer} -> version {trained.registered_version}")
     say(f"[3/3] sample {cfg.sample.num_samples:,} from {cfg.sample.model} -> {cfg.sample.out}")
     sampled = generate(
         cfg, log_line=lambda line: say(line) if line.startswith("[sample]") else None

@@ -17,10 +17,10 @@
    images. It continues from the champion's weights (model + EMA; fresh optimizer, learning-
    rate warm-up and schedule from 0) unless there is no champion or ``retrain.from_scratch``.
    The network architecture then comes from the champion's checkpoint (you cannot continue
-   into another one). The champion's weights enter through the trainer's own resume path: a
-   one-worker Ray Train run reports them as checkpoint 0 of the candidate run, which
-   ``train`` then "resumes" at 0 images. The run name is deterministic, so a retrain killed
-   mid-training resumes its candidate on the next tick.
+   into another one). The champion's weights enter through the loop's own initialisation
+   (:class:`pipeline.train.spec.InitWeights`, used when the run has no checkpoint of its
+   own). The run name is deterministic, so a retrain killed mid-training resumes its
+   candidate from its last checkpoint on the next tick.
 4. **Evaluation.** Candidate and champion (EMA weights) on the same val split with the same
    fixed draws: :func:`pipeline.train.data.load_val_set` and
    :func:`pipeline.train.validate.validation_loss`, the trainer's own validation.
@@ -498,73 +498,6 @@ def evaluate_checkpoint(checkpoint_dir: str | os.PathLike[str], val: ValSet) -> 
     return validation_loss(model, val)
 
 
-# --------------------------------------------------------------------------- seeding
-def _seed_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: report the given checkpoint files as checkpoint 0 of this run."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="fmpipe-seed-") as tmp:
-        for file_name, data in config["files"].items():
-            Path(tmp, file_name).write_bytes(data)
-        ray.train.report(
-            {"images_seen": 0, "seeded_from": config["source"]},
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=config["dir_name"],
-        )
-
-
-def _seed_run(cand: Config, champion_dir: Path, manifest_hash: str, source: str) -> None:
-    """Make the champion's weights checkpoint 0 of run ``cand.train.run_name``: model and EMA
-    states, no optimizer or RNG state, images seen 0, the candidate's config."""
-    import io
-
-    import ray.train
-    import torch
-    import yaml
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.checkpoint import (
-        CONFIG_FILE,
-        FORMAT,
-        MODEL_FILE,
-        STATE_FILE,
-        TrainState,
-        load_checkpoint,
-    )
-    from pipeline.rayenv import ensure_ray
-    from pipeline.train.loop import checkpoint_dir_name
-    from pipeline.train.trainer import storage_location
-
-    ckpt = load_checkpoint(champion_dir)
-    buffer = io.BytesIO()
-    payload = {"format": FORMAT, "model": ckpt.model, "ema": ckpt.ema, "optimizer": None, "rng": []}
-    torch.save(payload, buffer)
-    state = TrainState(
-        manifest_hash=manifest_hash, data_shape=list(ckpt.state.data_shape), world_size=1
-    )
-    files = {
-        MODEL_FILE: buffer.getvalue(),
-        STATE_FILE: state.to_json().encode(),
-        CONFIG_FILE: yaml.safe_dump(cand.to_dict(), sort_keys=False).encode(),
-    }
-    storage = storage_location(cand)
-    ensure_ray()
-    trainer = TorchTrainer(
-        _seed_loop,
-        train_loop_config={"files": files, "source": source, "dir_name": checkpoint_dir_name(0)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=1, use_gpu=False, resources_per_worker={"CPU": 0.1}
-        ),
-        run_config=ray.train.RunConfig(
-            name=cand.train.run_name,
-            storage_path=storage.path,
-            storage_filesystem=storage.filesystem if storage.is_s3 else None,
-            failure_config=ray.train.FailureConfig(max_failures=1),
-        ),
-    )
-    trainer.fit()
-
-
 # --------------------------------------------------------------------------- retrain
 @dataclass
 class RetrainResult:
@@ -590,6 +523,7 @@ def _candidate_config(cfg: Config, manifest_hash: str, champion: Champion | None
     base = f"v{champion.version}" if init == "champion" and champion else "scratch"
     cand.train.run_name = f"{cfg.train.run_name}-retrain-{manifest_hash[:12]}-{base}"
     cand.train.total_images = cfg.retrain.images
+    cand.train.alias = ""  # the alias moves here, by compare-and-set, never in training
     cand.train.registered_model_name = ""  # registered here, after the evaluation
     return cand
 
@@ -709,6 +643,72 @@ def retrain(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> R
         lease.release()
 
 
+@dataclass
+class _Evaluation:
+    """Candidate and champion (EMA weights) on the same val split, same fixed draws."""
+
+    candidate: float
+    champion: float | None
+    images: int  # validation images
+    margin: float
+
+    def verdict(self, base: str) -> tuple[bool, str]:
+        """``(better, reason it is not)``: better when cand < champ - margin (or no champ)."""
+        if self.champion is None or self.candidate < self.champion - self.margin:
+            return True, ""
+        return False, (
+            f"val_loss {self.candidate:.5f} is not below the champion's (version {base}) "
+            f"{self.champion:.5f} - margin {self.margin:g}"
+        )
+
+
+def _train_candidate(
+    cfg: Config, cand: Config, champion: Champion | None, init: str, champion_dir: Path | None,
+    say: Callable[[str], None],
+) -> Any:  # fmt: skip
+    """Train the candidate run: from the champion's weights, or from scratch."""
+    from pipeline.train.spec import InitWeights
+    from pipeline.train.trainer import train
+
+    weights = None
+    if init == "champion" and champion is not None and champion_dir is not None:
+        _adopt_architecture(cand, champion_dir, say)
+        source = f"models:/{cfg.train.registered_model_name.strip()}/{champion.version}"
+        weights = InitWeights.from_checkpoint(champion_dir, source)
+        say(f"[retrain] candidate '{cand.train.run_name}' starts from {source}")
+    else:
+        say(f"[retrain] candidate '{cand.train.run_name}' trains from scratch")
+    return train(cand, init=weights, print_fn=say)
+
+
+def _evaluate(
+    cand: Config, run_id: str, artifact_path: str, champion_dir: Path | None, tmp: str
+) -> _Evaluation:
+    from pipeline.data.stream import open_dataset
+    from pipeline.tracking import resolve_model_uri
+    from pipeline.train.data import load_val_set
+
+    cand_dir = Path(tmp, "candidate")
+    resolve_model_uri(f"runs:/{run_id}/{artifact_path}", cand, dst_dir=cand_dir)
+    val = load_val_set(cand, open_dataset(cand, "val"), cand.train.val_max_images)
+    cand_val = evaluate_checkpoint(cand_dir, val)
+    champ_val = evaluate_checkpoint(champion_dir, val) if champion_dir is not None else None
+    return _Evaluation(cand_val, champ_val, len(val), cand.retrain.promote_margin)
+
+
+def _register(
+    client: MlflowClient, tracker: Any, name: str, run_id: str, artifact_path: str,
+    tags: dict[str, Any],
+) -> str:  # fmt: skip
+    """Register the candidate (once, even when re-run after a crash) with its tags."""
+    version = _find_version(client, name, run_id, artifact_path)
+    if version is None:
+        return tracker.register_model_version(name, artifact_path, tags)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return version
+
+
 def _train_evaluate_promote(
     cfg: Config,
     client: MlflowClient,
@@ -717,13 +717,9 @@ def _train_evaluate_promote(
     manifest_hash: str,
     say: Callable[[str], None],
 ) -> RetrainResult:
-    from pipeline.data.stream import open_dataset
     from pipeline.tracking import Tracker, resolve_model_uri, scrub, tracking_uri
-    from pipeline.train.data import load_val_set
-    from pipeline.train.trainer import find_latest_state, storage_location, train
 
     name, alias = cfg.train.registered_model_name.strip(), cfg.retrain.alias
-    margin = cfg.retrain.promote_margin
     init = "champion" if champion is not None and not cfg.retrain.from_scratch else "scratch"
     cand = _candidate_config(cfg, manifest_hash, champion, init)
     base = champion.version if champion else "none"
@@ -736,24 +732,12 @@ def _train_evaluate_promote(
             else f" and no {name}@{alias} yet"
         )
     )
-
     with tempfile.TemporaryDirectory(prefix="fmpipe-retrain-") as tmp:
         champion_dir: Path | None = None
         if champion is not None:
             champion_dir = Path(tmp, "champion")
             resolve_model_uri(f"models:/{name}/{champion.version}", cfg, dst_dir=champion_dir)
-        if init == "champion" and champion_dir is not None:
-            _adopt_architecture(cand, champion_dir, say)
-            run_dir = storage_location(cand).child(cand.train.run_name)
-            previous, _ = find_latest_state(run_dir)
-            if previous is None:
-                source = f"models:/{name}/{champion.version}"
-                say(f"[retrain] candidate '{cand.train.run_name}' starts from {source}")
-                _seed_run(cand, champion_dir, manifest_hash, source)
-        else:
-            say(f"[retrain] candidate '{cand.train.run_name}' trains from scratch")
-
-        result = train(cand, print_fn=say)
+        result = _train_candidate(cfg, cand, champion, init, champion_dir, say)
         run_id = result.mlflow_run_id
         if not run_id:
             raise RuntimeError("the candidate run has no MLflow run id; cannot register it")
@@ -761,48 +745,29 @@ def _train_evaluate_promote(
             result.metrics.get("checkpoint_artifacts")
             or f"{_CHECKPOINT_ARTIFACTS}/images_{result.images_seen:012d}"
         )
+        ev = _evaluate(cand, run_id, artifact_path, champion_dir, tmp)
+    say(
+        f"[retrain] val_loss on {ev.images} images: candidate {ev.candidate:.5f}"
+        + (f", champion {ev.champion:.5f}" if ev.champion is not None else "")
+        + f" (margin {ev.margin:g})"
+    )
 
-        # ---- evaluate both on the same val split, same fixed draws
-        cand_dir = Path(tmp, "candidate")
-        resolve_model_uri(f"runs:/{run_id}/{artifact_path}", cand, dst_dir=cand_dir)
-        val = load_val_set(cand, open_dataset(cand, "val"), cand.train.val_max_images)
-        cand_val = evaluate_checkpoint(cand_dir, val)
-        champ_val = evaluate_checkpoint(champion_dir, val) if champion_dir is not None else None
-        say(
-            f"[retrain] val_loss on {len(val)} images: candidate {cand_val:.5f}"
-            + (f", champion {champ_val:.5f}" if champ_val is not None else "")
-            + f" (margin {margin:g})"
-        )
-
-    # ---- register the candidate with its metrics (once, even when re-run after a crash)
     tracker = Tracker(client, run_id, tracking_uri(cfg))
     tags = {
         "manifest_hash": manifest_hash,
         "images_seen": result.images_seen,
-        "val_loss": f"{cand_val:.6g}",
-        TAG_CHAMPION_VAL: "" if champ_val is None else f"{champ_val:.6g}",
+        "val_loss": f"{ev.candidate:.6g}",
+        TAG_CHAMPION_VAL: "" if ev.champion is None else f"{ev.champion:.6g}",
         "run_name": cand.train.run_name,
         TAG_BASE: base,
         TAG_INIT: init,
-        "fmpipe.retrain.margin": f"{margin:g}",
+        "fmpipe.retrain.margin": f"{ev.margin:g}",
         TAG_DECISION: "pending",
     }
-    version = _find_version(client, name, run_id, artifact_path)
-    if version is None:
-        version = tracker.register_model_version(name, artifact_path, tags)
-    else:
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, str(value))
+    version = _register(client, tracker, name, run_id, artifact_path, tags)
 
     # ---- decide, then compare-and-set the alias under the lease
-    if champ_val is None or cand_val < champ_val - margin:
-        better, reason = True, ""
-    else:
-        better = False
-        reason = (
-            f"val_loss {cand_val:.5f} is not below the champion's (version {base}) "
-            f"{champ_val:.5f} - margin {margin:g}"
-        )
+    better, reason = ev.verdict(base)
     status = "not_better"
     if better:
         status, reason = promote_if_unchanged(
@@ -814,23 +779,19 @@ def _train_evaluate_promote(
     client.set_model_version_tag(name, version, TAG_DECISION, decision)
     if not promoted:
         client.set_model_version_tag(name, version, TAG_REJECTED, scrub(reason))
-    metrics = {"retrain/candidate_val_loss": cand_val, "retrain/promoted": float(promoted)}
-    if champ_val is not None:
-        metrics["retrain/champion_val_loss"] = champ_val
+    metrics = {"retrain/candidate_val_loss": ev.candidate, "retrain/promoted": float(promoted)}
+    if ev.champion is not None:
+        metrics["retrain/champion_val_loss"] = ev.champion
     tracker.log_metrics(metrics, step=result.images_seen)
     tracker.set_tags(
-        {
-            "fmpipe.job": "retrain",
-            TAG_DECISION: decision,
-            "fmpipe.retrain.version": version,
-            TAG_BASE: base,
-        }
-    )
-    outcome: Outcome = "promoted" if promoted else "rejected"
+        {"fmpipe.job": "retrain", TAG_DECISION: decision, "fmpipe.retrain.version": version,
+         TAG_BASE: base}
+    )  # fmt: skip
     if promoted:
-        message = f"promoted {name} version {version} to '{alias}' (val_loss {cand_val:.5f}" + (
-            f" < {champ_val:.5f} - {margin:g}, was version {base})"
-            if champ_val is not None
+        message = f"promoted {name} version {version} to '{alias}' (val_loss {ev.candidate:.5f}"
+        message += (
+            f" < {ev.champion:.5f} - {ev.margin:g}, was version {base})"
+            if ev.champion is not None
             else ")"
         )
     else:
@@ -839,14 +800,14 @@ def _train_evaluate_promote(
     say(f"[retrain] {message}")
     _record(client, name, decision, message)
     return RetrainResult(
-        outcome,
+        "promoted" if promoted else "rejected",
         message,
         name,
         manifest_hash,
         champion_version=champion.version if champion else None,
         candidate_version=version,
-        candidate_val_loss=cand_val,
-        champion_val_loss=champ_val,
+        candidate_val_loss=ev.candidate,
+        champion_val_loss=ev.champion,
         run_name=cand.train.run_name,
         mlflow_run_id=run_id,
     )

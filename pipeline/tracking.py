@@ -337,6 +337,12 @@ class Tracker:
         return cls(None, None, None)
 
     @classmethod
+    def attach(cls, uri: str, run_id: str) -> Tracker:
+        """A tracker on run ``run_id``, which another process (the training driver) started
+        and will end: no tags set, no status changed, the URI used exactly as given."""
+        return cls(_client(uri), run_id, uri)
+
+    @classmethod
     def start(
         cls,
         cfg: Config,

@@ -14,9 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.config import build_config
+from pipeline.storage import resolve
 
 TINY_MODEL = {
     "kind": "unet",
@@ -126,27 +126,6 @@ def champion(c, name: str) -> str | None:
     return dict(c.get_registered_model(name).aliases).get("champion")
 
 
-def load_run_checkpoint(uri: str, tmp_path: Path):
-    """A checkpoint directory in storage (s3://...), copied locally and loaded."""
-    from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, load_checkpoint
-    from pipeline.storage import resolve
-
-    local = tmp_path / uuid.uuid4().hex[:8]
-    local.mkdir()
-    for file_name in (MODEL_FILE, STATE_FILE, CONFIG_FILE):
-        (local / file_name).write_bytes(resolve(uri).child(file_name).read_bytes())
-    return load_checkpoint(local)
-
-
-def load_registered(model_uri: str, tmp_path: Path):
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.tracking import resolve_model_uri
-
-    local = tmp_path / uuid.uuid4().hex[:8]
-    resolve_model_uri(model_uri, build_config(), dst_dir=local)
-    return load_checkpoint(local)
-
-
 def first_loss(c, run_id: str) -> float:
     history = sorted(c.get_metric_history(run_id, "loss"), key=lambda m: m.step)
     return history[0].value
@@ -204,17 +183,14 @@ def test_retrain_lifecycle(ray_local, env, s3_bucket, tmp_path):
     assert float(v2.tags["champion_val_loss"]) == pytest.approx(third.champion_val_loss, rel=1e-4)
     assert v2.tags["fmpipe.retrain.decision"] == ("promoted" if better else "rejected")
     assert ("rejected" in v2.tags) == (not better)
-    # it really started from the champion's weights: they are its checkpoint 0 (no optimizer
-    # state, 0 images), the trainer resumed from that, and its first step's loss is already
-    # below the first loss of the from-scratch run
+    # it really started from the champion's weights: the loop's own initialisation took
+    # them (InitWeights, no separate Ray Train run, no checkpoint 0), the run says so, and
+    # its first step's loss is already below the first loss of the from-scratch run
     assert any("starts from models:/digits-rt/1" in line for line in third.extra["lines"])
-    assert any("resuming at 0 images" in line for line in third.extra["lines"])
-    seed = load_run_checkpoint(f"{storage}/{third.run_name}/checkpoint_000000000000", tmp_path)
-    champ = load_registered(f"models:/{name}/1", tmp_path)
-    assert seed.state.images_seen == 0 and seed.optimizer is None
-    for part in ("model", "ema"):
-        for key, tensor in getattr(champ, part).items():
-            assert torch.equal(getattr(seed, part)[key], tensor), f"{part}.{key}"
+    assert any("[train] starting:" in line for line in third.extra["lines"])
+    third_run = c.get_run(third.mlflow_run_id)
+    assert third_run.data.tags["fmpipe.init_from"] == f"models:/{name}/1"
+    assert not resolve(f"{storage}/{third.run_name}/checkpoint_000000000000").exists()
     assert first_loss(c, third.mlflow_run_id) < 0.9 * first_loss(c, first.mlflow_run_id)
 
     # 4. new shards and a candidate forced to be worse (fresh weights, no learning): rejected

@@ -184,6 +184,42 @@ def test_killed_worker_is_restarted_and_finishes_the_run(reference, tmp_path):
     assert_same(final_weights(result), reference)  # restart from the checkpoint is exact
 
 
+def test_init_weights_start_a_fresh_run_and_are_ignored_on_resume(reference, tmp_path):
+    """InitWeights (retrain's start from the champion) are the first step's weights; a re-run
+    that finds its own checkpoint resumes that and ignores them."""
+    from pipeline.train.spec import InitWeights
+
+    torch.manual_seed(7)
+    init = InitWeights(
+        source="test:perturbed-reference",
+        model={
+            k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+            for k, v in reference["model"].items()
+        },
+        ema=None,
+    )
+    # warm-up from ~0: the step runs at lr 2e-9, so the weights must stay init's (to 1e-6)
+    # while the perturbation put them ~0.01 away from the reference's
+    cfg = tiny_cfg(tmp_path, "init", total_images=8, warmup_images=10**6)
+    result = run(cfg, init=init)
+    assert any("starting:" in line for line in result.extra["lines"]), result.extra["lines"]
+    weights = final_weights(result)
+    for key, tensor in init.model.items():
+        torch.testing.assert_close(weights["model"][key], tensor, atol=1e-6, rtol=0)
+        # the EMA started from the model weights (no EMA given) and tracked them
+        torch.testing.assert_close(weights["ema"][key], tensor, atol=1e-6, rtol=0)
+    moved = max((init.model[k] - reference["model"][k]).abs().max().item() for k in init.model)
+    assert moved > 1e-3
+
+    # a re-run finds its checkpoint and resumes it: other init weights must not be applied
+    other = InitWeights(source="test:reference", model=reference["model"], ema=None)
+    again = run(tiny_cfg(tmp_path, "init", total_images=16, warmup_images=10**6), init=other)
+    assert again.resumed_from == 8
+    assert any("resuming at 8 images" in line for line in again.extra["lines"])
+    for key, tensor in init.model.items():
+        torch.testing.assert_close(final_weights(again)["model"][key], tensor, atol=1e-6, rtol=0)
+
+
 # --------------------------------------------------------------------------- digits, S3, MLflow
 def test_digits_learn_on_s3_with_mlflow_and_resume(ray_local, s3_bucket, mlflow_server, tmp_path):
     """Digits 16x16 through the Ray Data stream, data and checkpoints in SeaweedFS, MLflow on

@@ -22,7 +22,8 @@ from pipeline.models import build_model
 from pipeline.optim import adamw, load_adamw_state
 from pipeline.train.data import InMemorySource, SourceContext, ValSet
 from pipeline.train.ema import EMA, ema_beta
-from pipeline.train.loop import micro_batch_size, sample_grid
+from pipeline.train.events import sample_grid
+from pipeline.train.spec import micro_batch_size
 from pipeline.train.validate import constant_predictor_loss, validation_loss
 
 

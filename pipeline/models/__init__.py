@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from pipeline.config import ModelConfig
 
 __all__ = [
+    "MODEL_KINDS",
     "MLPVelocity",
     "UNet",
     "build_model",
@@ -22,6 +24,46 @@ __all__ = [
     "guided_velocity",
     "to_device_layout",
 ]
+
+
+def _mlp(cfg: ModelConfig, shape: tuple[int, ...]) -> nn.Module:
+    if len(shape) != 1:
+        raise ValueError(
+            f"model.kind='mlp' needs flat data_shape (D,), got {shape}; "
+            "use model.kind='unet' for images"
+        )
+    return MLPVelocity(shape[0], cfg.hidden_dim, cfg.depth, cfg.num_classes)
+
+
+def _unet(cfg: ModelConfig, shape: tuple[int, ...]) -> nn.Module:
+    if len(shape) != 3:
+        raise ValueError(
+            f"model.kind='unet' needs image data_shape (C, H, W), got {shape}; "
+            "use model.kind='mlp' for flat data"
+        )
+    channels, height, width = shape
+    if height != width:
+        raise ValueError(f"model.kind='unet' needs square images (H == W), got {shape}")
+    return UNet(
+        in_channels=channels,
+        resolution=height,
+        base_channels=cfg.base_channels,
+        channel_mult=list(cfg.channel_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        attention_resolutions=list(cfg.attention_resolutions),
+        num_heads=cfg.num_heads,
+        dropout=cfg.dropout,
+        norm_groups=cfg.norm_groups,
+        num_classes=cfg.num_classes,
+    )
+
+
+# model.kind -> builder; ``model.kind``'s allowed values are these names (pipeline.config).
+_BUILDERS: dict[str, Callable[[ModelConfig, tuple[int, ...]], nn.Module]] = {
+    "mlp": _mlp,
+    "unet": _unet,
+}
+MODEL_KINDS: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def build_model(cfg: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
@@ -35,35 +77,10 @@ def build_model(cfg: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
     shape = tuple(int(s) for s in data_shape)
     if any(s < 1 for s in shape):
         raise ValueError(f"data_shape must have positive sizes, got {shape}")
-    if cfg.kind == "mlp":
-        if len(shape) != 1:
-            raise ValueError(
-                f"model.kind='mlp' needs flat data_shape (D,), got {shape}; "
-                "use model.kind='unet' for images"
-            )
-        return MLPVelocity(shape[0], cfg.hidden_dim, cfg.depth, cfg.num_classes)
-    if cfg.kind == "unet":
-        if len(shape) != 3:
-            raise ValueError(
-                f"model.kind='unet' needs image data_shape (C, H, W), got {shape}; "
-                "use model.kind='mlp' for flat data"
-            )
-        channels, height, width = shape
-        if height != width:
-            raise ValueError(f"model.kind='unet' needs square images (H == W), got {shape}")
-        return UNet(
-            in_channels=channels,
-            resolution=height,
-            base_channels=cfg.base_channels,
-            channel_mult=list(cfg.channel_mult),
-            num_res_blocks=cfg.num_res_blocks,
-            attention_resolutions=list(cfg.attention_resolutions),
-            num_heads=cfg.num_heads,
-            dropout=cfg.dropout,
-            norm_groups=cfg.norm_groups,
-            num_classes=cfg.num_classes,
-        )
-    raise ValueError(f"model.kind must be 'mlp' or 'unet', got {cfg.kind!r}")
+    builder = _BUILDERS.get(cfg.kind)
+    if builder is None:
+        raise ValueError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {cfg.kind!r}")
+    return builder(cfg, shape)
 
 
 def to_device_layout(model: nn.Module, device: torch.device) -> nn.Module:

@@ -39,13 +39,19 @@ from pipeline.config import Config, ConfigError, fmpipe_home
 from pipeline.rayenv import ensure_ray
 from pipeline.storage import Location, check_access, read_whole, resolve, scrub
 from pipeline.train.data import BatchSource, ValSet, build_train_stream, epochs_needed, load_val_set
-from pipeline.train.loop import micro_batch_size, train_loop_per_worker
+from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.spec import (
+    InitWeights,
+    RunContext,
+    TrackingHandle,
+    WorkerSpec,
+    micro_batch_size,
+)
 
 __all__ = [
     "RUN_INFO_FILE",
     "TrainResult",
     "find_latest_state",
-    "loop_kwargs",
     "storage_location",
     "train",
 ]
@@ -66,6 +72,7 @@ class TrainResult:
     mlflow_run_id: str | None
     registered_model_name: str | None = None
     registered_version: str | None = None
+    registered_alias: str | None = None  # train.alias, pointed at registered_version
     wall_seconds: float = 0.0
     resumed_from: int = 0  # images seen when this invocation started
     extra: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +99,10 @@ class TrainResult:
         if self.registered_version:
             lines.append(
                 f"  registered model models:/{self.registered_model_name}/{self.registered_version}"
+            )
+        if self.registered_alias:
+            lines.append(
+                f"  alias            models:/{self.registered_model_name}@{self.registered_alias}"
             )
         return "\n".join(lines)
 
@@ -142,42 +153,6 @@ def _read_run_info(run_dir: Location) -> dict[str, Any]:
     except Exception as exc:
         log.warning("ignoring unreadable %s: %s", info.uri, exc)
     return {}
-
-
-# --------------------------------------------------------------------------- config -> loop
-def loop_kwargs(cfg: Config) -> dict[str, Any]:
-    """The :func:`training_loop` keyword arguments that come straight from ``cfg``."""
-    t = cfg.train
-    return {
-        "config": cfg.to_dict(),
-        "model_kwargs": cfg.model.model_dump(),
-        "seed": cfg.seed,
-        "total_images": t.total_images,
-        "batch_size": cfg.data.batch_size,
-        "grad_accum": t.grad_accum,
-        "lr": t.lr,
-        "lr_schedule": t.lr_schedule,
-        "warmup_images": t.warmup_images,
-        "weight_decay": t.weight_decay,
-        "adam_betas": list(t.adam_betas),
-        "grad_clip": t.grad_clip,
-        "ema_halflife_images": t.ema_halflife_images,
-        "ema_warmup_ratio": t.ema_warmup_ratio,
-        "label_dropout": t.label_dropout,
-        "precision": t.precision,
-        "compile": t.compile,
-        "torch_threads": t.torch_threads,
-        "coupling": cfg.data.coupling,
-        "ot_per_class": cfg.data.ot_per_class,
-        "prefetch_batches": cfg.data.prefetch_batches,
-        "checkpoint_every_images": t.checkpoint_every_images,
-        "log_every_steps": t.log_every_steps,
-        "val_every_images": t.val_every_images,
-        "grid_every_images": t.grid_every_images,
-        "grid_steps": t.grid_steps,
-        "grid_guidance_scale": cfg.sample.guidance_scale,
-        "registered_model_name": t.registered_model_name,
-    }
 
 
 # --------------------------------------------------------------------------- progress
@@ -246,114 +221,74 @@ class _ProgressPrinter:
             self.queue.shutdown()
 
 
-# --------------------------------------------------------------------------- train
-def train(
-    cfg: Config,
-    *,
-    batch_source: BatchSource | None = None,
-    data_shape: tuple[int, ...] | None = None,
-    val_set: ValSet | None = None,
-    print_fn: Callable[[str], None] | None = print,
-    track: bool = True,
-) -> TrainResult:
-    """Train ``cfg`` on Ray Train (see the module doc); resumes ``train.run_name`` if it exists.
+# --------------------------------------------------------------------------- the steps
+@dataclass
+class _Inputs:
+    """The data side of a run, checked before any worker starts."""
 
-    ``batch_source`` (tests, benchmarks) replaces the Ray Data stream; then ``data_shape``
-    (default from ``cfg.data``) and ``val_set`` come from the caller and no dataset is read.
-    ``track=False`` skips MLflow.
-    """
+    data_shape: tuple[int, ...]
+    manifest_hash: str = ""
+    info: Any = None  # DatasetInfo of the train split (None with a caller's batch source)
+    val_info: Any = None  # DatasetInfo of the val split, if there is one
+
+
+def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> _Inputs:
+    """The batch split, the dataset and its classes (or the caller's in-memory data)."""
+    t = cfg.train
+    micro_batch_size(cfg.data.batch_size, t.num_workers, t.grad_accum)
+    if batch_source is not None:
+        return _Inputs(data_shape=tuple(shape or data_shape_of(cfg)))
+    from pipeline.data.stream import DatasetError, open_dataset
+
+    info = open_dataset(cfg, "train")
+    labels = info.manifest.num_classes
+    if cfg.model.num_classes and labels and cfg.model.num_classes != labels:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but dataset '{cfg.data.uri}' has "
+            f"{labels} classes; set model.num_classes={labels} (or 0 for unconditional)"
+        )
+    if cfg.model.num_classes and not labels:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but dataset '{cfg.data.uri}' is "
+            "unlabelled; set model.num_classes=0"
+        )
+    try:
+        val_info = open_dataset(cfg, "val")
+    except DatasetError as exc:
+        val_info = None
+        log.warning("no validation loss: %s", exc)
+    return _Inputs(data_shape_of(cfg), info.manifest.content_hash(), info, val_info)
+
+
+def _start_tracking(cfg: Config, run_dir: Location, previous: TrainState | None):
+    """Continue the MLflow run this run started, else start one; record it in the run dir."""
+    from pipeline.tracking import Tracker, tracking_uri
+
+    t = cfg.train
+    uri = tracking_uri(cfg)
+    run_info = _read_run_info(run_dir)
+    run_id = run_info.get("mlflow_run_id") or (previous.mlflow_run_id if previous else None)
+    try:
+        tracker = Tracker.start(
+            cfg, experiment=cfg.tracking.experiment, run_name=t.run_name, run_id=run_id
+        )
+    except ValueError as exc:
+        log.warning("starting a new MLflow run: %s", exc)
+        tracker = Tracker.start(cfg, experiment=cfg.tracking.experiment, run_name=t.run_name)
+    tracker.set_tags({"fmpipe.run_uri": run_dir.uri})
+    if tracker.run_id != run_info.get("mlflow_run_id"):
+        body = {"mlflow_run_id": tracker.run_id, "run_name": t.run_name, "tracking_uri": scrub(uri)}
+        run_dir.child(RUN_INFO_FILE).write_bytes((json.dumps(body, indent=1) + "\n").encode())
+    handle = TrackingHandle(uri, str(tracker.run_id), cfg.tracking.experiment, t.run_name)
+    return tracker, handle
+
+
+def _trainer(cfg: Config, spec: WorkerSpec, storage: Location, datasets: Any) -> Any:
+    """The ``TorchTrainer`` for ``spec``: scaling, storage, failures and checkpoints from cfg."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    started = time.perf_counter()
     t = cfg.train
-    micro_batch_size(cfg.data.batch_size, t.num_workers, t.grad_accum)  # fail before workers
-
-    # ---- data checks (before any worker starts)
-    info = None
-    manifest_hash = ""
-    if batch_source is None:
-        from pipeline.data.stream import DatasetError, open_dataset
-
-        info = open_dataset(cfg, "train")
-        manifest_hash = info.manifest.content_hash()
-        labels = info.manifest.num_classes
-        if cfg.model.num_classes and labels and cfg.model.num_classes != labels:
-            raise ConfigError(
-                f"model.num_classes={cfg.model.num_classes} but dataset '{cfg.data.uri}' has "
-                f"{labels} classes; set model.num_classes={labels} (or 0 for unconditional)"
-            )
-        if cfg.model.num_classes and not labels:
-            raise ConfigError(
-                f"model.num_classes={cfg.model.num_classes} but dataset '{cfg.data.uri}' is "
-                "unlabelled; set model.num_classes=0"
-            )
-        data_shape = data_shape_of(cfg)
-        try:
-            val_info = open_dataset(cfg, "val")
-        except DatasetError as exc:
-            val_info = None
-            log.warning("no validation loss: %s", exc)
-    shape = tuple(data_shape or data_shape_of(cfg))
-
-    # ---- storage and the previous run, if any
-    storage = storage_location(cfg)
-    if storage.is_s3:
-        check_access(storage, must_exist=False)
-    run_dir = storage.child(t.run_name)
-    previous, previous_name = find_latest_state(run_dir)
-    start_images = previous.images_seen if previous else 0
-    start_epoch = previous.data_epoch if previous else 0
-
-    # ---- MLflow run: continue the one this run started, else a new one
-    tracker = None
-    tracking = None
-    if track:
-        from pipeline.tracking import Tracker, tracking_uri
-
-        uri = tracking_uri(cfg)
-        run_info = _read_run_info(run_dir)
-        run_id = run_info.get("mlflow_run_id") or (previous.mlflow_run_id if previous else None)
-        try:
-            tracker = Tracker.start(
-                cfg, experiment=cfg.tracking.experiment, run_name=t.run_name, run_id=run_id
-            )
-        except ValueError as exc:
-            log.warning("starting a new MLflow run: %s", exc)
-            tracker = Tracker.start(cfg, experiment=cfg.tracking.experiment, run_name=t.run_name)
-        tracker.set_tags({"fmpipe.run_uri": run_dir.uri})
-        if tracker.run_id != run_info.get("mlflow_run_id"):
-            body = {
-                "mlflow_run_id": tracker.run_id,
-                "run_name": t.run_name,
-                "tracking_uri": scrub(uri),
-            }
-            run_dir.child(RUN_INFO_FILE).write_bytes((json.dumps(body, indent=1) + "\n").encode())
-        tracking = {
-            "uri": uri,
-            "run_id": tracker.run_id,
-            "experiment": cfg.tracking.experiment,
-            "run_name": t.run_name,
-        }
-
-    # ---- Ray: stream, validation draws, trainer
-    ensure_ray()
-    datasets = None
-    if info is not None:
-        remaining = max(t.total_images - start_images, 0)
-        epochs = epochs_needed(remaining, info.num_samples, cfg.data.batch_size)
-        datasets = {"train": build_train_stream(cfg, info, start_epoch, epochs)}
-        if val_info is not None and val_set is None:
-            val_set = load_val_set(cfg, val_info, t.val_max_images)
-
-    kwargs = loop_kwargs(cfg)
-    kwargs.update(
-        data_shape=list(shape),
-        batch_source=batch_source,
-        val_set=val_set,
-        manifest_hash=manifest_hash,
-        tracking=tracking,
-    )
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
@@ -370,6 +305,54 @@ def train(
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
     )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec.to_loop_config(),
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets=datasets,
+    )
+
+
+# --------------------------------------------------------------------------- train
+def train(
+    cfg: Config,
+    *,
+    init: InitWeights | None = None,
+    batch_source: BatchSource | None = None,
+    data_shape: tuple[int, ...] | None = None,
+    val_set: ValSet | None = None,
+    print_fn: Callable[[str], None] | None = print,
+    track: bool = True,
+) -> TrainResult:
+    """Train ``cfg`` on Ray Train (see the module doc); resumes ``train.run_name`` if it exists.
+
+    ``init``: weights a fresh run starts from (ignored when the run resumes a checkpoint).
+    ``batch_source`` (tests, benchmarks) replaces the Ray Data stream; then ``data_shape``
+    (default from ``cfg.data``) and ``val_set`` come from the caller and no dataset is read.
+    ``track=False`` skips MLflow.
+    """
+    started = time.perf_counter()
+    t = cfg.train
+    inputs = _check_inputs(cfg, batch_source, data_shape)
+    storage = storage_location(cfg)
+    if storage.is_s3:
+        check_access(storage, must_exist=False)
+    run_dir = storage.child(t.run_name)
+    previous, previous_name = find_latest_state(run_dir)
+    start_images = previous.images_seen if previous else 0
+    tracker, handle = _start_tracking(cfg, run_dir, previous) if track else (None, None)
+
+    ensure_ray()
+    datasets = None
+    if inputs.info is not None:
+        epochs = epochs_needed(
+            max(t.total_images - start_images, 0), inputs.info.num_samples, cfg.data.batch_size
+        )
+        start_epoch = previous.data_epoch if previous else 0
+        datasets = {"train": build_train_stream(cfg, inputs.info, start_epoch, epochs)}
+        if inputs.val_info is not None and val_set is None:
+            val_set = load_val_set(cfg, inputs.val_info, t.val_max_images)
     say = print_fn or (lambda _line: None)
     if previous is not None:
         say(f"[train] found {previous_name} ({start_images:,} images) in {run_dir.uri}")
@@ -377,15 +360,12 @@ def train(
     try:
         printer = _ProgressPrinter(say) if print_fn else contextlib.nullcontext()
         with printer as p:
-            kwargs["progress_queue"] = p.queue if p is not None else None
-            trainer = TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config=kwargs,
-                scaling_config=scaling,
-                run_config=run_config,
-                datasets=datasets,
-            )
-            result = trainer.fit()
+            context = RunContext(
+                data_shape=inputs.data_shape, manifest_hash=inputs.manifest_hash,
+                tracking=handle, init=init, batch_source=batch_source, val_set=val_set,
+                progress_queue=p.queue if p is not None else None,
+            )  # fmt: skip
+            result = _trainer(cfg, WorkerSpec(cfg, context), storage, datasets).fit()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -395,15 +375,15 @@ def train(
             tracker.end(status)
 
     metrics = dict(result.metrics or {})
-    checkpoint_uri = _uri(storage, result.checkpoint.path) if result.checkpoint else None
     return TrainResult(
         metrics=metrics,
         images_seen=int(metrics.get("images_seen", 0)),
-        checkpoint_uri=checkpoint_uri,
+        checkpoint_uri=_uri(storage, result.checkpoint.path) if result.checkpoint else None,
         run_uri=run_dir.uri,
-        mlflow_run_id=tracking["run_id"] if tracking else None,
+        mlflow_run_id=handle.run_id if handle else None,
         registered_model_name=metrics.get("registered_model_name"),
         registered_version=metrics.get("registered_version"),
+        registered_alias=metrics.get("registered_alias"),
         wall_seconds=time.perf_counter() - started,
         resumed_from=start_images,
     )

@@ -1,0 +1,159 @@
+"""A worker's training parts: network, EMA, optimizer and progress, fresh or restored.
+
+:func:`build_parts` decides where a worker starts, in this order:
+
+1. ``ray.train.get_checkpoint()`` (a re-run of the same run name + storage path, or a worker
+   restarted by ``FailureConfig``): model, EMA, optimizer, progress and per-rank RNG states
+   are restored exactly;
+2. else the run context's :class:`~pipeline.train.spec.InitWeights` (``fmpipe retrain``
+   continuing from the champion): model and EMA weights, everything else fresh;
+3. else seeded initial weights (``torch.manual_seed(seed)`` on every rank, so DDP starts
+   every replica equal).
+
+The network is then wrapped for DDP (more than one worker) and ``torch.compile`` when asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.checkpoint import TrainState, load_checkpoint, load_state_into, set_rng_state
+from pipeline.config import Config
+from pipeline.data.coupling import sample_seed
+from pipeline.models import build_model, to_device_layout
+from pipeline.optim import adamw, load_adamw_state
+from pipeline.train.dist import WorkerGroup
+from pipeline.train.ema import EMA
+from pipeline.train.spec import RunContext
+
+__all__ = ["TrainingParts", "autocast", "build_parts", "worker_device", "worker_threads"]
+
+log = logging.getLogger(__name__)
+
+
+def worker_threads(torch_threads: int, local_world_size: int) -> int:
+    """torch threads: the knob, else this node's cores shared by its workers (>= 1).
+
+    Ray sets ``OMP_NUM_THREADS`` from a worker's CPU resource, so a 1-CPU (or fractional)
+    worker would run torch on one thread: 0.55x the images/s of a plain loop on the 2-core
+    dev machine (docs/design.md, traps).
+    """
+    if torch_threads > 0:
+        return torch_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // local_world_size)
+
+
+def worker_device() -> torch.device:
+    """The device Ray Train gave this worker, with the CUDA math settings the loop wants."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision`` bf16, or auto on CUDA; fp32 (no autocast) otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class TrainingParts:
+    """Everything a worker trains with. ``net`` is the bare network (what checkpoints hold);
+    ``model`` is what the step calls (``net``, DDP-wrapped and/or compiled)."""
+
+    net: nn.Module
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    resumed: bool  # restored from a checkpoint of this run
+    ddp: nn.parallel.DistributedDataParallel | None  # for no_sync() during accumulation
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.net, "num_classes", 0))
+
+
+def _restore(net: nn.Module, ema: EMA, state: TrainState, world: int) -> tuple[Any, list, str]:
+    """Load this run's Ray Train checkpoint into ``net``/``ema``/``state``, if there is one.
+
+    Returns ``(optimizer state or None, per-rank RNG states, where)``; ``where`` is "" when
+    there is no checkpoint.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, [], ""
+    with checkpoint.as_directory() as directory:
+        loaded = load_checkpoint(directory)
+    where = checkpoint.path
+    load_state_into(net, loaded.model, where, "model")
+    if loaded.ema is not None:
+        load_state_into(ema.module, loaded.ema, where, "EMA")
+    else:
+        ema.module.load_state_dict(net.state_dict())
+    manifest_hash = state.manifest_hash
+    saved = loaded.state
+    if manifest_hash and saved.manifest_hash and saved.manifest_hash != manifest_hash:
+        log.warning(
+            "resuming from %s, trained on dataset %s; the dataset is now %s",
+            where, saved.manifest_hash[:12], manifest_hash[:12],
+        )  # fmt: skip
+    for name in ("images_seen", "step", "data_epoch", "mlflow_run_id", "val_loss"):
+        setattr(state, name, getattr(saved, name))
+    state.manifest_hash = manifest_hash or saved.manifest_hash
+    state.world_size = world
+    return loaded.optimizer, loaded.rng, where
+
+
+def build_parts(cfg: Config, ctx: RunContext, group: WorkerGroup) -> TrainingParts:
+    """The worker's network, EMA, optimizer and progress (see the module doc)."""
+    import ray.train.torch
+
+    t, device, world = cfg.train, group.device, group.world_size
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    net = to_device_layout(build_model(cfg.model, ctx.data_shape), device)  # NHWC on the CPU
+    ema = EMA(net, t.ema_halflife_images, t.ema_warmup_ratio)
+    state = TrainState(
+        manifest_hash=ctx.manifest_hash, data_shape=list(ctx.data_shape), world_size=world
+    )
+    optimizer_state, rng_saved, where = _restore(net, ema, state, world)
+    if not where and ctx.init is not None:
+        load_state_into(net, ctx.init.model, ctx.init.source, "model")
+        load_state_into(ema.module, ctx.init.ema or ctx.init.model, ctx.init.source, "EMA")
+    if len(rng_saved) == world:
+        set_rng_state(rng_saved[group.rank])
+    else:  # fresh start, or another worker count: seeded from the position instead
+        rng_seed = sample_seed(cfg.seed, state.images_seen, f"rank-{group.rank}", stream="rng")
+        torch.manual_seed(rng_seed)
+
+    model: nn.Module = net
+    if world > 1:
+        model = ray.train.torch.prepare_model(net, move_to_device=False, parallel_strategy="ddp")
+    ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    if t.compile:
+        model = torch.compile(model)
+    optimizer = adamw(
+        net.parameters(), device, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
+    )
+    if optimizer_state is not None:
+        load_adamw_state(optimizer, optimizer_state)
+    return TrainingParts(net, model, ema, optimizer, state, bool(where), ddp)
