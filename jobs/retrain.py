@@ -15,7 +15,7 @@ Two runs at once promote at most once: an exclusive lease (S3 conditional writes
 flock on a local path) under <train.storage_path>/_locks/, and a compare-and-set of the
 alias under it (see pipeline/retrain.py).
 
-Defaults: jobs/configs/retrain.yaml (the digits model of `fmpipe train`).
+Defaults: jobs/configs/train.yaml (the digits model of `fmpipe train`) < jobs/configs/retrain.yaml.
 
 Examples:
   fmpipe retrain
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_job_args(build_parser(), argv)
 
     def body() -> int:
-        cfg = resolve_config(args, defaults="retrain", shortcuts=SHORTCUTS)
+        cfg = resolve_config(args, defaults=("train", "retrain"), shortcuts=SHORTCUTS)
         if not cfg.data.uri:
             cfg.data.uri = str(fmpipe_home() / "store" / "digits")
         if args.print_config:
