@@ -53,11 +53,12 @@ def parse_job_args(
 ) -> argparse.Namespace:
     """Parse a job's command line, taking ``key.path=value`` overrides anywhere among the flags.
 
-    argparse alone gives a ``nargs="*"`` positional only one run of tokens, so
-    ``--images 2000 train.lr=1 --workers 2 seed=3`` used to fail on ``seed=3``. Here the
-    tokens argparse leaves over are overrides when they have that form (kept in
-    command-line order after the ones it took), and argparse's own "unrecognized
-    arguments" error (exit 2) otherwise. A parser (or sub-command) without
+    argparse gives a ``nargs="*"`` positional one run of tokens only: in
+    ``--images 2000 train.lr=1 --workers 2 seed=3`` it takes ``train.lr=1`` and leaves
+    ``seed=3`` over (``parse_intermixed_args`` would fix that but refuses sub-commands, which
+    ``fmpipe bench`` has). The tokens left over are overrides when they have that form, kept
+    in command-line order after the ones argparse took; anything else gets argparse's own
+    "unrecognized arguments" error (exit 2). A parser (or sub-command) without
     :func:`add_config_arguments` takes no overrides at all.
     """
     args, extras = parser.parse_known_args(None if argv is None else list(argv))
