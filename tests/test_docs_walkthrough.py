@@ -123,7 +123,7 @@ def script(commands: list[str]) -> str:
             f"echo {STEP} {i} start: {shlex.quote(command)}",
             command,
             "__rc=$?",
-            f'echo {STEP} {i} rc=$__rc; [ "$__rc" = 0 ] || exit "$__rc"',
+            f'echo "{STEP} {i} rc=$__rc at ${{SECONDS}} s"; [ "$__rc" = 0 ] || exit "$__rc"',
         ]
         if i == last_sample:
             check = shlex.quote(_CHECK_SHARDS)
@@ -163,7 +163,7 @@ def test_the_script_stops_at_the_first_failing_command(tmp_path):
         env={**os.environ, "FMPIPE_PYTHON": sys.executable},
     )
     assert out.returncode == 1
-    assert f"{STEP} 0 rc=0" in out.stdout and f"{STEP} 1 rc=1" in out.stdout
+    assert f"{STEP} 0 rc=0 " in out.stdout and f"{STEP} 1 rc=1 " in out.stdout
     assert "never" not in out.stdout.replace("echo never", "")
 
 
@@ -226,7 +226,8 @@ def test_operations_walkthrough_runs_as_written(walkthrough_home: Path, tmp_path
     (tmp_path / "walkthrough.log").write_text(log)
     tail = "\n".join(log.splitlines()[-80:])
     for i, command in enumerate(commands):
-        assert f"{STEP} {i} rc=0" in log, f"walk-through command {i} failed: {command}\n{tail}"
+        done = re.search(rf"^{STEP} {i} rc=0 ", log, re.MULTILINE)
+        assert done, f"walk-through command {i} failed: {command}\n{tail}"
     assert code == 0, tail
 
     shards = json.loads(next(line for line in log.splitlines() if line.startswith("@@shards"))[9:])
