@@ -10,13 +10,19 @@ fmpipe bench gpu    U-Net training MFU and sampling samples/s on one GPU (no Ray
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
-from jobs._common import add_config_arguments, resolve_config, run_job
+from jobs._common import add_config_arguments, parse_job_args, resolve_config, run_job
 
 DEFAULT_SAMPLE_MODEL = "models:/digits@champion"  # what `make demo` registers
+# `fmpipe bench sample` flag (argparse dest) -> config key
+SAMPLE_SHORTCUTS = {
+    "solver": "sample.solver",
+    "steps": "sample.steps",
+    "num_samples": "sample.num_samples",
+    "actors": "sample.num_actors",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,13 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_job_args(build_parser(), argv)
 
     def body() -> int:
         if args.bench == "toy":
             from pipeline.bench.toy import run_toy_benchmark
 
-            run_toy_benchmark(resolve_config(args, defaults="toy"), args.num_samples)
+            cfg = resolve_config(args, defaults="toy")
+            if args.print_config:
+                print(cfg.to_yaml(), end="")
+                return 0
+            run_toy_benchmark(cfg, args.num_samples)
         elif args.bench == "data":
             from pipeline.bench.data import run_data_benchmark
 
@@ -199,14 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.bench == "sample":
             from pipeline.bench.sample import BenchSampleError, run_sample_benchmark
 
-            flags = {
-                "sample.solver": args.solver,
-                "sample.steps": args.steps,
-                "sample.num_samples": args.num_samples,
-                "sample.num_actors": args.actors,
-            }
-            extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-            cfg = resolve_config(args, extra=extra)
+            cfg = resolve_config(args, shortcuts=SAMPLE_SHORTCUTS)
             if args.print_config:
                 print(cfg.to_yaml(), end="")
                 return 0

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import add_config_arguments, packaged_defaults, run_job
-from pipeline.config import load_config, merge_trees
+from jobs._common import add_config_arguments, parse_job_args, resolve_config, run_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,11 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_job_args(build_parser(), argv)
 
     def body() -> int:
-        defaults = merge_trees(packaged_defaults("train"), packaged_defaults("demo"))
-        cfg = load_config(args.config, args.overrides, defaults=defaults)
+        cfg = resolve_config(args, defaults=("train", "demo"))
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0

@@ -15,7 +15,7 @@ Two runs at once promote at most once: an exclusive lease (S3 conditional writes
 flock on a local path) under <train.storage_path>/_locks/, and a compare-and-set of the
 alias under it (see pipeline/retrain.py).
 
-Defaults: jobs/configs/retrain.yaml (the digits model of `fmpipe train`).
+Defaults: jobs/configs/train.yaml (the digits model of `fmpipe train`) < jobs/configs/retrain.yaml.
 
 Examples:
   fmpipe retrain
@@ -32,7 +32,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import add_config_arguments, overrides_from, resolve_config, run_guarded, run_job
+from jobs._common import (
+    add_config_arguments,
+    overrides_from,
+    parse_job_args,
+    resolve_config,
+    run_guarded,
+    run_job,
+    shortcut_values,
+)
 from pipeline.config import fmpipe_home
 
 
@@ -68,23 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# flag (argparse dest) -> config key
+SHORTCUTS = {
+    "data": "data.uri",
+    "storage": "train.storage_path",
+    "model_name": "train.registered_model_name",
+    "images": "retrain.images",
+    "margin": "retrain.promote_margin",
+    "from_scratch": "retrain.from_scratch",
+}
+
+
 def flag_overrides(args: argparse.Namespace) -> list[str]:
-    pairs = {
-        "data.uri": args.data,
-        "train.storage_path": args.storage,
-        "train.registered_model_name": args.model_name,
-        "retrain.images": args.images,
-        "retrain.promote_margin": args.margin,
-        "retrain.from_scratch": args.from_scratch,
-    }
-    return overrides_from(pairs)
+    """The flags given, as ``key=value`` overrides."""
+    return overrides_from(shortcut_values(args, SHORTCUTS))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_job_args(build_parser(), argv)
 
     def body() -> int:
-        cfg = resolve_config(args, defaults="retrain", extra=flag_overrides(args))
+        cfg = resolve_config(args, defaults=("train", "retrain"), shortcuts=SHORTCUTS)
         if not cfg.data.uri:
             cfg.data.uri = str(fmpipe_home() / "store" / "digits")
         if args.print_config:

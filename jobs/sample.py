@@ -22,7 +22,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import add_config_arguments, overrides_from, resolve_config, run_guarded, run_job
+from jobs._common import (
+    add_config_arguments,
+    overrides_from,
+    parse_job_args,
+    resolve_config,
+    run_guarded,
+    run_job,
+    shortcut_values,
+)
 from pipeline.config import ConfigError
 
 
@@ -85,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# flag -> config key; string values are JSON-quoted so YAML reads them back as strings
-_FLAG_KEYS = {
+# flag (argparse dest) -> config key
+SHORTCUTS = {
     "model": "sample.model",
     "num_samples": "sample.num_samples",
     "out": "sample.out",
@@ -102,14 +110,15 @@ _FLAG_KEYS = {
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
-    return overrides_from({key: getattr(args, flag) for flag, key in _FLAG_KEYS.items()})
+    """The flags given, as ``key=value`` overrides."""
+    return overrides_from(shortcut_values(args, SHORTCUTS))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_job_args(build_parser(), argv)
 
     def body() -> int:
-        cfg = resolve_config(args, extra=flag_overrides(args))
+        cfg = resolve_config(args, shortcuts=SHORTCUTS)
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from jobs._common import add_config_arguments, resolve_config, run_job
+from jobs._common import add_config_arguments, parse_job_args, resolve_config, run_job
 from pipeline.config import fmpipe_home
 from pipeline.data.toy import toy_sampler
 from pipeline.eval.metrics import sliced_wasserstein2
@@ -31,16 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# flag (argparse dest) -> config key
+SHORTCUTS = {"out": "toy.out", "images": "train.total_images"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_job_args(build_parser(), argv)
 
     def body() -> int:
-        extra = []
-        if args.out:
-            extra.append(f"toy.out={args.out}")
-        if args.images:
-            extra.append(f"train.total_images={args.images}")
-        cfg = resolve_config(args, defaults="toy", extra=extra)
+        cfg = resolve_config(args, defaults="toy", shortcuts=SHORTCUTS)
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0

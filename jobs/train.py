@@ -7,11 +7,18 @@ in $FMPIPE_HOME). Re-running the same command (same run name and storage) resume
 last checkpoint, in the same MLflow run, to the same images-seen total.
 
 Defaults (jobs/configs/train.yaml): class-conditional digits at 16x16 on CPU; data.uri
-empty means $FMPIPE_HOME/store/digits (what `fmpipe prepare --source digits` writes).
+empty means $FMPIPE_HOME/store/digits (what `fmpipe prepare --source digits` writes). The
+model is registered as train.registered_model_name (`digits`); --alias points an alias of
+the registered model at this run's version, so `fmpipe sample --model models:/digits@champion`
+can follow `fmpipe train --alias champion`.
+
+key.path=value overrides may stand anywhere among the flags; a flag and an override of the
+same key is an error.
 
 Examples:
-  fmpipe prepare --source digits && fmpipe train
+  fmpipe prepare --source digits && fmpipe train --alias champion
   fmpipe train --data s3://data/digits --storage s3://runs --run-name d1 --workers 2
+  fmpipe train train.cpus_per_worker=0.5 --images 2000
   fmpipe train --config my.yaml train.total_images=400000 train.lr_schedule=cosine
 """
 
@@ -20,8 +27,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import add_config_arguments, overrides_from, resolve_config, run_guarded, run_job
+from jobs._common import (
+    add_config_arguments,
+    overrides_from,
+    parse_job_args,
+    resolve_config,
+    run_guarded,
+    run_job,
+    shortcut_values,
+)
 from pipeline.config import fmpipe_home
+
+
+def _gpus_per_worker(text: str) -> bool:
+    """``--gpus-per-worker`` 0 or 1 -> ``train.use_gpu`` (argparse's error names the flag)."""
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from 0, 1)")
+    return text == "1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,35 +67,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gpus-per-worker",
-        type=int,
-        choices=(0, 1),
+        type=_gpus_per_worker,
         metavar="G",
         help="0 (CPU, gloo) or 1 (one GPU each, nccl, bf16) (train.use_gpu)",
     )
     parser.add_argument(
         "--images", type=int, metavar="N", help="training images (train.total_images)"
     )
+    parser.add_argument(
+        "--alias",
+        metavar="NAME",
+        help="point this alias of the registered model at the run's version, e.g. champion "
+        "(train.alias; needs train.registered_model_name)",
+    )
     add_config_arguments(parser)
     return parser
 
 
+# flag (argparse dest) -> config key
+SHORTCUTS = {
+    "data": "data.uri",
+    "run_name": "train.run_name",
+    "storage": "train.storage_path",
+    "workers": "train.num_workers",
+    "gpus_per_worker": "train.use_gpu",
+    "images": "train.total_images",
+    "alias": "train.alias",
+}
+
+
 def flag_overrides(args: argparse.Namespace) -> list[str]:
-    pairs = {
-        "data.uri": args.data,
-        "train.run_name": args.run_name,
-        "train.storage_path": args.storage,
-        "train.num_workers": args.workers,
-        "train.total_images": args.images,
-        "train.use_gpu": None if args.gpus_per_worker is None else args.gpus_per_worker > 0,
-    }
-    return overrides_from(pairs)
+    """The flags given, as ``key=value`` overrides."""
+    return overrides_from(shortcut_values(args, SHORTCUTS))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_job_args(build_parser(), argv)
 
     def body() -> int:
-        cfg = resolve_config(args, defaults="train", extra=flag_overrides(args))
+        cfg = resolve_config(args, defaults="train", shortcuts=SHORTCUTS)
         if not cfg.data.uri:
             cfg.data.uri = str(fmpipe_home() / "store" / "digits")
         if args.print_config:

@@ -76,3 +76,50 @@ def test_assignment_is_validated():
     cfg = Config()
     with pytest.raises(ValueError):
         cfg.train.lr = -1.0
+
+
+# --------------------------------------------------------------------------- packaged job defaults
+# Values a job's YAML restates on purpose although pipeline/config.py has the same default.
+PINNED = {("gpu", "model.num_res_blocks")}  # the network behind docs/benchmarks.md's figures
+
+
+def _job_configs() -> list[str]:
+    from importlib import resources
+
+    folder = resources.files("jobs").joinpath("configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", _job_configs())
+def test_job_yaml_holds_only_real_differences_from_the_library(name):
+    """One copy of each default: a job's YAML sets what it deliberately sets differently."""
+    from jobs._common import packaged_defaults
+    from pipeline.config import _flatten
+
+    library = Config().flat()
+    job = build_config(packaged_defaults(name)).flat()  # validates it, too
+    for key in _flatten(packaged_defaults(name)):
+        if (name, key) not in PINNED:
+            assert job[key] != library[key], (
+                f"jobs/configs/{name}.yaml restates {key}={job[key]!r} (pipeline/config.py's)"
+            )
+
+
+@pytest.mark.parametrize("name", _job_configs())
+def test_every_job_yaml_value_says_why(name):
+    from importlib import resources
+
+    text = resources.files("jobs").joinpath("configs", f"{name}.yaml").read_text()
+    for line in text.splitlines():
+        code = line.split("#", 1)[0]
+        if ":" in code and code.split(":", 1)[1].strip():  # a leaf `key: value`
+            assert "#" in line, f"jobs/configs/{name}.yaml: no comment on {line.strip()!r}"
+
+
+def test_job_defaults_layer_in_order():
+    from jobs._common import packaged_defaults
+
+    train, retrain = packaged_defaults("train"), packaged_defaults("train", "retrain")
+    assert retrain["model"] == train["model"]  # retrain's from-scratch network is train's
+    own = packaged_defaults("retrain")["train"]["lr"]
+    assert retrain["train"]["lr"] == own != train["train"]["lr"]
