@@ -62,7 +62,7 @@ def run_guarded(
 
     ``failures`` words other exception types itself: ``fmpipe <job>: <message>``, scrubbed,
     exit 1 (the first type in the mapping that matches)."""
-    from pipeline.storage import scrub
+    from pipeline.redact import scrub
 
     failures = failures or {}
     try:
@@ -85,6 +85,9 @@ def run_guarded(
 def run_job(body: Callable[[], int]) -> int:
     """Run a job body; turn config errors into one clear line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from pipeline.redact import install_log_redaction
+
+    install_log_redaction()  # every log line this process prints is scrubbed
     # MLflow re-sets its logger's level on import: tell it through its own variable.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for chatty in ("botocore", "boto3", "urllib3", "s3transfer", "ray", "mlflow", "alembic"):

@@ -446,7 +446,7 @@ def _prior_evaluation(
 
 def _record(client: MlflowClient, name: str, outcome: str, message: str) -> None:
     """What the last retrain concluded, as tags of the registered model (best effort)."""
-    from pipeline.tracking import scrub
+    from pipeline.redact import scrub
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
@@ -718,7 +718,8 @@ def _train_evaluate_promote(
     say: Callable[[str], None],
 ) -> RetrainResult:
     from pipeline.data.stream import open_dataset
-    from pipeline.tracking import Tracker, resolve_model_uri, scrub, tracking_uri
+    from pipeline.redact import scrub
+    from pipeline.tracking import Tracker, resolve_model_uri, tracking_uri
     from pipeline.train.data import load_val_set
     from pipeline.train.trainer import find_latest_state, storage_location, train
 
