@@ -118,8 +118,8 @@ def _run_ray_job(dashboard: str, token: str) -> str:
 
 
 def test_missing_program_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
-    import pipeline.stack as stack_module
-    from pipeline.servers import ServerError
+    import pipeline.stack.local as stack_module
+    from pipeline.stack.procs import ServerError
 
     def not_found(name: str) -> str:
         if name == "weed":
