@@ -220,7 +220,7 @@ def build_runtime_env(
         if name.startswith("RAY_AUTH"):
             raise SubmitError(f"--env {name}: the cluster has its own token; it is not shipped")
         if is_secret_name(name):
-            raise SubmitError(f"--env {name}: {SECRET_REFUSAL}")
+            raise SubmitError(f"--env {name} refused: {SECRET_REFUSAL}")
         if name not in env:
             raise SubmitError(f"--env {name}: {name} is not set in this environment")
         env_vars[name] = env[name]
