@@ -85,9 +85,9 @@ def run_guarded(
 def run_job(body: Callable[[], int]) -> int:
     """Run a job body; turn config errors into one clear line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from pipeline.redact import install_log_redaction
+    from pipeline.redact import redact_console
 
-    install_log_redaction()  # every log line this process prints is scrubbed
+    redact_console()  # every line this process prints or logs is scrubbed
     # MLflow re-sets its logger's level on import: tell it through its own variable.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for chatty in ("botocore", "boto3", "urllib3", "s3transfer", "ray", "mlflow", "alembic"):

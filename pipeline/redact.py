@@ -28,16 +28,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
 from pathlib import Path
+from typing import Any, TextIO
 
 __all__ = [
     "REDACTED",
     "SECRET_ENV_VARS",
     "RedactingFilter",
+    "ScrubbingStream",
     "install_log_redaction",
     "is_secret_name",
     "looks_like_secret_key",
+    "redact_console",
     "remember",
     "scrub",
     "secret_values",
@@ -186,3 +190,56 @@ def install_log_redaction(logger: logging.Logger | None = None) -> None:
     for handler in target.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+
+
+class ScrubbingStream:
+    """A text stream (``sys.stdout``/``sys.stderr``) whose output goes through :func:`scrub`.
+
+    Text is held back until a line ends (``\n`` or ``\r``) or the stream is flushed, so that
+    a secret written in two pieces is still whole when it is scrubbed; everything else
+    (``isatty``, ``fileno``, ``encoding``, ...) is the wrapped stream's.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._pending = ""
+        self._lock = threading.Lock()
+
+    @property
+    def wrapped(self) -> TextIO:
+        return self._stream
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._pending += text
+            cut = max(self._pending.rfind("\n"), self._pending.rfind("\r"))
+            if cut >= 0:
+                ready, self._pending = self._pending[: cut + 1], self._pending[cut + 1 :]
+                self._stream.write(scrub(ready))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._stream.write(scrub(self._pending))
+                self._pending = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def redact_console() -> None:
+    """Scrub everything this process prints: ``sys.stdout`` and ``sys.stderr`` become
+    :class:`ScrubbingStream` s and the root logger's handlers get a :class:`RedactingFilter`
+    (once; call it after ``logging.basicConfig``). For the job entry points; not for
+    commands whose output is a secret on purpose (``fmpipe stack env``)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, ScrubbingStream):
+            setattr(sys, name, ScrubbingStream(stream))
+    install_log_redaction()

@@ -191,3 +191,44 @@ def test_job_table_serves_cli_and_submit() -> None:
     assert {"prepare", "train", "sample", "retrain"} <= set(submittable())
     for job in JOBS.values():
         assert (REPO / (job.module.replace(".", "/") + ".py")).is_file(), job
+
+
+def test_console_streams_are_scrubbed_even_across_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from pipeline.redact import ScrubbingStream
+
+    monkeypatch.setenv("FMPIPE_TEST_SECRET", VALUE)
+    raw = io.StringIO()
+    stream = ScrubbingStream(raw)  # type: ignore[arg-type]
+    half = len(VALUE) // 2
+    stream.write(f"start {VALUE[:half]}")
+    stream.write(f"{VALUE[half:]} end\nprogress {VALUE}")
+    assert raw.getvalue() == "start *** end\n"  # the unfinished line waits
+    stream.flush()
+    assert raw.getvalue() == "start *** end\nprogress ***"
+    assert stream.isatty() is False and stream.wrapped is raw  # the rest is the stream's
+
+
+def test_a_job_entry_point_scrubs_its_prints(tmp_path: Path) -> None:
+    """run_job (every job's main) routes print() through the scrubber."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from jobs._common import run_job\n"
+        "def body():\n"
+        "    import logging, os\n"
+        "    print('printed', os.environ['FMPIPE_TEST_SECRET'])\n"
+        "    logging.getLogger('x').warning('logged %s', os.environ['FMPIPE_TEST_SECRET'])\n"
+        "    return 0\n"
+        "raise SystemExit(run_job(body))\n"
+    )
+    env = {**os.environ, "FMPIPE_TEST_SECRET": VALUE, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "printed ***" in proc.stdout and "logged ***" in proc.stderr
+    assert VALUE not in proc.stdout + proc.stderr

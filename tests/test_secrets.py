@@ -9,7 +9,9 @@ test SeaweedFS (they must stay valid), ``MLFLOW_TRACKING_PASSWORD``,
 prepare + train (digits at 8x8, a few hundred images, checkpoints, MLflow params and tags, a
 registered model) and failing train, sample and submit runs; then every console output,
 every file under $FMPIPE_HOME (bytes, checkpoints and the MLflow database included), every
-object the jobs wrote to S3, and every MLflow param and tag is searched for each value.
+object the jobs wrote to S3, and every MLflow param and tag is searched for each value. The
+failures: a train whose data URI carries credentials (``s3://KEY:PASSWORD@bucket/...``), a
+sample of a model that does not exist, and submits with a secret ``--env`` or no cluster.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +45,7 @@ TINY_TRAIN = [
     "model.num_classes=10",
     "train.warmup_images=32",
     "train.ema_halflife_images=64",
-    "train.checkpoint_every_images=128",
+    "train.checkpoint_every_images=64",
     "train.val_every_images=1000000",
     "train.val_max_images=64",
     "train.grid_every_images=1000000",
@@ -87,6 +90,7 @@ def _secrets(env: dict[str, str]) -> dict[str, str]:
 
 def fmpipe(env: dict[str, str], *args: str, timeout: float = 300) -> tuple[int, str]:
     """``python -m jobs.cli <args>``: (exit status, stdout + stderr)."""
+    began = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.cli", *args],
         cwd=REPO,
@@ -96,7 +100,10 @@ def fmpipe(env: dict[str, str], *args: str, timeout: float = 300) -> tuple[int, 
         timeout=timeout,
         check=False,
     )
-    print(f"$ fmpipe {' '.join(args)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    took = time.monotonic() - began
+    print(
+        f"$ fmpipe {' '.join(args)}  ({took:.1f} s)\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -120,18 +127,10 @@ def runs(secret_env, s3_server) -> dict[str, tuple[int, str]]:
         env, "prepare", "--source", "digits", "--out", data, "--resolution", "8"
     )
     out["train"] = fmpipe(
-        env, "train", "--data", data, "--run-name", "leak-check", "--images", "256", *TINY_TRAIN
+        env, "train", "--data", data, "--run-name", "leak-check", "--images", "128", *TINY_TRAIN
     )
-    host = env["AWS_ENDPOINT_URL_S3"].split("://", 1)[1]
-    out["train: missing dataset"] = fmpipe(env, "train", "--data", f"s3://{bucket}/nothing-here")
     out["train: credentials in the URI"] = fmpipe(
         env, "train", "--data", f"s3://{env['AWS_ACCESS_KEY_ID']}:{URI_PASSWORD}@{bucket}/digits"
-    )
-    out["train: tracking URI with a password"] = fmpipe(
-        {**env, "MLFLOW_TRACKING_URI": f"http://me:{URI_PASSWORD}@{host}"},
-        "train",
-        "--data",
-        f"s3://{bucket}/nothing-here",
     )
     out["sample: bad model"] = fmpipe(
         env, "sample", "--model", "models:/no-such-model@champion", "--out", f"s3://{bucket}/s"
@@ -151,11 +150,10 @@ def test_jobs_ran_as_expected(runs) -> None:
     """The scenario is what it claims: the tiny train succeeded, each failure failed with its
     own error (so the other tests search real outputs)."""
     assert runs["prepare"][0] == 0 and runs["train"][0] == 0, runs["train"][1][-3000:]
-    assert "trained to 256 images" in runs["train"][1]
+    assert "trained to 128 images" in runs["train"][1]
     for name, (rc, output) in runs.items():
         if name.startswith(("train:", "sample:", "submit")):
             assert rc != 0, (name, output)
-    assert "does not exist" in runs["train: missing dataset"][1]
     assert "must not carry credentials" in runs["train: credentials in the URI"][1]
     assert "no-such-model" in runs["sample: bad model"][1]
     for name in ("AWS_SECRET_ACCESS_KEY", "FMPIPE_TEST_SECRET"):
@@ -208,7 +206,7 @@ def test_no_secret_in_mlflow_params_or_tags(runs, secret_env) -> None:
     experiments = client.search_experiments()
     found_runs = client.search_runs([e.experiment_id for e in experiments])
     assert found_runs, "the tiny train logged no run"
-    assert any(r.data.params.get("train.total_images") == "256" for r in found_runs)
+    assert any(r.data.params.get("train.total_images") == "128" for r in found_runs)
     records = [
         {"params": r.data.params, "tags": r.data.tags, "name": r.info.run_name} for r in found_runs
     ]
