@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.redact import redacted_console, scrub
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,8 +63,6 @@ def run_guarded(
 
     ``failures`` words other exception types itself: ``fmpipe <job>: <message>``, scrubbed,
     exit 1 (the first type in the mapping that matches)."""
-    from pipeline.redact import scrub
-
     failures = failures or {}
     try:
         action()
@@ -85,15 +84,13 @@ def run_guarded(
 def run_job(body: Callable[[], int]) -> int:
     """Run a job body; turn config errors into one clear line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from pipeline.redact import redact_console
-
-    redact_console()  # every line this process prints or logs is scrubbed
     # MLflow re-sets its logger's level on import: tell it through its own variable.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for chatty in ("botocore", "boto3", "urllib3", "s3transfer", "ray", "mlflow", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)  # their detail stays in Ray's logs
-    try:
-        return body()
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    with redacted_console():  # every line the job prints or logs is scrubbed
+        try:
+            return body()
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2

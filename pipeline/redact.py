@@ -25,11 +25,13 @@ secret is that short), as are boolean-like values of pattern-matched variables
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,7 +43,7 @@ __all__ = [
     "install_log_redaction",
     "is_secret_name",
     "looks_like_secret_key",
-    "redact_console",
+    "redacted_console",
     "remember",
     "scrub",
     "secret_values",
@@ -233,13 +235,28 @@ class ScrubbingStream:
         return getattr(self._stream, name)
 
 
-def redact_console() -> None:
-    """Scrub everything this process prints: ``sys.stdout`` and ``sys.stderr`` become
-    :class:`ScrubbingStream` s and the root logger's handlers get a :class:`RedactingFilter`
-    (once; call it after ``logging.basicConfig``). For the job entry points; not for
-    commands whose output is a secret on purpose (``fmpipe stack env``)."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if stream is not None and not isinstance(stream, ScrubbingStream):
-            setattr(sys, name, ScrubbingStream(stream))
+@contextlib.contextmanager
+def redacted_console() -> Iterator[None]:
+    """While inside: everything this process prints is scrubbed (``sys.stdout`` and
+    ``sys.stderr`` are :class:`ScrubbingStream` s), and so is every record the root logger's
+    handlers write (a :class:`RedactingFilter`; enter after ``logging.basicConfig``). On the
+    way out the held-back text is flushed and the streams are put back, so a caller that ran a
+    job's ``main()`` in-process (a test's ``capsys``) sees every line. For the job entry
+    points; not for commands whose output is a secret on purpose (``fmpipe stack env``)."""
+    saved = {name: getattr(sys, name) for name in ("stdout", "stderr")}
+    wrapped = {
+        name: ScrubbingStream(stream)
+        for name, stream in saved.items()
+        if stream is not None and not isinstance(stream, ScrubbingStream)
+    }
+    for name, stream in wrapped.items():
+        setattr(sys, name, stream)
     install_log_redaction()
+    try:
+        yield
+    finally:
+        for name, stream in wrapped.items():
+            with contextlib.suppress(Exception):
+                stream.flush()
+            if getattr(sys, name) is stream:
+                setattr(sys, name, saved[name])

@@ -211,7 +211,7 @@ def test_console_streams_are_scrubbed_even_across_writes(monkeypatch: pytest.Mon
 
 
 def test_a_job_entry_point_scrubs_its_prints(tmp_path: Path) -> None:
-    """run_job (every job's main) routes print() through the scrubber."""
+    """run_job (every job's main) routes print() and logging through the scrubber."""
     import os
     import subprocess
     import sys
@@ -232,3 +232,20 @@ def test_a_job_entry_point_scrubs_its_prints(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "printed ***" in proc.stdout and "logged ***" in proc.stderr
     assert VALUE not in proc.stdout + proc.stderr
+
+
+def test_redacted_console_puts_the_streams_back(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from pipeline.redact import ScrubbingStream, redacted_console
+
+    monkeypatch.setenv("FMPIPE_TEST_SECRET", VALUE)
+    before = sys.stdout
+    with redacted_console():
+        assert isinstance(sys.stdout, ScrubbingStream) and isinstance(sys.stderr, ScrubbingStream)
+        print(f"line {VALUE}")
+        print(f"no newline {VALUE}", end="")
+    assert sys.stdout is before
+    assert capsys.readouterr().out == "line ***\nno newline ***"  # held-back text flushed
