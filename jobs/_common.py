@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config, ConfigError, load_config, merge_trees, parse_override
+from pipeline.redact import redacted_console, scrub
 
 # ``seed=3``, ``train.lr=1e-3``: a dotted key of identifiers, then ``=``. A token of this form
 # that argparse did not take as a flag's value is an override, wherever it stands.
@@ -142,8 +143,6 @@ def run_guarded(
 
     ``failures`` words other exception types itself: ``fmpipe <job>: <message>``, scrubbed,
     exit 1 (the first type in the mapping that matches)."""
-    from pipeline.storage import scrub
-
     failures = failures or {}
     try:
         action()
@@ -169,8 +168,9 @@ def run_job(body: Callable[[], int]) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for chatty in ("botocore", "boto3", "urllib3", "s3transfer", "ray", "mlflow", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)  # their detail stays in Ray's logs
-    try:
-        return body()
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    with redacted_console():  # every line the job prints or logs is scrubbed
+        try:
+            return body()
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2

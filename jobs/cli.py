@@ -10,18 +10,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> one-line summary (the job module's own --help has the rest)
-JOBS: dict[str, str] = {
-    "prepare": "write WebDataset shards + manifests from digits, a folder or synthetic shapes",
-    "train": "train a flow-matching U-Net on Ray Train (DDP, checkpoints, MLflow; resumes)",
-    "sample": "generate N samples of a trained model into WebDataset shards on a Ray actor pool",
-    "retrain": "scheduled retraining: new data -> train, evaluate vs champion, promote if better",
-    "stack": "local stack on 127.0.0.1: SeaweedFS S3, MLflow server, Ray head (up|down|status)",
-    "submit": "run a job on a Ray cluster (Jobs API): ships the code, follows logs, exit status",
-    "toy": "train a 2-D flow (N(0,I) or 8 Gaussians -> two moons) and plot it",
-    "bench": "benchmarks that print a ratio against a named baseline",
-    "demo": "the main job on embedded defaults (what `make demo` runs)",
-}
+from pipeline.jobtable import JOBS as _TABLE
+
+# name -> one-line summary (the job module's own --help has the rest); the table itself,
+# with the modules and which jobs are submittable, is pipeline.jobtable.
+JOBS: dict[str, str] = {name: job.summary for name, job in _TABLE.items()}
 
 
 def _usage() -> str:
@@ -43,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in JOBS:
         print(f"fmpipe: unknown job '{name}'; choose one of: {', '.join(JOBS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"jobs.{name}")
+    module = importlib.import_module(_TABLE[name].module)
     return int(module.main(rest) or 0)
 
 

@@ -11,12 +11,12 @@ RAY_ADDRESS. Token auth (Ray 2.60): the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKE
 ~/.ray/auth_token is sent when RAY_AUTH_MODE=token (or unset and a token exists); never printed.
 
 Environment: MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL, AWS_ENDPOINT_URL_S3,
-AWS_ENDPOINT_URL, AWS_REGION and AWS_DEFAULT_REGION go with the job when set here.
-Credentials come from the cluster's own means (instance role, Kubernetes secret, node
-environment), or by name with --env: `--env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY`
-sends those variables' values from this environment (read now, never written to a file
-here, never printed; only the names are shown). Ray keeps them with the job and logs them
-in each node's runtime_env_agent.log: prefer the cluster's own credentials where it has them.
+AWS_ENDPOINT_URL, AWS_REGION and AWS_DEFAULT_REGION go with the job when set here; --env NAME
+adds another variable by name. Secrets never go (Ray shows a job's environment to everyone
+holding the cluster token): --env refuses AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and any
+*_SECRET*/*_PASSWORD*/*_TOKEN* variable. The cluster's nodes get credentials their own way:
+their environment, an instance role or IRSA, or a Kubernetes Secret mounted as env vars by
+secretKeyRef (infra/kuberay/raycluster.yaml, infra/README.md "Secrets").
 
 Exit status: 0 when the job SUCCEEDED (or was submitted, with --no-wait); 1 when it FAILED
 or was STOPPED (its error message is shown); 2 for a bad command line.
@@ -25,8 +25,7 @@ Examples:
   fmpipe submit prepare --source digits --out s3://data/digits --address http://127.0.0.1:8265
   fmpipe submit train --data s3://data/digits --workers 2 train.placement_strategy=STRICT_SPREAD
   fmpipe submit sample --model models:/digits@champion --num-samples 10000 --out s3://s/d --no-wait
-  fmpipe submit retrain --config jobs/configs/retrain.yaml --env AWS_ACCESS_KEY_ID \\
-      --env AWS_SECRET_ACCESS_KEY
+  fmpipe submit retrain --config jobs/configs/retrain.yaml --no-wait
 """
 
 from __future__ import annotations
@@ -65,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         action="append",
         default=[],
-        help="carry this environment variable's value to the job, by name (repeatable)",
+        help="carry this environment variable's value to the job, by name (repeatable); "
+        "secret variables are refused",
     )
     parser.add_argument(
         "--python", metavar="EXE", default="python", help="Python on the cluster (default python)"
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: {USAGE}\nfmpipe submit: error: {exc}", file=sys.stderr)
         return 2
     # Imported here: `fmpipe submit --help` does not import Ray.
+    from pipeline.redact import scrub
     from pipeline.submit import SubmitError, submit
 
     try:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             python=parsed.python,
         )
     except SubmitError as exc:
-        print(f"fmpipe submit: error: {exc}", file=sys.stderr)
+        print(f"fmpipe submit: error: {scrub(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

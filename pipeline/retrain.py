@@ -446,7 +446,7 @@ def _prior_evaluation(
 
 def _record(client: MlflowClient, name: str, outcome: str, message: str) -> None:
     """What the last retrain concluded, as tags of the registered model (best effort)."""
-    from pipeline.tracking import scrub
+    from pipeline.redact import scrub
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
@@ -717,7 +717,8 @@ def _train_evaluate_promote(
     manifest_hash: str,
     say: Callable[[str], None],
 ) -> RetrainResult:
-    from pipeline.tracking import Tracker, resolve_model_uri, scrub, tracking_uri
+    from pipeline.redact import scrub
+    from pipeline.tracking import Tracker, resolve_model_uri, tracking_uri
 
     name, alias = cfg.train.registered_model_name.strip(), cfg.retrain.alias
     init = "champion" if champion is not None and not cfg.retrain.from_scratch else "scratch"

@@ -7,7 +7,8 @@ Two kinds of URI are accepted:
   AWS. ``pyarrow.fs.S3FileSystem`` ignores those variables, so the filesystem is built here
   with an explicit ``endpoint_override``. Credentials come only from the standard AWS chain
   (environment, profile, instance role): they are never passed in, never stored in a config
-  and never shown in an error message (:class:`StorageError` scrubs them).
+  and never shown in an error message (:class:`StorageError` scrubs them with
+  :func:`pipeline.redact.scrub`).
 - a local path, relative or absolute, or ``file:///abs/path``.
 
 Reads, listings and deletes go through the pyarrow filesystem (which Ray Data takes as is).
@@ -35,6 +36,8 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
+from pipeline.redact import remember, scrub
+
 if TYPE_CHECKING:
     from pipeline.config import StorageConfig
 
@@ -49,7 +52,6 @@ __all__ = [
     "resolve",
     "s3_endpoint",
     "s3_region",
-    "scrub",
 ]
 
 MULTIPART_THRESHOLD = 64 * 1024**2  # S3 payloads above this go up as a multipart upload
@@ -58,53 +60,31 @@ _MIN_PART = 5 * 1024**2
 _TMP_PREFIX = ".fmpipe-tmp-"  # local temp files; hidden from list_names
 _COPY_CHUNK = 8 * 1024**2
 _DEFAULT_REGION = "us-east-1"
-_SECRET_ENV = (
+# The variables a boto3 client signs with: when they change, a new client is built.
+_CREDENTIAL_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_SECURITY_TOKEN",
 )
-_REDACTED = "<redacted>"
-_SECRET_PATTERN = re.compile(
-    r"(?i)((?:aws_)?(?:secret_access_key|secret_key|access_key_id|access_key|session_token"
-    r"|secret|password|token|credential)[\"']?\s*[=:]\s*[\"']?)[^\s\"',;&)]+"
-)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _BARE_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!//)")
-_known_secrets: set[str] = set()  # credentials seen by clients built here, to scrub them
 
 
-# --------------------------------------------------------------------------- errors + scrubbing
-
-
-def _remember_secrets(*values: str | None) -> None:
-    for value in values:
-        if value and len(value) >= 4:
-            _known_secrets.add(value)
+# --------------------------------------------------------------------------- errors
 
 
 def _chain_secrets() -> None:
-    """Learn the credentials the standard chain resolves to (error paths only: may be slow)."""
+    """Learn the credentials the standard chain resolves to (error paths only: may be slow),
+    so that :func:`pipeline.redact.scrub` removes them even when no variable holds them."""
     with contextlib.suppress(Exception):
         import botocore.session
 
         creds = botocore.session.get_session().get_credentials()
         if creds is not None:
             frozen = creds.get_frozen_credentials()
-            _remember_secrets(frozen.access_key, frozen.secret_key, frozen.token)
-
-
-def scrub(text: str) -> str:
-    """``text`` with every known credential (access key id, secret, token) replaced."""
-    secrets = set(_known_secrets)
-    for name in _SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            secrets.add(value)
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, _REDACTED)
-    return _SECRET_PATTERN.sub(lambda m: m.group(1) + _REDACTED, text)
+            remember(frozen.access_key, frozen.secret_key, frozen.token)
 
 
 class StorageError(RuntimeError):
@@ -186,7 +166,7 @@ def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
 
 
 def _credential_fingerprint() -> str:
-    values = [os.environ.get(n, "") for n in (*_SECRET_ENV, "AWS_PROFILE")]
+    values = [os.environ.get(n, "") for n in (*_CREDENTIAL_ENV, "AWS_PROFILE")]
     return hashlib.sha256("\0".join(values).encode()).hexdigest()
 
 
@@ -219,7 +199,7 @@ def _make_client(
     if creds is not None:
         with contextlib.suppress(Exception):
             frozen = creds.get_frozen_credentials()
-            _remember_secrets(frozen.access_key, frozen.secret_key, frozen.token)
+            remember(frozen.access_key, frozen.secret_key, frozen.token)
     config = BotoConfig(
         region_name=region,
         signature_version="s3v4",

@@ -18,14 +18,16 @@ with what ``ray job submit`` leaves to the user done here:
   local state: see :data:`EXCLUDES`) and the entry point ``python -m jobs.<job> <args>``.
 - **Environment.** ``runtime_env.env_vars`` carries, when set here, the tracking URI, the S3
   endpoint and region (:data:`CARRIED_ENV`), and the commit of this checkout
-  (``FMPIPE_GIT_COMMIT``, since ``.git`` is not shipped). Credentials are never carried
-  implicitly: by default the cluster's own means supply them (instance role, Kubernetes secret,
-  the node's environment). ``--env NAME`` carries the variable NAME from this environment,
-  by name: its value is read at submit time, sent once with the submission, never written
-  to a file here and never printed (only the names are). On the cluster it is as exposed as
-  Ray makes a ``runtime_env``: kept in the job's record (shown to holders of the cluster
-  token, who can run code there anyway) and, in Ray 2.60, written into each node's
-  ``runtime_env_agent.log``. Prefer the cluster's own credentials when it has them.
+  (``FMPIPE_GIT_COMMIT``, since ``.git`` is not shipped). Secrets never go: Ray keeps a job's
+  ``runtime_env`` in the job's record, where ``ray job list`` and the Jobs API show it to
+  anyone holding the token (and, in Ray 2.60, writes it into each node's
+  ``runtime_env_agent.log``). So ``--env NAME`` carries a variable by name (its value read at
+  submit time, never printed: only the names are) but refuses any secret variable, i.e. any
+  name :func:`pipeline.redact.is_secret_name` accepts (``AWS_ACCESS_KEY_ID`` and
+  ``AWS_SECRET_ACCESS_KEY`` included), and a carried value that holds a credential (a tracking
+  URI with ``user:password@``) is refused too. The cluster's nodes get credentials their own
+  way: their environment, an instance role / IRSA, or a Kubernetes Secret mounted as env vars
+  by ``secretKeyRef`` (``infra/kuberay/raycluster.yaml``).
 - **Afterwards.** Follows the job's logs until it ends (``--no-wait``: returns after
   submitting) and returns its status: 0 when SUCCEEDED; otherwise non-zero, with the job's
   error message (which ends with the last lines of its output).
@@ -39,7 +41,6 @@ import os
 import re
 import secrets
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,9 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.provenance import git_commit
+from pipeline.redact import is_secret_name, scrub
+
 __all__ = [
     "CARRIED_ENV",
     "EXCLUDES",
+    "SECRET_REFUSAL",
     "SubmitError",
     "SubmitResult",
     "auth_headers",
@@ -86,8 +91,13 @@ EXCLUDES = [
     "build",
     "dist",
 ]
-# Jobs that make no sense on a cluster (or would recurse).
-NOT_SUBMITTABLE = ("submit", "stack")
+# Why a secret is never put in a job's runtime_env, and how a cluster gets credentials instead.
+SECRET_REFUSAL = (
+    "secrets are not sent with a job (Ray shows a job's runtime_env to everyone holding the "
+    "cluster token); give the cluster's nodes their own credentials: their environment, an "
+    "instance role or IRSA, or a Kubernetes Secret as env vars by secretKeyRef "
+    "(infra/kuberay/raycluster.yaml, infra/README.md#secrets)"
+)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _POLL_S = 1.0
@@ -183,25 +193,6 @@ def entrypoint(job: str, args: Sequence[str], python: str = "python") -> str:
     return shlex.join([python, "-m", f"jobs.{job}", *args])
 
 
-def _git_commit(root: Path) -> str | None:
-    env = os.environ.get("FMPIPE_GIT_COMMIT", "").strip()
-    if env:
-        return env
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
-
-
 def build_runtime_env(
     env_names: Sequence[str] = (),
     *,
@@ -228,10 +219,18 @@ def build_runtime_env(
             )
         if name.startswith("RAY_AUTH"):
             raise SubmitError(f"--env {name}: the cluster has its own token; it is not shipped")
+        if is_secret_name(name):
+            raise SubmitError(f"--env {name} refused: {SECRET_REFUSAL}")
         if name not in env:
             raise SubmitError(f"--env {name}: {name} is not set in this environment")
         env_vars[name] = env[name]
-    commit = _git_commit(Path(working_dir))
+    for name, value in env_vars.items():  # e.g. a tracking URI with user:password@ in it
+        if scrub(value) != value:
+            raise SubmitError(
+                f"{name} holds a credential (its value is not sent: a job's environment is "
+                f"readable through the Jobs API); {SECRET_REFUSAL}"
+            )
+    commit = git_commit(Path(working_dir))
     if commit:
         env_vars["FMPIPE_GIT_COMMIT"] = commit
     runtime_env = {
@@ -348,8 +347,7 @@ def submit(
     notices (default: stderr). Raises :class:`SubmitError` before anything is submitted
     when the address, token or an ``--env`` name is missing or wrong.
     """
-    from jobs.cli import JOBS
-    from pipeline.tracking import scrub
+    from pipeline.jobtable import JOBS, submittable
 
     def write(text: str) -> None:  # the job's output, with any credential value of ours removed
         text = scrub(text)
@@ -366,8 +364,8 @@ def submit(
         else:
             print(text, file=sys.stderr, flush=True)
 
-    if job not in JOBS or job in NOT_SUBMITTABLE:
-        allowed = ", ".join(j for j in JOBS if j not in NOT_SUBMITTABLE)
+    if job not in JOBS or not JOBS[job].submittable:
+        allowed = ", ".join(submittable())
         raise SubmitError(f"unknown or unsubmittable job '{job}'; choose one of: {allowed}")
     url = resolve_address(address)
     headers = auth_headers()

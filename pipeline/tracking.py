@@ -17,22 +17,21 @@ one forward call). A checkpoint directory is logged as plain run artifacts and r
 a model version whose source is that artifact directory; :func:`resolve_model_uri` turns
 ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` back into a local directory.
 
-Credentials never reach MLflow: :func:`scrub` removes the values of credential environment
-variables (and ``user:password@`` in URLs) from every param value, tag and text written here,
-and param or tag keys that look like credentials are refused.
+Credentials never reach MLflow: :func:`pipeline.redact.scrub` removes every secret it knows
+(credential variables, the Ray token, ``user:password@`` in URLs, ...) from every param value,
+tag and text written here, and param or tag keys that look like credentials are refused.
+:func:`standard_tags` (git commit, package versions) comes from :mod:`pipeline.provenance`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import logging
 import math
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.config import Config, fmpipe_home
+from pipeline.provenance import git_commit, standard_tags
+from pipeline.redact import looks_like_secret_key, scrub
 
 if TYPE_CHECKING:  # mlflow takes ~2 s to import: only the functions that talk to it import it
     from mlflow import MlflowClient
@@ -52,7 +53,6 @@ __all__ = [
     "embedded_tracking_uri",
     "find_run_id",
     "resolve_model_uri",
-    "scrub",
     "standard_tags",
     "tracking_uri",
 ]
@@ -71,70 +71,14 @@ REGISTER_TIMEOUT_S = 300.0  # wait this long for a model version to become READY
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _TRUNCATED = "...[truncated]"
-_REDACTED = "***"
-
-# Environment variables whose values are secrets wherever they appear.
-SECRET_ENV_VARS = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
-# Other variables treated as secrets by name (their values are scrubbed too), except ones
-# that hold a path to a secret rather than the secret itself.
-_SECRET_ENV_NAME = re.compile(
-    r"(?:^|_)(?:SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIALS?|API_KEY|PRIVATE_KEY)(?:_|$)"
-)
-_NOT_A_SECRET_ENV = re.compile(r"_(?:PATH|FILE|DIR|MODE|URI|URL|ENDPOINT|TYPE|NAME)$")
-_NOT_A_SECRET_VALUE = {"true", "false", "yes", "no", "none", "null", "on", "off"}
-_MIN_SECRET_LEN = 4  # shorter values would scrub ordinary words; no real secret is this short
-# A key component that names a credential: storage.secret_key, aws_access_key_id, db.password.
-_SECRET_KEY = re.compile(
-    r"(?:^|[._\-/])(?:secret|password|passwd|token|credentials?|api[_-]?key|access[_-]?key"
-    r"|private[_-]?key|session[_-]?token)(?:[._\-/]|$)",
-    re.IGNORECASE,
-)
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]+):[^/\s@]+@")
 
 
 # --------------------------------------------------------------------------- secrets
 
 
-def _secret_values() -> list[str]:
-    values = set()
-    for name, value in os.environ.items():
-        upper = name.upper()
-        is_secret = upper in SECRET_ENV_VARS or (
-            _SECRET_ENV_NAME.search(upper) and not _NOT_A_SECRET_ENV.search(upper)
-        )
-        if upper not in SECRET_ENV_VARS and value.strip().lower() in _NOT_A_SECRET_VALUE:
-            continue
-        if is_secret and value and len(value) >= _MIN_SECRET_LEN:
-            values.add(value)
-    return sorted(values, key=len, reverse=True)  # longest first: a secret may contain another
-
-
-def scrub(text: str) -> str:
-    """``text`` with credentials removed.
-
-    Removes the value of every credential environment variable that is set
-    (``AWS_SECRET_ACCESS_KEY``, ``AWS_ACCESS_KEY_ID``, ``AWS_SESSION_TOKEN``,
-    ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``, and others whose name says
-    SECRET/PASSWORD/TOKEN/...; values shorter than 4 characters are left alone) and the
-    password of ``scheme://user:password@host`` URLs.
-    """
-    text = str(text)
-    for value in _secret_values():
-        if value in text:
-            text = text.replace(value, _REDACTED)
-    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{_REDACTED}@", text)
-
-
 def _check_key(key: str, what: str) -> str:
     key = str(key)
-    if _SECRET_KEY.search(key):
+    if looks_like_secret_key(key):
         raise ValueError(
             f"refusing to log {what} '{key}': the key looks like a credential; credentials come "
             "from the AWS chain / environment and are never tracked"
@@ -234,54 +178,6 @@ def _get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
         log.warning("MLflow experiment '%s' was deleted; restoring it", name)
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
-
-
-# --------------------------------------------------------------------------- standard tags
-
-
-def _git_commit() -> str:
-    """``FMPIPE_GIT_COMMIT`` (set in images), else ``git rev-parse HEAD``, else "unknown"."""
-    env = os.environ.get("FMPIPE_GIT_COMMIT", "").strip()
-    if env:
-        return env
-    for where in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        try:
-            out = subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                cwd=where,
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError):
-            continue
-        commit = out.stdout.strip()
-        if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit):
-            return commit
-    return "unknown"
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def standard_tags() -> dict[str, str]:
-    """Tags every fmpipe run carries: git commit and package versions."""
-    commit = _git_commit()
-    tags = {
-        "fmpipe.git_commit": commit,
-        "fmpipe.version": _version("fmpipe"),
-        "fmpipe.torch_version": _version("torch"),
-        "fmpipe.ray_version": _version("ray"),
-        "fmpipe.mlflow_version": _version("mlflow"),
-    }
-    if commit != "unknown":
-        tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
-    return tags
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -547,7 +443,7 @@ class Tracker:
         artifact directory (e.g. ``checkpoints/images_00200000``): a version is a pointer, so
         logging over the same path later would change what an older version loads.
         """
-        version_tags = {"fmpipe.git_commit": _git_commit(), **dict(tags or {})}
+        version_tags = {"fmpipe.git_commit": git_commit() or "unknown", **dict(tags or {})}
         checked = {_check_key(k, "tag"): _tag_value(v) for k, v in version_tags.items()}
         if self._client is None:
             return ""

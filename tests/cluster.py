@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.servers import find_executable, free_port
+from pipeline.stack.procs import alive, find_executable, free_port, process_tree, start_time
 
 HOST = "127.0.0.1"
 # Per-node ports, given explicitly: two nodes on one machine must not share the defaults.
@@ -58,43 +58,6 @@ class ClusterError(RuntimeError):
     pass
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()  # fields after "pid (comm) "
-
-
-def _start_time(pid: int) -> int | None:
-    fields = _stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def _tree(pid: int) -> dict[int, int | None]:
-    """``pid``, its descendants and its process-group members, each with its start time."""
-    parents: dict[int, list[int]] = {}
-    groups: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields:
-                parents.setdefault(int(fields[1]), []).append(int(entry.name))
-                groups[int(entry.name)] = int(fields[2])
-    found, todo = [pid], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    found += [p for p, group in groups.items() if group == pid]
-    return {p: _start_time(p) for p in dict.fromkeys(found)}
-
-
-def _alive(pid: int, started: int | None) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z" and _start_time(pid) == started
-
-
 @dataclass
 class RayNode:
     name: str  # node_a | node_b
@@ -104,7 +67,7 @@ class RayNode:
     started: int | None = None
 
     def tree(self) -> dict[int, int | None]:
-        return _tree(self.proc.pid)
+        return process_tree(self.proc.pid)
 
 
 @dataclass
@@ -195,7 +158,7 @@ class LocalRayCluster:
                 cwd=str(self.root),
                 start_new_session=True,  # its own session and process group
             )
-        node = RayNode(name, proc, log_path, ports, _start_time(proc.pid))
+        node = RayNode(name, proc, log_path, ports, start_time(proc.pid))
         self.nodes.append(node)
         return node
 
@@ -263,7 +226,7 @@ class LocalRayCluster:
         """SIGTERM each leader (its node shuts down), then SIGKILL what is left of its tree."""
         for node in reversed(self.nodes):  # workers first, then the head
             procs = node.tree()
-            if _alive(node.proc.pid, node.started):
+            if alive(node.proc.pid, node.started):
                 with contextlib.suppress(ProcessLookupError):
                     node.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -274,12 +237,12 @@ class LocalRayCluster:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     node.proc.wait(timeout=10)
             deadline = time.monotonic() + 5
-            left = {p: s for p, s in procs.items() if _alive(p, s)}
+            left = {p: s for p, s in procs.items() if alive(p, s)}
             while left and time.monotonic() < deadline:
                 time.sleep(0.2)
-                left = {p: s for p, s in left.items() if _alive(p, s)}
+                left = {p: s for p, s in left.items() if alive(p, s)}
             for pid, started in left.items():
-                if _alive(pid, started):
+                if alive(pid, started):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
         self.nodes.clear()

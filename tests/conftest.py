@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from pipeline.servers import MLflowServer, SeaweedFS
+    from pipeline.stack.servers import MLflowServer, SeaweedFS
 
 # Variables that would point S3 clients elsewhere or sign with other credentials.
 _S3_ENV_CLEARED = ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE")
@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     """A running SeaweedFS (S3 on a free loopback port) with the client env set to it."""
-    from pipeline.servers import SeaweedFS
+    from pipeline.stack.servers import SeaweedFS
 
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
     server.start()
@@ -83,7 +83,7 @@ def mlflow_server(
     s3_server: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MLflowServer]:
     """A real ``mlflow server`` (sqlite backend, artifacts in a SeaweedFS bucket)."""
-    from pipeline.servers import MLflowServer
+    from pipeline.stack.servers import MLflowServer
     from pipeline.storage import boto3_client
 
     bucket = "mlflow-artifacts"

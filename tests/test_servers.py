@@ -1,4 +1,4 @@
-"""pipeline.servers: the real SeaweedFS and MLflow servers the tests and the local stack use."""
+"""pipeline.stack.servers: the real SeaweedFS and MLflow servers (tests and the local stack)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from pipeline.servers import MLflowServer, SeaweedFS, free_port
+from pipeline.stack.procs import free_port
+from pipeline.stack.servers import MLflowServer, SeaweedFS
 from pipeline.storage import boto3_client
 
 

@@ -1,16 +1,19 @@
 """`fmpipe stack up|down|status`: the real local stack (SeaweedFS, MLflow server, Ray head).
 
-One scenario, through the command line as a user runs it: up -> all live -> S3 put/get, an
-MLflow run with an artifact, a Ray job through the Jobs API with the token -> up again is a
-no-op -> down leaves nothing listening -> up again finds the object and the run -> down.
-The stack is always taken down in a finalizer, whatever fails.
+One scenario, through the command line as a user runs it: up -> all live -> every socket the
+stack's processes listen on is loopback (or refuses a request without the token) -> S3
+put/get, an MLflow run with an artifact, a Ray job through the Jobs API with the token -> up
+again is a no-op -> down leaves nothing listening -> up again finds the object and the run ->
+down. The stack is always taken down in a finalizer, whatever fails.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.stack import BUCKET, Stack, StackError
+from pipeline.stack.procs import http_get, process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,9 +121,138 @@ def _run_ray_job(dashboard: str, token: str) -> str:
     return logs
 
 
+# --------------------------------------------------------------------------- listening sockets
+
+
+def _decode_address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address of /proc/net/tcp{,6}: 32-bit words in host (little-endian) byte order."""
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return ipaddress.ip_address(words)
+
+
+def _is_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _listeners(pids: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket in LISTEN state that one of ``pids`` holds:
+    socket inodes from /proc/<pid>/fd matched against /proc/net/tcp and tcp6."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue  # gone meanwhile
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes[target[len("socket:[") : -1]] = pid
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            address = _decode_address(hex_address)
+            found.append((str(address), int(hex_port, 16), inodes[fields[9]]))
+    return found
+
+
+def _refuses_without_token(port: int) -> bool:
+    """A request without the token is refused: HTTP 401/403, or gRPC UNAUTHENTICATED for
+    the Ray services a port may serve (Ray's token auth on GCS, raylet and agents)."""
+    status, _ = http_get(f"http://127.0.0.1:{port}/", timeout=3.0)
+    if status in (401, 403):
+        return True
+    import grpc
+
+    methods = (
+        "/ray.rpc.NodeInfoGcsService/GetAllNodeInfo",
+        "/ray.rpc.NodeManagerService/GetNodeStats",
+        "/ray.rpc.ObjectManagerService/FreeObjects",
+        "/ray.rpc.LogService/ListLogs",
+        "/ray.rpc.ReporterService/GetTraceback",
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for method in methods:
+            call = channel.unary_unary(
+                method, request_serializer=lambda b: b, response_deserializer=lambda b: b
+            )
+            try:
+                call(b"", timeout=3.0)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return True
+                continue
+            return False  # answered without a token
+    return False
+
+
+def _check_stack_listeners(stack: Stack) -> list[tuple[str, int, int]]:
+    """Every listening socket of the stack's process trees is loopback or refuses a request
+    without the token; the Ray metrics ports (no token there) are loopback."""
+    pids: set[int] = set()
+    for record in stack.load_state()["services"].values():
+        pids |= set(process_tree(int(record["pid"])))
+    listeners = _listeners(pids)
+    assert len(listeners) >= 10, listeners  # SeaweedFS alone has 10
+    exposed = [
+        (address, port, Path(f"/proc/{pid}/cmdline").read_bytes()[:80])
+        for address, port, pid in listeners
+        if not _is_loopback(ipaddress.ip_address(address))
+    ]
+    unguarded = [entry for entry in exposed if not _refuses_without_token(entry[1])]
+    assert unguarded == [], f"listening beyond loopback without the token: {unguarded}"
+    ray_ports = stack.load_state()["services"]["ray"]["ports"]
+    metrics = {
+        ray_ports[n]
+        for n in ("metrics-export-port", "dashboard-metrics-port", "autoscaler-metrics-port")
+    }
+    loopback = {
+        port for address, port, _ in listeners if _is_loopback(ipaddress.ip_address(address))
+    }
+    assert metrics <= loopback, (metrics, listeners)
+    return listeners
+
+
+def test_listener_check_sees_exposed_and_unguarded_sockets() -> None:
+    """The checks above can fail: a socket of this process on all interfaces is seen as
+    exposed, one on 127.0.0.1 as loopback, and an HTTP server that answers without a token is
+    not taken for a guarded one."""
+    import http.server
+    import threading
+
+    exposed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    local = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        exposed.bind(("0.0.0.0", 0))
+        exposed.listen()
+        local.bind(("127.0.0.1", 0))
+        local.listen()
+        found = {port: address for address, port, _ in _listeners({os.getpid()})}
+        assert not _is_loopback(ipaddress.ip_address(found[exposed.getsockname()[1]]))
+        assert _is_loopback(ipaddress.ip_address(found[local.getsockname()[1]]))
+        assert _is_loopback(ipaddress.ip_address("::ffff:127.0.0.1"))
+        assert not _refuses_without_token(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        exposed.close()
+        local.close()
+
+
 def test_missing_program_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
-    import pipeline.stack as stack_module
-    from pipeline.servers import ServerError
+    import pipeline.stack.local as stack_module
+    from pipeline.stack.procs import ServerError
 
     def not_found(name: str) -> str:
         if name == "weed":
@@ -169,6 +302,9 @@ def test_stack_up_down_up_keeps_data(stack_home: Path, tmp_path: Path) -> None:
     assert secret not in stack.state_path.read_text()
     env_sh = stack.env_path.read_text()
     assert "export RAY_AUTH_MODE=token" in env_sh and env["MLFLOW_TRACKING_URI"] in env_sh
+
+    # ---- every listener: loopback, or it refuses a request without the token
+    _check_stack_listeners(stack)
 
     # ---- S3 through the stack's endpoint with its credentials
     s3 = _s3_client(env)

@@ -19,7 +19,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipeline.config import StorageConfig
-from pipeline.servers import free_port
+from pipeline.redact import scrub
+from pipeline.stack.procs import free_port
 from pipeline.storage import (
     Location,
     StorageError,
@@ -28,7 +29,6 @@ from pipeline.storage import (
     read_whole,
     resolve,
     s3_endpoint,
-    scrub,
 )
 
 MiB = 1024**2
@@ -474,4 +474,4 @@ def test_storage_error_scrubs_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     error = StorageError("failed with AKIAEXAMPLEKEY and s3cr3t/with+chars; password=hunter22")
     _assert_no_secrets(error, "AKIAEXAMPLEKEY", "s3cr3t/with+chars", "hunter22")
     assert "failed with" in str(error)
-    assert scrub("secret_key='abc123def'") == "secret_key='<redacted>'"
+    assert scrub("secret_key='abc123def'") == "secret_key='***'"  # one scrubber, one marker

@@ -1,16 +1,19 @@
 """`fmpipe submit` against a real two-node Ray cluster (tests/cluster.py), SeaweedFS and MLflow.
 
-The nodes start with token auth and WITHOUT the S3 endpoint, S3 credentials or MLflow URI in
-their environment: everything a job needs comes through `fmpipe submit` (the endpoint and
-tracking URI carried automatically, the credentials by name with --env). Through it:
-prepare (digits 8x8 to S3), train (2 workers, STRICT_SPREAD: one per node), sample; each
-succeeds with its outputs in S3 and its runs in MLflow; a job that fails makes submit exit
-non-zero with the job's error shown; a wrong token is refused. Plus fast checks of the
-command-line split, the token rules and what the job's environment carries.
+The nodes start with token auth and with S3 credentials of their own in their environment (as
+a real cluster has them: node environment, instance role or a Kubernetes Secret), but WITHOUT
+the S3 endpoint or MLflow URI: those come through `fmpipe submit`, carried automatically.
+Secrets never travel with a job: `--env AWS_SECRET_ACCESS_KEY` is refused before the cluster
+is contacted, and the runtime_env of every job, read back through the Jobs API, holds no
+secret value. Through it: prepare (digits 8x8 to S3), train (2 workers, STRICT_SPREAD: one
+per node), sample; each succeeds with its outputs in S3 and its runs in MLflow; a job that
+fails makes submit exit non-zero with the job's error shown; a wrong token is refused. Plus
+fast checks of the command-line split, the token rules and what the job's environment carries.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,13 +48,14 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def cluster(s3_server, mlflow_server):
-    """Two nodes (2 CPUs each, resources node_a / node_b); no S3 or MLflow settings in
-    their environment."""
+    """Two nodes (2 CPUs each, resources node_a / node_b); S3 credentials in their
+    environment, no S3 endpoint or MLflow URI."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("AWS_", "MLFLOW_")) and k not in ("FMPIPE_HOME",)
     }
+    env.update({name: s3_server.env()[name] for name in CREDENTIALS})  # the nodes' own keys
     with LocalRayCluster(env=env, head_cpus=2, worker_cpus=2) as c:
         yield c
 
@@ -69,19 +73,17 @@ def submit_env(cluster, mlflow_server, s3_server, tmp_path):
     return env
 
 
-def fmpipe_submit(env: dict[str, str], cluster: LocalRayCluster, *args: str, creds: bool = True):
+def fmpipe_submit(env: dict[str, str], address: LocalRayCluster | str, *args: str):
     """``fmpipe submit <args> --address <cluster>`` in a subprocess; (rc, stdout, stderr)."""
-    cmd = [sys.executable, "-m", "jobs.cli", "submit", *args, "--address", cluster.address]
-    if creds:
-        for name in CREDENTIALS:
-            cmd += ["--env", name]
+    url = address if isinstance(address, str) else address.address
+    cmd = [sys.executable, "-m", "jobs.cli", "submit", *args, "--address", url]
     proc = subprocess.run(
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     print(proc.stdout[-6000:], proc.stderr[-3000:], sep="\n")  # shown when a test fails
-    secret = env["AWS_SECRET_ACCESS_KEY"]
-    assert secret not in proc.stdout and secret not in proc.stderr, "a credential was printed"
-    assert env["AWS_ACCESS_KEY_ID"] not in proc.stdout + proc.stderr
+    for name in CREDENTIALS:
+        if env.get(name):
+            assert env[name] not in proc.stdout + proc.stderr, "a credential was printed"
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -114,8 +116,10 @@ def test_submit_prepare_train_sample_on_two_nodes(cluster, submit_env, s3_bucket
     assert rc == 0, err
     assert "SUCCEEDED" in err
     carried = next(line for line in err.splitlines() if "environment carried" in line)
-    for name in (*CREDENTIALS, "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI"):
+    for name in ("AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI"):
         assert name in carried
+    assert not any(name in carried for name in CREDENTIALS)  # the nodes have their own
+    _assert_no_secret_in_jobs(cluster, submit_env)
     info = open_dataset(build_config({"data": {"uri": data, "resolution": 8}}), "train")
     assert info.num_samples > 1000
 
@@ -189,6 +193,22 @@ def test_submit_prepare_train_sample_on_two_nodes(cluster, submit_env, s3_bucket
         [client.get_experiment_by_name("cluster-samples").experiment_id]
     )
     assert len(sample_runs) == 1 and sample_runs[0].info.status == "FINISHED"
+    _assert_no_secret_in_jobs(cluster, submit_env)
+
+
+def _secret_values(env: dict[str, str], cluster: LocalRayCluster) -> list[str]:
+    return [env[name] for name in CREDENTIALS] + [cluster.token_path.read_text().strip()]
+
+
+def _assert_no_secret_in_jobs(cluster: LocalRayCluster, env: dict[str, str]) -> None:
+    """Every job's record as the Jobs API returns it (runtime_env, entrypoint, metadata)
+    holds no secret value: what `ray job list` shows to every holder of the token."""
+    status, jobs = cluster.get("/api/jobs/")
+    assert status == 200 and isinstance(jobs, list) and jobs, jobs
+    assert all("env_vars" in (job.get("runtime_env") or {}) for job in jobs)
+    dumped = json.dumps(jobs)
+    for value in _secret_values(env, cluster):
+        assert value not in dumped, "a secret is in a job's record"
 
 
 @pytest.mark.slow
@@ -204,10 +224,28 @@ def test_failed_job_and_wrong_token(cluster, submit_env, s3_bucket, tmp_path):
     wrong = tmp_path / "wrong_token"
     wrong.write_text("0" * 64)
     env = {**submit_env, "RAY_AUTH_TOKEN_PATH": str(wrong)}
-    rc, out, err = fmpipe_submit(env, cluster, "prepare", "--source", "digits", creds=False)
+    rc, out, err = fmpipe_submit(env, cluster, "prepare", "--source", "digits")
     assert rc == 2
     assert "refused the token" in err and "Invalid authentication token" in err
     assert "0" * 64 not in out + err
+
+
+@pytest.mark.slow
+def test_secret_env_is_refused_before_submitting(cluster, submit_env):
+    """`--env AWS_SECRET_ACCESS_KEY` on a live cluster: exit 2 with the way credentials reach
+    a cluster, nothing submitted, the value nowhere; no job record holds a secret."""
+    _, before = cluster.get("/api/jobs/")
+    for name in (*CREDENTIALS, "MLFLOW_TRACKING_PASSWORD"):
+        env = {**submit_env, "MLFLOW_TRACKING_PASSWORD": "pw-" + "for-this-test-only"}
+        rc, out, err = fmpipe_submit(env, cluster, "prepare", "--source", "digits", "--env", name)
+        assert rc == 2, err
+        assert f"--env {name} refused: secrets are not sent with a job" in err
+        assert "secretKeyRef" in err and "instance role" in err
+        assert env[name] not in out + err
+    _, after = cluster.get("/api/jobs/")
+    assert len(after) == len(before)  # nothing was submitted
+    if after:
+        _assert_no_secret_in_jobs(cluster, submit_env)
 
 
 # --------------------------------------------------------------------------- fast: the rules
@@ -253,7 +291,7 @@ def test_token_rules(tmp_path, monkeypatch):
         auth_headers({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")})
 
 
-def test_runtime_env_carries_locations_and_named_credentials_only():
+def test_runtime_env_carries_locations_and_refuses_secrets():
     from pipeline.submit import EXCLUDES, SubmitError, build_runtime_env
 
     env = {
@@ -261,6 +299,7 @@ def test_runtime_env_carries_locations_and_named_credentials_only():
         "AWS_ENDPOINT_URL_S3": "http://s3:8333",
         "AWS_ACCESS_KEY_ID": "AKIDVALUE",
         "AWS_SECRET_ACCESS_KEY": "SECRETVALUE",
+        "SOME_API_TOKEN": "tok-value-123",
         "UNRELATED": "x",
     }
     runtime_env, names = build_runtime_env(env=env)
@@ -269,15 +308,36 @@ def test_runtime_env_carries_locations_and_named_credentials_only():
     carried = runtime_env["env_vars"]
     assert carried["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert "AWS_SECRET_ACCESS_KEY" not in carried and "UNRELATED" not in carried
-    runtime_env, names = build_runtime_env(["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"], env=env)
-    assert runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "SECRETVALUE"
-    assert "AWS_SECRET_ACCESS_KEY" in names and "SECRETVALUE" not in " ".join(names)
+    runtime_env, names = build_runtime_env(["UNRELATED"], env=env)  # by name: carried
+    assert runtime_env["env_vars"]["UNRELATED"] == "x" and "UNRELATED" in names
+    for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "SOME_API_TOKEN"):
+        with pytest.raises(SubmitError, match="secrets are not sent with a job") as info:
+            build_runtime_env([secret], env=env)
+        assert env[secret] not in str(info.value) and "secretKeyRef" in str(info.value)
+    with pytest.raises(SubmitError, match="MLFLOW_TRACKING_URI holds a credential") as info:
+        build_runtime_env(env={**env, "MLFLOW_TRACKING_URI": "https://me:pa55word@mlflow"})
+    assert "pa55word" not in str(info.value)
     with pytest.raises(SubmitError, match="NAME"):
         build_runtime_env(["AWS_SECRET_ACCESS_KEY=inline"], env=env)
     with pytest.raises(SubmitError, match="not set"):
         build_runtime_env(["MISSING_VAR"], env=env)
     with pytest.raises(SubmitError, match="own token"):
         build_runtime_env(["RAY_AUTH_TOKEN"], env={**env, "RAY_AUTH_TOKEN": "x"})
+
+
+def test_secret_env_fails_before_contacting_a_cluster(tmp_path):
+    """Nothing listens at the address: a secret --env is refused first (exit 2, its own
+    message, the value nowhere), not a connection error."""
+    from pipeline.stack.procs import free_port
+
+    value = "s3cr3t-" + "never-shown-42"
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": value, "FMPIPE_HOME": str(tmp_path)}
+    env.pop("RAY_AUTH_TOKEN", None)
+    address = f"http://127.0.0.1:{free_port()}"
+    rc, out, err = fmpipe_submit(env, address, "train", "--env", "AWS_SECRET_ACCESS_KEY")
+    assert rc == 2
+    assert "--env AWS_SECRET_ACCESS_KEY refused: secrets are not sent with a job" in err
+    assert "cannot reach" not in err and value not in out + err
 
 
 def test_entrypoint_and_address():

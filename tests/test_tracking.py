@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from pipeline.config import build_config
+from pipeline.redact import scrub
 from pipeline.tracking import (
     ModelNotFound,
     Tracker,
     find_run_id,
     resolve_model_uri,
-    scrub,
     tracking_uri,
 )
 from pipeline.viz import image_grid, loss_curve_png, save_png, to_uint8

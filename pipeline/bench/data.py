@@ -44,7 +44,7 @@ from pipeline.data.prepare import prepare_dataset
 from pipeline.data.stream import open_dataset, read_shard, stream_throughput
 from pipeline.flow import build_time_sampler
 from pipeline.rayenv import ensure_ray
-from pipeline.servers import SeaweedFS
+from pipeline.stack.servers import SeaweedFS
 from pipeline.storage import boto3_client
 
 BUCKET = "fmpipe-bench"

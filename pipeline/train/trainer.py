@@ -37,7 +37,8 @@ import pyarrow.fs as pafs
 from pipeline.checkpoint import STATE_FILE, TrainState, data_shape_of
 from pipeline.config import Config, ConfigError, fmpipe_home
 from pipeline.rayenv import ensure_ray
-from pipeline.storage import Location, check_access, read_whole, resolve, scrub
+from pipeline.redact import scrub
+from pipeline.storage import Location, check_access, read_whole, resolve
 from pipeline.train.data import BatchSource, ValSet, build_train_stream, epochs_needed, load_val_set
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.spec import (

@@ -11,82 +11,23 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MLflowServer", "SeaweedFS", "ServerError", "find_executable", "free_port"]
+from pipeline.stack.procs import (
+    ServerError,
+    find_executable,
+    free_port,
+    free_ports,
+    http_status,
+    log_tail,
+    port_is_free,
+    stop_group,
+)
 
-_LOG_TAIL_LINES = 40
-
-
-class ServerError(RuntimeError):
-    """A server did not start (or stop); the message holds the tail of its log."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
-    return _free_ports(1, host)[0]
-
-
-def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free ports (all sockets held open together, so no duplicates)."""
-    held: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            held.append(sock)
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for sock in held:
-            sock.close()
-
-
-def _port_is_free(port: int, host: str) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def find_executable(name: str) -> str:
-    """``name`` next to the running Python (the venv's bin/), else on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise ServerError(f"'{name}' not found next to {sys.executable} nor on PATH")
-
-
-def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _http_status(url: str, timeout: float = 1.0) -> int | None:
-    """The HTTP status ``url`` answers with, or None when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except (urllib.error.URLError, OSError):
-        return None
+__all__ = ["MLflowServer", "SeaweedFS", "ServerError"]
 
 
 class _Process:
@@ -124,32 +65,16 @@ class _Process:
         )
 
     def _fail(self, message: str) -> ServerError:
-        tail = _log_tail(self.log_path) if self.log_path else "(no log)"
+        tail = log_tail(self.log_path) if self.log_path else "(no log)"
         self.stop()
         return ServerError(f"{message}\n--- last lines of {self.log_path} ---\n{tail}")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM to the process group, wait up to ``timeout`` s, then SIGKILL."""
-        proc = self._proc
-        if proc is None:
+        """SIGTERM to the process group, wait up to ``timeout`` s, then SIGKILL (see
+        :func:`pipeline.stack.procs.stop_group`)."""
+        if self._proc is None:
             return
-        pgid = proc.pid  # start_new_session: the group id is the leader's pid
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        # Children left behind in the group (e.g. MLflow's worker processes) go too.
-        deadline = time.monotonic() + 3.0
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _group_alive(pgid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+        stop_group(self._proc, timeout)
         self._proc = None
         if self._log_file is not None:
             self._log_file.close()
@@ -163,16 +88,6 @@ class _Process:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SeaweedFS(_Process):
@@ -258,7 +173,7 @@ class SeaweedFS(_Process):
         names += ["s3_grpc", "webdav"]
         if self.s3_port is None:
             names.append("s3")
-        ports = dict(zip(names, _free_ports(len(names), self.host), strict=True))
+        ports = dict(zip(names, free_ports(len(names), self.host), strict=True))
         if self.s3_port is not None:
             ports["s3"] = self.s3_port
         # weed's maintenance worker dials the admin server at admin.port + 10000 whatever
@@ -267,7 +182,7 @@ class SeaweedFS(_Process):
         for _ in range(200):
             port = free_port(self.host)
             grpc = port + 10000
-            if grpc <= 65535 and not {port, grpc} & taken and _port_is_free(grpc, self.host):
+            if grpc <= 65535 and not {port, grpc} & taken and port_is_free(grpc, self.host):
                 ports["admin"], ports["admin_grpc"] = port, grpc
                 break
         else:
@@ -341,7 +256,7 @@ class SeaweedFS(_Process):
             assert self._proc is not None
             if self._proc.poll() is not None:
                 raise self._fail(f"weed mini exited with code {self._proc.returncode}")
-            if _http_status(url, timeout=1.0) is not None and self._s3_answers():
+            if http_status(url, timeout=1.0) is not None and self._s3_answers():
                 return
             if time.monotonic() > deadline:
                 raise self._fail(f"SeaweedFS S3 at {self.endpoint} did not answer in time")
@@ -461,7 +376,7 @@ class MLflowServer(_Process):
             assert self._proc is not None
             if self._proc.poll() is not None:
                 raise self._fail(f"mlflow server exited with code {self._proc.returncode}")
-            if _http_status(health, timeout=1.0) == 200:
+            if http_status(health, timeout=1.0) == 200:
                 break
             if time.monotonic() - began > timeout:
                 raise self._fail(f"MLflow server at {self.uri} did not answer /health in time")

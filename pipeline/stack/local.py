@@ -18,10 +18,12 @@ group, a wait, then SIGKILL. Ray runs as ``ray start --head --block``: SIGTERM m
 process run Ray's own shutdown of the node (what ``ray stop`` does, but for this node only:
 ``ray stop`` would stop every Ray node of the user on the machine, other clusters included).
 
-Security: SeaweedFS, MLflow and Ray's dashboard / Jobs API bind 127.0.0.1. Ray's GCS, raylet
-and agent ports listen on all interfaces whatever ``--node-ip-address`` says, so the Ray node
-runs with token authentication (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH``). The S3
-keys are generated once and enforced by SeaweedFS. Secrets are never printed by
+Security: every listener of the stack binds 127.0.0.1: SeaweedFS, MLflow, and every port of
+the Ray head, metrics exports included (Ray needs ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` for
+that: see :meth:`Stack._ray_env`; ``tests/test_stack.py`` lists the stack's sockets and checks
+it). The Ray node also runs with token authentication (``RAY_AUTH_MODE=token``,
+``RAY_AUTH_TOKEN_PATH``): other users of the machine reach loopback too. The S3 keys are
+generated once and enforced by SeaweedFS. Secrets are never printed by
 ``up``/``status``; they are in the 0600 files above.
 """
 
@@ -34,23 +36,32 @@ import json
 import os
 import secrets
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.servers import MLflowServer, SeaweedFS, ServerError, find_executable, free_port
+from pipeline.stack.procs import (
+    ServerError,
+    alive,
+    cmdline,
+    find_executable,
+    free_port_everywhere,
+    http_get,
+    listening,
+    log_tail,
+    port_is_free,
+    start_time,
+    terminate_tree,
+)
+from pipeline.stack.servers import MLflowServer, SeaweedFS
 
-__all__ = ["BUCKET", "ServiceStatus", "Stack", "StackError", "port_is_free"]
+__all__ = ["BUCKET", "ServiceStatus", "Stack", "StackError"]
 
 BUCKET = "fmpipe"
 ARTIFACTS = f"s3://{BUCKET}/mlartifacts"
@@ -80,6 +91,12 @@ _RAY_EXTRA_PORTS = (
     "node-manager-port",
     "object-manager-port",
 )
+# Ray head ports set through the environment: the dashboard's and the autoscaler's Prometheus
+# servers default to fixed ports (44227, 44217) that two stacks on one machine would share.
+_RAY_ENV_PORTS = {
+    "dashboard-metrics-port": "DASHBOARD_METRIC_PORT",
+    "autoscaler-metrics-port": "AUTOSCALER_METRIC_PORT",
+}
 _STOP_TIMEOUT = {"s3": 30.0, "mlflow": 15.0, "ray": 30.0}  # weed can take >10 s on SIGTERM
 
 
@@ -116,186 +133,26 @@ class ServiceStatus:
 # --------------------------------------------------------------------------- processes
 
 
-def port_is_free(port: int) -> bool:
-    """Nothing listens on ``port`` on any interface (Ray binds 0.0.0.0, the rest 127.0.0.1)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "taken"
-        try:
-            sock.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(host: str) -> int:
-    """A port free on ``host`` and on every interface (see :func:`port_is_free`)."""
-    while True:
-        port = free_port(host)
-        if port_is_free(port):
-            return port
-
-
-def _listening(host: str, port: int, timeout: float = 0.5) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        return sock.connect_ex((host, port)) == 0
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (field 3 onward), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2 :].split()
-
-
-def _start_time(pid: int) -> int | None:
-    """Process start time in clock ticks since boot (Linux), None elsewhere or when gone."""
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
-    except OSError:
-        pass
-    try:  # not Linux
-        out = subprocess.run(
-            ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    """``pid`` runs (a zombie child is reaped and counts as gone)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    fields = _proc_stat(pid)
-    return not (fields and fields[0] == "Z")
-
-
 def _is_ours(service: str, record: dict[str, Any]) -> bool:
     """The process recorded for ``service`` still runs and is the one we started."""
     pid = record.get("pid")
-    if not pid or not _alive(pid):
+    if not pid or not alive(pid):
         return False
     recorded = record.get("start_time")
-    current = _start_time(pid)
+    current = start_time(pid)
     if recorded is not None and current is not None and recorded != current:
         return False  # the pid was recycled
-    cmdline = _cmdline(pid)
-    return all(marker in cmdline for marker in _CMDLINE_MARKERS[service])
-
-
-def _children_map() -> dict[int, list[int]]:
-    """ppid -> children, from /proc (empty where there is no /proc)."""
-    tree: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                fields = _proc_stat(int(entry.name))
-                if fields:
-                    tree.setdefault(int(fields[1]), []).append(int(entry.name))
-    return tree
-
-
-def _tree(pid: int) -> dict[int, int | None]:
-    """``pid``, every process below it and every member of its process group, each with its
-    start time (so that a pid recycled later is never signalled)."""
-    children = _children_map()
-    found = [pid]
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    with contextlib.suppress(OSError):
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                fields = _proc_stat(int(entry.name))
-                if fields and int(fields[2]) == pid:  # same process group (setsid'd by us)
-                    found.append(int(entry.name))
-    return {p: _start_time(p) for p in dict.fromkeys(found)}
-
-
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if _alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = [p for p in left if _alive(p)]
-    return left
-
-
-def _signal_known(procs: dict[int, int | None], sig: int) -> list[int]:
-    """Send ``sig`` to each process of ``procs`` still running with its recorded start
-    time; returns the ones signalled."""
-    hit = []
-    for pid, started in procs.items():
-        if _alive(pid) and _start_time(pid) == started:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-                hit.append(pid)
-    return hit
+    command = cmdline(pid)
+    return all(marker in command for marker in _CMDLINE_MARKERS[service])
 
 
 def _terminate(service: str, record: dict[str, Any], timeout: float) -> None:
-    """Stop a recorded service: SIGTERM, wait up to ``timeout`` s, then SIGKILL.
-
-    The whole tree goes: the leader's process group while the leader lives (the group is
-    ours: we started the leader with setsid), then, by pid and start time, whatever of the
-    tree seen before the first signal is left (Ray's workers run in sessions of their own).
-    """
+    """Stop a recorded service (its whole tree, see :func:`procs.terminate_tree`), if it is
+    still the process we started."""
     if not _is_ours(service, record):
         return
-    pid = int(record["pid"])
-    procs = _tree(pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if service == "ray":
-            os.kill(pid, signal.SIGTERM)  # `ray start --block` shuts its node down itself
-        else:
-            os.killpg(pid, signal.SIGTERM)
-    if _wait_gone([pid], timeout):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)  # the leader still runs: the group is still ours
-        _wait_gone([pid], 10.0)
-    left = _wait_gone(list(procs), 5.0 if _signal_known(procs, signal.SIGTERM) else 0.0)
-    if left:
-        _signal_known({p: procs[p] for p in left}, signal.SIGKILL)
-        _wait_gone(left, 5.0)
-
-
-def _http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0):
-    """(status, body) of a GET, or (None, '') when nothing answers."""
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return int(response.status), response.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), ""
-    except (urllib.error.URLError, OSError):
-        return None, ""
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+    # `ray start --block` shuts its node down itself on SIGTERM
+    terminate_tree(int(record["pid"]), timeout, leader_only=service == "ray")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -478,9 +335,23 @@ class Stack:
         lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
         _write_private(self.env_path, "\n".join(lines) + "\n")
 
-    def _ray_env(self, s3_endpoint: str, mlflow_uri: str) -> dict[str, str]:
-        """Environment of the Ray node, inherited by every job it runs: token auth on, and
-        the stack's S3 and MLflow (so jobs need no credentials shipped with them)."""
+    def _ray_env(
+        self, s3_endpoint: str, mlflow_uri: str, ports: dict[str, int] | None = None
+    ) -> dict[str, str]:
+        """Environment of the Ray node, inherited by every job it runs: token auth on, every
+        listener on loopback, and the stack's S3 and MLflow (so jobs need no credentials
+        shipped with them).
+
+        Loopback: ``ray start`` turns ``--node-ip-address=127.0.0.1`` into the machine's own
+        address (``services.resolve_ip_for_localhost``) unless
+        ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` says this is a single-machine cluster; with the
+        machine's address, the metrics export port and the dashboard's and autoscaler's
+        Prometheus servers bind 0.0.0.0 with no token, the agents and the Ray client server
+        bind that address. With it, Ray binds them to 127.0.0.1 (Ray 2.60:
+        ``reporter_agent``, ``dashboard/head.py`` and ``monitor.py`` bind
+        ``get_localhost_ip()`` when the node IP is loopback). The GCS, raylet and object
+        manager (C++ gRPC) then listen on 127.0.0.1 too; they require the token anyway. The
+        price: no other machine can join this node, which a local stack never wants."""
         access, secret = self.credentials()
         env = dict(os.environ)
         for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "AWS_PROFILE"):
@@ -494,6 +365,7 @@ class Stack:
                 "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": str(self.token_path),
                 "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback only (see above)
                 # One local node, no Serve proxies to drain: stop at once on SIGTERM (the
                 # default waits up to 30 s), as `ray stop` would.
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": os.environ.get(
@@ -506,6 +378,9 @@ class Stack:
                 "MLFLOW_TRACKING_URI": mlflow_uri,
             }
         )
+        for name, variable in _RAY_ENV_PORTS.items():
+            if ports and name in ports:
+                env[variable] = str(ports[name])
         return env
 
     # ---- live checks
@@ -561,7 +436,7 @@ class Stack:
         address = f"http://{self.host}:{record['port']}" if record.get("port") else None
         if not _is_ours("mlflow", record) or address is None:
             return ServiceStatus("mlflow", False, None, address, "not running")
-        code, _ = _http_get(address + "/health")
+        code, _ = http_get(address + "/health")
         if code != 200:
             return ServiceStatus(
                 "mlflow", False, record["pid"], address, f"runs but /health answered {code}"
@@ -574,13 +449,13 @@ class Stack:
         if not _is_ours("ray", record) or gcs is None:
             return ServiceStatus("ray", False, None, gcs, "not running")
         dashboard = f"http://{self.host}:{record['dashboard_port']}"
-        code, _ = _http_get(dashboard + "/api/version", {"Authorization": f"Bearer {self.token()}"})
-        _, mode_body = _http_get(dashboard + "/api/authentication_mode")  # public endpoint
+        code, _ = http_get(dashboard + "/api/version", {"Authorization": f"Bearer {self.token()}"})
+        _, mode_body = http_get(dashboard + "/api/authentication_mode")  # public endpoint
         try:
             auth = json.loads(mode_body).get("authentication_mode", "?")
         except ValueError:
             auth = "?"
-        if code != 200 or not _listening(self.host, int(record["gcs_port"])):
+        if code != 200 or not listening(self.host, int(record["gcs_port"])):
             return ServiceStatus(
                 "ray", False, record["pid"], gcs, f"runs but the dashboard answered {code}"
             )
@@ -698,7 +573,7 @@ class Stack:
         else:
             previous = (s3.get("ports") or {}).get("s3")
             port = self._choose_port("S3 (--s3-port)", self.wanted["s3"], previous)
-            started["s3"] = self._start_s3(port or _free_port(self.host))
+            started["s3"] = self._start_s3(port or free_port_everywhere(self.host))
             port = started["s3"]["ports"]["s3"]
         return f"http://{self.host}:{port}"
 
@@ -712,7 +587,7 @@ class Stack:
         def pick(what: str, wanted: int | None, previous: int | None) -> int:
             port = self._choose_port(what, wanted, previous if previous not in used else None)
             while port is None or port in used:
-                port = _free_port(self.host)
+                port = free_port_everywhere(self.host)
             used.add(port)
             return port
 
@@ -747,7 +622,7 @@ class Stack:
                     ray.get("dashboard_port"),
                 ),
             }
-            for name in _RAY_EXTRA_PORTS:  # the ones used last time when free, else free ones
+            for name in (*_RAY_EXTRA_PORTS, *_RAY_ENV_PORTS):  # last time's when free, else free
                 ports[name] = pick(name, None, previous.get(name))
             num_cpus = int(self.num_cpus or ray.get("num_cpus") or os.cpu_count() or 1)
             plan["ray"] = lambda: self._start_ray(ports, num_cpus, wiring)
@@ -771,7 +646,7 @@ class Stack:
         assert server.pid is not None
         record = {
             "pid": server.pid,
-            "start_time": _start_time(server.pid),
+            "start_time": start_time(server.pid),
             "ports": dict(server.ports),
             "data": str(self.s3_dir),
             "log": str(server.log_path),
@@ -827,7 +702,7 @@ class Stack:
         assert server.pid is not None
         return {
             "pid": server.pid,
-            "start_time": _start_time(server.pid),
+            "start_time": start_time(server.pid),
             "port": server.port,
             "backend": f"sqlite:///{self.mlflow_db}",
             "artifacts": ARTIFACTS,
@@ -866,13 +741,13 @@ class Stack:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=self._ray_env(wiring["s3_endpoint"], wiring["mlflow_uri"]),
+                env=self._ray_env(wiring["s3_endpoint"], wiring["mlflow_uri"], ports),
                 cwd=str(self.dir),
                 start_new_session=True,  # setsid: detached, and a process group of its own
             )
         record = {
             "pid": proc.pid,
-            "start_time": _start_time(proc.pid),
+            "start_time": start_time(proc.pid),
             "gcs_port": ports["gcs"],
             "dashboard_port": ports["dashboard"],
             "ports": dict(ports),
@@ -898,19 +773,19 @@ class Stack:
         while True:
             code = proc.poll()
             if code is not None:
-                tail = _tail(log_path)
+                tail = log_tail(log_path, 30)
                 hint = f"\nhint: {_INSTALL_HINTS['ray']}" if "missing packages" in tail else ""
                 raise StackError(
                     f"`ray start --head` exited with code {code}{hint}\n"
                     f"--- last lines of {log_path} ---\n{tail}"
                 )
-            status, _ = _http_get(dashboard + "/api/jobs/", headers)
+            status, _ = http_get(dashboard + "/api/jobs/", headers)
             if status == 200:
                 return
             if time.monotonic() > deadline:
                 raise StackError(
                     f"the Ray dashboard at {dashboard} did not answer in time\n"
-                    f"--- last lines of {log_path} ---\n{_tail(log_path)}"
+                    f"--- last lines of {log_path} ---\n{log_tail(log_path, 30)}"
                 )
             time.sleep(0.5)
 
@@ -947,7 +822,7 @@ class Stack:
             ports.update(int(p) for p in (record.get("ports") or {}).values())
             if record.get("port"):
                 ports.add(int(record["port"]))
-        return sorted(p for p in ports if _listening(self.host, p))
+        return sorted(p for p in ports if listening(self.host, p))
 
 
 def _stopped(record: dict[str, Any]) -> dict[str, Any]:
