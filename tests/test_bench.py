@@ -20,6 +20,7 @@ from tiny import tiny_unet_overrides
 
 from jobs import bench
 from pipeline.bench.gpu import gpu_throughput
+from pipeline.bench.plain import scoped_environ
 from pipeline.bench.train import steady_state
 from pipeline.checkpoint import TrainState, save_checkpoint
 from pipeline.config import build_config
@@ -94,6 +95,21 @@ def test_steady_state_reads_the_trainers_progress_lines():
     assert wait == pytest.approx(0.25)
 
 
+def test_scoped_environ_sets_then_restores_exactly(monkeypatch: pytest.MonkeyPatch):
+    import os
+
+    monkeypatch.setenv("FMPIPE_TEST_KEPT", "before")
+    monkeypatch.delenv("FMPIPE_TEST_NEW", raising=False)
+    values = {"FMPIPE_TEST_KEPT": "during", "FMPIPE_TEST_NEW": "x"}
+    # restored on the way out of an error too
+    with pytest.raises(RuntimeError, match="inside"), scoped_environ(values):
+        assert os.environ["FMPIPE_TEST_KEPT"] == "during"
+        assert os.environ["FMPIPE_TEST_NEW"] == "x"
+        raise RuntimeError("inside")
+    assert os.environ["FMPIPE_TEST_KEPT"] == "before"
+    assert "FMPIPE_TEST_NEW" not in os.environ
+
+
 def test_mfu_code_path_runs_on_cpu():
     cfg = build_config({"data": {"resolution": 8, "channels": 1}}, TINY_ARGS)
     row = gpu_throughput(cfg, 16, 4, peak_flops=1e12, device="cpu", warmup=1, steps=1)
@@ -134,7 +150,8 @@ def test_bench_gpu_code_path_on_cpu_needs_no_ray(tmp_path: Path):
 
 
 def test_bench_data_prints_the_ratio_table():
-    """Own SeaweedFS and Ray (the S3 settings must reach Ray's workers): a subprocess."""
+    """Own SeaweedFS and Ray (the S3 settings must reach Ray's workers): a subprocess. Its
+    (c) is the training stream (the unit check of that: tests/test_stream.py)."""
     argv = [sys.executable, "-m", "jobs.cli", "bench", "data", "--resolutions", "8",
             "--num-samples", "300"]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
@@ -151,6 +168,7 @@ def test_bench_data_prints_the_ratio_table():
     assert c_a2 == pytest.approx(fmpipe / (2 * in_process), abs=0.01)
     assert c1_a == pytest.approx(per_epoch / (2 * ceiling), abs=0.01)
     assert "batch  512" in proc.stdout  # the ot cost table
+    assert "(c) = the training stream (build_train_stream" in proc.stdout
 
 
 def test_bench_train_prints_the_ratio_table(ray_local, capsys):

@@ -1,11 +1,17 @@
-"""The Ray Data stream: shards -> decoded, paired batches; bad input counted and reported."""
+"""The training stream: shards -> decoded, paired batches; bad input counted and reported.
+
+Streams come from the one builder training uses (:func:`build_train_stream`) and are read
+through the training loop's consumer (:meth:`RayDataSource.iter_batches`), here in the
+test process; ``keys=True`` keeps each sample's key so rows can be checked one by one.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +21,25 @@ import torch
 from PIL import Image
 
 from pipeline.config import Config, build_config
+from pipeline.data.coupling import PairingStage
 from pipeline.data.decode import BadSample, DecodeSpec, decode_image, to_model_range
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, shard_name
 from pipeline.data.stream import (
     DatasetError,
     ShardStats,
     TooManyBadSamples,
+    TrainStreamStage,
     _plain_tar_members,
     bad_sample_tracker,
-    build_stream,
+    build_train_stream,
     collate_batch,
-    iter_epoch_batches,
+    decode_spec,
     open_dataset,
     read_shard,
     shard_order,
 )
 from pipeline.storage import resolve
+from pipeline.train.data import RayDataSource
 
 RES = 8
 ATOL = 1 / 127.5 + 1e-6  # one 8-bit step in [-1, 1]
@@ -122,9 +131,25 @@ def _cfg(uri: str, *overrides: str) -> Config:
     )
 
 
+def _keyed_stream(cfg: Config, epoch: int = 0, num_epochs: int = 1, **kw) -> ray.data.Dataset:
+    """The training stream of ``num_epochs`` epochs from ``epoch``, with its keys."""
+    return build_train_stream(cfg, open_dataset(cfg, "train"), epoch, num_epochs, keys=True, **kw)
+
+
+def _batches(cfg: Config, epoch: int = 0, split: str = "train") -> Iterator[dict]:
+    """One epoch's train-ready batches of ``data.batch_size`` rows (the last one short)
+    through the training consumer, keys kept. The dataset is opened now: a missing or
+    empty one raises here, before any Ray work."""
+    info = open_dataset(cfg, split)
+    stream = build_train_stream(cfg, info, epoch, 1, keys=True)
+    tracker = bad_sample_tracker(cfg, info, epoch)
+    source = RayDataSource.from_config(cfg, keys=True, tracker=tracker)
+    return source.iter_batches(stream, cfg.data.batch_size, drop_last=False)
+
+
 def _collect(cfg: Config, epoch: int = 0, split: str = "train") -> dict[str, dict]:
     rows: dict[str, dict] = {}
-    for batch in iter_epoch_batches(cfg, split, epoch):
+    for batch in _batches(cfg, epoch, split):
         for i, key in enumerate(batch["key"]):
             assert key not in rows, f"{key} arrived twice"
             rows[key] = {name: batch[name][i] for name in ("x_1", "x_0", "t", "label")}
@@ -396,7 +421,7 @@ def test_shard_order_per_epoch(digits_root):
     shard_of = {key: int(key) // 12 for key in truth}
 
     def streamed_order(epoch: int) -> list[str]:
-        ds = build_stream(cfg, "train", epoch, info=info, preserve_order=True)
+        ds = build_train_stream(cfg, info, epoch, 1, keys=True, preserve_order=True)
         return [str(k) for k in ds.select_columns(["key"]).to_pandas()["key"]]
 
     for epoch in (0, 1):
@@ -411,13 +436,14 @@ def test_multi_epoch_stream_is_the_one_epoch_streams_back_to_back(digits_root):
     uri, truth = digits_root
     cfg = _cfg(uri, "seed=3", "data.hflip=true")
     info = open_dataset(cfg, "train")
-    ds = build_stream(cfg, "train", 1, info=info, preserve_order=True, num_epochs=2)
+    ds = build_train_stream(cfg, info, 1, 2, keys=True, preserve_order=True)
     rows = ds.to_pandas()
     assert rows["epoch"].tolist() == sorted(rows["epoch"].tolist())  # epoch 1, then 2
     for epoch in (1, 2):
         part = rows[rows["epoch"] == epoch]
-        alone = build_stream(cfg, "train", epoch, info=info, preserve_order=True).to_pandas()
-        assert "epoch" not in alone.columns
+        alone = build_train_stream(cfg, info, epoch, 1, keys=True, preserve_order=True)
+        alone = alone.to_pandas()
+        assert (alone["epoch"] == epoch).all()  # a one-epoch stream starting at `epoch`
         assert part["key"].tolist() == alone["key"].tolist()  # same shard and sample order
         assert sorted(part["key"]) == sorted(truth)  # every sample once per epoch
         for name in ("x_1", "x_0", "t", "label"):  # same flips, noise and times
@@ -425,7 +451,7 @@ def test_multi_epoch_stream_is_the_one_epoch_streams_back_to_back(digits_root):
     first, second = (rows[rows["epoch"] == e].set_index("key") for e in (1, 2))
     assert not np.array_equal(np.stack(first["x_0"]), np.stack(second.loc[first.index, "x_0"]))
     with pytest.raises(ValueError, match="num_epochs"):
-        build_stream(cfg, "train", 0, info=info, num_epochs=0)
+        build_train_stream(cfg, info, 0, 0)
 
 
 def test_pairing_reproducible_through_the_stream(digits_root):
@@ -440,27 +466,79 @@ def test_pairing_reproducible_through_the_stream(digits_root):
         assert not torch.equal(a[key]["x_0"], c[key]["x_0"])
 
 
-def test_readers_split_shards_and_bfloat16_noise(digits_root):
+def test_worker_splits_share_the_stream_and_bfloat16_noise(digits_root):
+    """Two workers' splits of the one stream, as Ray Train makes them (``streaming_split``,
+    equal): disjoint, every sample once in all, and bfloat16 noise arrives as float32."""
     uri, truth = digits_root
     full = _collect(_cfg(uri))
     cfg = _cfg(uri, "data.noise_dtype=bfloat16")
+    splits = _keyed_stream(cfg).streaming_split(2, equal=True)
+    source = RayDataSource.from_config(cfg, keys=True)
+
+    def read(split) -> list[dict]:
+        return list(source.iter_batches(split, 6, drop_last=False))
+
+    with ThreadPoolExecutor(2) as pool:  # the splits are read together, as workers do
+        parts = list(pool.map(read, splits))
     seen: list[str] = []
-    for rank in (0, 1):
-        for batch in iter_epoch_batches(cfg, "train", 0, rank=rank, num_readers=2):
+    for batches in parts:
+        assert sum(len(batch["key"]) for batch in batches) == len(truth) // 2
+        for batch in batches:
             assert batch["x_0"].dtype == torch.float32
             for key, x_0 in zip(batch["key"], batch["x_0"], strict=True):
                 torch.testing.assert_close(x_0, full[key]["x_0"], rtol=2**-8, atol=1e-3)
             seen += batch["key"]
     assert sorted(seen) == sorted(truth)
-    with pytest.raises(DatasetError, match="fewer than the 4 readers"):
-        build_stream(cfg, "train", 0, rank=0, num_readers=4)
+
+
+def test_training_path_batches_equal_the_keyed_ones(digits_root):
+    """The stream as training reads it (no keys, Ray's default collate, drop_last) gives
+    the rows of the keyed stream, in full micro-batches with their epoch."""
+    uri, _ = digits_root
+    cfg = _cfg(uri, "seed=2", "data.hflip=true")
+    info = open_dataset(cfg, "train")
+    plain = build_train_stream(cfg, info, 3, 2, preserve_order=True)
+    keyed = build_train_stream(cfg, info, 3, 2, keys=True, preserve_order=True)
+    assert "key" not in plain.columns() and "key" in keyed.columns()
+    got = list(RayDataSource.from_config(cfg).iter_batches(plain, 16))
+    want = list(RayDataSource.from_config(cfg, keys=True).iter_batches(keyed, 16))
+    assert [len(b["t"]) for b in got] == [16] * (72 // 16)  # the short tail is dropped
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert set(a) == {"x_1", "x_0", "t", "label", "epoch"} and "key" in b
+        assert a["x_0"].dtype == torch.float32 and a["epoch"].dtype == torch.int64
+        for name in ("x_1", "x_0", "t", "label", "epoch"):
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    epochs = torch.cat([b["epoch"] for b in got]).tolist()
+    assert epochs == sorted(epochs) and set(epochs) == {3, 4}
+
+
+def test_stream_rows_need_their_epoch(digits_root):
+    uri, _ = digits_root
+    cfg = _cfg(uri)
+    stage = TrainStreamStage(cfg, open_dataset(cfg, "train"), tracker=None)
+    row = {"name": np.array(["s"]), "path": np.array(["p"]), "num_samples": np.array([1])}
+    with pytest.raises(ValueError, match="'epoch' column"):
+        next(stage(row))
+    assert decode_spec(cfg) == DecodeSpec(RES, 1)
+
+
+def test_bench_data_times_the_training_path(digits_root):
+    """`fmpipe bench data` (c) reads the training stream through the 1-worker split and the
+    loop's consumer: whole micro-batches of every epoch it was asked for."""
+    from pipeline.bench.data import training_stream_rate
+
+    uri, truth = digits_root
+    cfg = _cfg(uri)  # data.batch_size=16: the micro-batch of 1 worker
+    rate = training_stream_rate(cfg, open_dataset(cfg, "train"), 0, num_epochs=2)
+    assert rate.images == 2 * len(truth) // 16 * 16 and rate.images_per_s > 0
 
 
 def test_ot_coupling_in_the_loop_and_in_the_stream(digits_root):
     uri, _ = digits_root
     cfg = _cfg(uri, "data.batch_size=36", "data.coupling=ot", "data.ot_per_class=true")
-    independent = next(iter_epoch_batches(_cfg(uri, "data.batch_size=36"), "train", 0))
-    paired = next(iter_epoch_batches(cfg, "train", 0))
+    independent = next(_batches(_cfg(uri, "data.batch_size=36")))
+    paired = next(_batches(cfg))
     order = np.argsort(paired["key"])
     base = np.argsort(independent["key"])
 
@@ -472,10 +550,10 @@ def test_ot_coupling_in_the_loop_and_in_the_stream(digits_root):
     rows = {independent["x_0"][i].numpy().tobytes(): int(independent["label"][i]) for i in base}
     assert sorted(rows) == sorted(x.numpy().tobytes() for x in paired["x_0"])
     assert [rows[x.numpy().tobytes()] for x in paired["x_0"]] == paired["label"].tolist()
-    # coupling inside the Ray Data stage: same noise multiset per stage batch
-    info = open_dataset(cfg, "train")
-    ds = build_stream(cfg, "train", 0, info=info, couple_in_stream=True)
-    staged = ds.take_all()
+    # coupling inside a Ray Data stage (PairingStage(apply_coupling=True) on the stream's
+    # rows, which redraws the same x_0 from (seed, epoch, key)): same noise multiset
+    stage = PairingStage.from_config(cfg, 0, apply_coupling=True)
+    staged = _keyed_stream(cfg).map_batches(stage, batch_size=36).take_all()
     assert len(staged) == 36
     drawn = sorted(r["x_0"].tobytes() for r in staged)
     assert drawn == sorted(rows)
@@ -580,10 +658,10 @@ def test_missing_or_empty_dataset_fails_fast(tmp_path):
     root = tmp_path / "empty"
     _write_split(str(root), [], [])
     with pytest.raises(DatasetError, match="is empty") as err:
-        build_stream(_cfg(str(root)), "train", 0)
+        _keyed_stream(_cfg(str(root)))
     assert str(root) in str(err.value)
     with pytest.raises(DatasetError, match="no 'val' split"):
-        iter_epoch_batches(_cfg(str(root)), "val", 0)  # raises before iterating
+        _batches(_cfg(str(root)), split="val")  # raises before iterating
     shards, _ = _digits(2, 3)
     _write_split(str(tmp_path / "holes"), shards, [3, 3])
     (tmp_path / "holes" / "train" / shard_name(1)).unlink()

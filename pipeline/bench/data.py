@@ -1,7 +1,7 @@
-"""``fmpipe bench data``: the input pipeline against a decode ceiling and a plain baseline.
+"""``fmpipe bench data``: the training stream against a decode ceiling and a plain baseline.
 
-All three read the same shards from the same SeaweedFS (a real S3 server started for the
-run) and do the same work per image: Pillow decode (:func:`decode_image`), scaling to
+All of them read the same shards from the same SeaweedFS (a real S3 server started for
+the run) and do the same work per image: Pillow decode (:func:`decode_image`), scaling to
 [-1, 1] CHW, and pairing with per-sample seeded ``x_0`` and ``t``.
 
 (a) decode ceiling: one process decoding every image from tar bytes already in memory
@@ -13,13 +13,18 @@ run) and do the same work per image: Pillow decode (:func:`decode_image`), scali
 (b) baseline: the ``webdataset`` library reading the shards over HTTP (presigned URLs,
     webdataset's own curl pipe) into a ``torch.utils.data.DataLoader`` with the same number
     of worker processes as (c) uses CPUs.
-(c) fmpipe: the Ray Data stream (:func:`iter_epoch_batches`) feeding ``iter_torch_batches``,
-    :data:`STREAM_EPOCHS` epochs in one stream, as training reads them (one Dataset for
-    the run), after a warm-up epoch that starts Ray's worker processes. (a) runs once
-    before and once after (c), and the mean is used.
-(c1) the next :data:`EPOCH_STREAMS` epochs, each as a one-epoch stream of its own: each
-    pays Ray Data's start-up (plan, executor, first tasks; ~0.35 s on 2 CPUs), which (c)
-    pays once.
+(c) fmpipe: the stream ``fmpipe train`` reads, built by the same function
+    (:func:`build_train_stream`, :data:`STREAM_EPOCHS` epochs in one Dataset, as training
+    holds its epochs), split as Ray Train splits it for one worker
+    (``streaming_split(1, equal=True)``) and consumed by the training loop's own consumer
+    (:meth:`RayDataSource.iter_batches`: ``iter_torch_batches`` of micro-batches with
+    ``drop_last``, float32 noise, coupling), here in the driver with no training step
+    beside it: the most the data path can feed one worker on these cores. It runs after
+    a warm-up epoch that starts Ray's worker processes; (a) runs once before and once
+    after (c), and the mean is used.
+(c1) the next :data:`EPOCH_STREAMS` epochs, each as a one-epoch stream of its own through
+    the same path: each pays Ray Data's start-up (plan, executor, first tasks; ~0.35 s on
+    2 CPUs), which (c) pays once.
 
 Also the cost of ``ot`` coupling per batch size: images/s through ``couple`` alone.
 """
@@ -37,15 +42,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.bench.plain import scoped_environ
 from pipeline.config import Config, build_config
 from pipeline.data.coupling import PairingStage, couple, draw_noise_and_time
-from pipeline.data.decode import DecodeSpec, decode_image, to_model_range
+from pipeline.data.decode import decode_image, to_model_range
 from pipeline.data.prepare import prepare_dataset
-from pipeline.data.stream import open_dataset, read_shard, stream_throughput
+from pipeline.data.stream import (
+    DatasetInfo,
+    bad_sample_tracker,
+    build_train_stream,
+    decode_spec,
+    open_dataset,
+    read_shard,
+)
 from pipeline.flow import build_time_sampler
 from pipeline.rayenv import ensure_ray
 from pipeline.stack.servers import SeaweedFS
 from pipeline.storage import boto3_client
+from pipeline.train.data import RayDataSource
+from pipeline.train.loop import micro_batch_size
 
 BUCKET = "fmpipe-bench"
 STREAM_EPOCHS = 3  # (c): this many epochs in one stream, after the warm-up epoch
@@ -83,14 +98,13 @@ class DataFigures:
         return self.fmpipe / (self.in_process_per_core * self.cores)
 
 
-def _shard_bytes(cfg: Config) -> list[bytes]:
-    info = open_dataset(cfg, "train")
+def _shard_bytes(info: DatasetInfo) -> list[bytes]:
     return [info.location.child(shard.name).read_bytes() for shard in info.manifest.shards]
 
 
 def decode_ceiling(cfg: Config, shards: list[bytes]) -> float:
     """(a) images/s of one process decoding in-memory tar bytes (tar walk included)."""
-    spec = DecodeSpec(cfg.data.resolution, cfg.data.channels)
+    spec = decode_spec(cfg)
     sampler = build_time_sampler("uniform")
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     images = 0
@@ -110,7 +124,7 @@ def decode_ceiling(cfg: Config, shards: list[bytes]) -> float:
 
 def fmpipe_in_process(cfg: Config, shards: list[bytes]) -> float:
     """(a') images/s of fmpipe's decode + pairing path in this process, same bytes."""
-    spec = DecodeSpec(cfg.data.resolution, cfg.data.channels)
+    spec = decode_spec(cfg)
     pairing = PairingStage.from_config(cfg, 0)
     images = 0
     start = time.perf_counter()
@@ -141,7 +155,7 @@ class _Pair:
     """DataLoader collate: decode + scale + pair, the same work as the fmpipe stage."""
 
     def __init__(self, cfg: Config) -> None:
-        self.spec = DecodeSpec(cfg.data.resolution, cfg.data.channels)
+        self.spec = decode_spec(cfg)
         self.shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
         self.seed = cfg.seed
 
@@ -201,13 +215,43 @@ def ot_cost(resolution: int, channels: int, batch_sizes=(128, 256, 512), repeats
     return rows
 
 
-def _epoch_streams_rate(cfg: Config, first_epoch: int, streams: int) -> float:
+@dataclass(frozen=True)
+class StreamRate:
+    images: int  # images the consumer yielded (whole micro-batches)
+    seconds: float  # from building the stream to its last batch
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+def training_stream_rate(
+    cfg: Config, info: DatasetInfo, first_epoch: int, num_epochs: int = 1
+) -> StreamRate:
+    """(c) images/s of the training path, driven here as one Ray Train worker drives it.
+
+    The stream from :func:`build_train_stream`, the one split Ray Train's ``DataConfig``
+    makes for one worker (``streaming_split(1, equal=True)``), and the loop's consumer
+    (:meth:`RayDataSource.iter_batches` with the loop's micro-batch), read to the end.
+    """
+    micro = micro_batch_size(cfg.data.batch_size, 1, cfg.train.grad_accum)
+    start = time.perf_counter()
+    ds = build_train_stream(cfg, info, first_epoch, num_epochs)
+    (split,) = ds.streaming_split(1, equal=True)
+    source = RayDataSource.from_config(cfg, tracker=bad_sample_tracker(cfg, info, first_epoch))
+    images = 0
+    for batch in source.iter_batches(split, micro):
+        images += len(batch["t"])
+    return StreamRate(images, time.perf_counter() - start)
+
+
+def _epoch_streams_rate(cfg: Config, info: DatasetInfo, first_epoch: int, streams: int) -> float:
     """(c1) images/s of ``streams`` one-epoch streams in a row, from ``first_epoch`` on."""
     images = seconds = 0.0
     for epoch in range(first_epoch, first_epoch + streams):
-        figures = stream_throughput(cfg, "train", epoch)
-        images += figures["images"]
-        seconds += figures["seconds"]
+        rate = training_stream_rate(cfg, info, epoch)
+        images += rate.images
+        seconds += rate.seconds
     return images / seconds
 
 
@@ -217,19 +261,29 @@ def run_data_benchmark(
     cores: int = 2,
     log=print,
 ) -> list[DataFigures]:
+    """Prepare ``num_samples`` synthetic RGB images per resolution into a SeaweedFS of its
+    own, run (a), (a'), (b), (c), (c1) and (a) again on them (module doc) on a local Ray of
+    ``cores`` CPUs, print the table and the ``ot`` cost, and return the rows."""
     import ray
 
     figures: list[DataFigures] = []
     with (
         tempfile.TemporaryDirectory(prefix="fmpipe-bench-") as tmp,
         SeaweedFS(Path(tmp) / "s3") as s3,
+        # The server's endpoint and credentials go into this process's environment, the
+        # one way they reach Ray's worker processes (they inherit it when ray.init starts
+        # them; pipeline.storage never pickles secrets into a filesystem), and they leave
+        # it with the server, so nothing after the run points at a server that is gone.
+        scoped_environ(s3.env()),
     ):
-        saved = {key: os.environ.get(key) for key in s3.env()}
-        os.environ.update(s3.env())  # before ray.init: Ray workers inherit the environment
         try:
             boto3_client().create_bucket(Bucket=BUCKET)
             ensure_ray(num_cpus=cores)
             log(f"machine: {platform.machine()}, {os.cpu_count()} cores; Ray CPUs {cores}")
+            log(
+                "(c) = the training stream (build_train_stream, 1-worker streaming_split, "
+                "RayDataSource.iter_batches) read in this process"
+            )
             log(
                 f"{'res':>4} {'(a) ceiling/core':>17} {'(b) wds+DataLoader':>19} "
                 f"{'(c) fmpipe':>11} {'c/b':>6} {'c/(a*cores)':>12} "
@@ -254,15 +308,14 @@ def run_data_benchmark(
                     ]
                 )
                 prepare_dataset(cfg, log=lambda _: None)
-                shards = _shard_bytes(cfg)
+                info = open_dataset(cfg, "train")
+                shards = _shard_bytes(info)
                 ceiling_before = decode_ceiling(cfg, shards)
                 in_process = fmpipe_in_process(cfg, shards)
                 baseline = webdataset_baseline(cfg, workers=cores)
-                stream_throughput(cfg, "train", 0)  # warm-up: Ray worker processes start
-                fmpipe = stream_throughput(cfg, "train", 1, num_epochs=STREAM_EPOCHS)[
-                    "images_per_s"
-                ]
-                per_epoch = _epoch_streams_rate(cfg, 1 + STREAM_EPOCHS, EPOCH_STREAMS)
+                training_stream_rate(cfg, info, 0)  # warm-up: Ray worker processes start
+                fmpipe = training_stream_rate(cfg, info, 1, STREAM_EPOCHS).images_per_s
+                per_epoch = _epoch_streams_rate(cfg, info, 1 + STREAM_EPOCHS, EPOCH_STREAMS)
                 # (a) once before and once after (c): a shared machine's drift hits both
                 ceiling = (ceiling_before + decode_ceiling(cfg, shards)) / 2
                 row = DataFigures(res, ceiling, baseline, fmpipe, cores,
@@ -280,9 +333,4 @@ def run_data_benchmark(
                     log(f"  res {res:>3} batch {batch:>4}: {ms:8.1f} ms, {per_s:>9,.0f} images/s")
         finally:
             ray.shutdown()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
     return figures

@@ -8,14 +8,18 @@ fmpipe's loop uses it; on the CPU torch's default per-tensor loop, where fmpipe'
 takes the fused kernel: :func:`pipeline.optim.adamw`), EMA update
 (``torch._foreach_lerp_``). It imports neither Ray nor the data stack, so the GPU
 benchmark runs where only PyTorch is installed.
+
+Also the process-wide settings the benchmarks change for a block and put back: torch's
+thread count (:func:`torch_threads`) and environment variables (:func:`scoped_environ`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +32,7 @@ __all__ = [
     "LoopTiming",
     "PlainTrainer",
     "batches",
-    "plain_training",
+    "scoped_environ",
     "sync",
     "timed_steps",
     "torch_threads",
@@ -45,6 +49,28 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the block, then exactly as it was.
+
+    The one helper through which a benchmark changes its environment. It should only do
+    so for what reaches its consumer no other way: processes started inside the block
+    (Ray's workers, at ``ray.init``) inherit the environment, and fmpipe reads some
+    settings only from there (the S3 endpoint and credentials, by design never pickled).
+    Anything that can be passed as an argument or a config key should be passed instead.
+    """
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def sync(device: torch.device) -> None:
@@ -172,18 +198,3 @@ def timed_steps(
     return LoopTiming(
         mark - began, time.perf_counter() - mark, warmup, timed, trainer.cfg.data.batch_size
     )
-
-
-def plain_training(
-    cfg: Config,
-    x_1: Tensor,
-    label: Tensor,
-    steps: int,
-    warmup: int,
-    device: torch.device | str = "cpu",
-) -> LoopTiming:
-    """Run the baseline in one go: ``steps`` steps of ``data.batch_size``, ``warmup`` apart."""
-    device = torch.device(device)
-    trainer = PlainTrainer(cfg, tuple(x_1.shape[1:]), device)
-    source = batches(x_1.to(device), label.to(device), cfg.data.batch_size, cfg.seed)
-    return timed_steps(trainer, source, warmup, steps - warmup)

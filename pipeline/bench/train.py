@@ -60,9 +60,9 @@ from pipeline.bench.plain import (
     uses_bf16,
 )
 from pipeline.config import Config, ConfigError
-from pipeline.data.decode import DecodeSpec, to_model_range
+from pipeline.data.decode import to_model_range
 from pipeline.data.prepare import prepare_dataset
-from pipeline.data.stream import DatasetInfo, open_dataset, read_shard
+from pipeline.data.stream import DatasetInfo, decode_spec, open_dataset, read_shard
 from pipeline.models import count_parameters
 from pipeline.storage import read_whole
 
@@ -130,7 +130,7 @@ def load_train_images(cfg: Config, info: DatasetInfo) -> tuple[Tensor, Tensor]:
 
     Labels are int64, -1 where the dataset is unlabelled. Bad samples are skipped.
     """
-    spec = DecodeSpec(resolution=cfg.data.resolution, channels=cfg.data.channels)
+    spec = decode_spec(cfg)
     samples: list[tuple[str, int, np.ndarray]] = []
     for shard in info.shards:
         got, _ = read_shard(

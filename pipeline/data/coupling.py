@@ -24,7 +24,7 @@ Where it runs. The assignment must be solved on the batch the model sees. Ray Da
   applies the coupling only when built with ``apply_coupling=True``: right for a consumer
   that trains on Ray's batches as they are;
 - :func:`couple` does the same on a torch batch in the train loop: exact for the batch
-  being trained on. :func:`pipeline.data.stream.iter_epoch_batches` uses it.
+  being trained on. :class:`pipeline.train.data.RayDataSource` uses it.
 
 Noise storage. ``x_0`` leaves the stage as ``data.noise_dtype``: float32, float16 (half the
 bytes through the object store) or bfloat16. NumPy and Arrow have no bfloat16, so bfloat16

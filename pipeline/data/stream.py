@@ -1,13 +1,16 @@
-"""The training stream: WebDataset shards -> Ray Data -> x_1, x_0, t, label, key batches.
+"""The training stream: WebDataset shards -> Ray Data -> x_1, x_0, t, label, epoch batches.
 
-Plan of one epoch (:func:`build_stream`)::
+One builder, :func:`build_train_stream`, makes the stream ``fmpipe train`` reads and
+``fmpipe bench data`` times. Plan of a run's stream::
 
-    from_items(shards in this epoch's order)               one row per shard
-      .map_batches(ShardDecoder, batch_size=1)             tar -> samples -> decode -> x_1
-      .map_batches(PairingStage)                           + x_0 ~ N(0, I), t, [coupling]
+    from_items((epoch, shard) rows: epochs start..start+n, shards in each epoch's order)
+      .map_batches(TrainStreamStage, batch_size=1)   tar -> samples -> decode -> x_1
+                                                      + x_0 ~ N(0, I), t from (seed, epoch, key)
 
-Both stages are task-based, so Ray fuses them into one task per shard: only the finished
-columns pass through the object store.
+One task per shard row decodes and pairs, so only the finished columns pass through the
+object store. The consumer (:class:`pipeline.train.data.RayDataSource`, in each Ray Train
+worker) takes ``iter_torch_batches`` of its split and applies the coupling on the batch it
+trains on.
 
 Why not ``ray.data.read_webdataset``. It was the first choice, but its reader
 (``tarfile.open(mode="r|*")`` inside the read task) has no error handling: a truncated or
@@ -32,8 +35,9 @@ Order and reproducibility. With ``data.shuffle_shards`` the shard list is permut
 epoch from ``(seed, epoch)`` and the samples inside each shard from
 ``(seed, epoch, shard)``; shards are started in that order. ``x_0``, ``t`` and the flip
 come from ``(seed, epoch, key)`` (see :mod:`pipeline.data.coupling`), so what a sample
-gets never depends on the order in which parallel shards finish; pass
-``preserve_order=True`` to also fix the row order.
+gets never depends on the order in which parallel shards finish, nor on how many epochs
+the stream holds or which one it starts at; pass ``preserve_order=True`` to also fix the
+row order.
 
 Bad input (accounting design). The decode stage skips a sample whose image is undecodable,
 missing, or of an unexpected mode or size, whose label is unreadable, or whose key repeats;
@@ -47,8 +51,9 @@ by (epoch, shard) and overwrite each other, so a retried task or a second pass o
 same Dataset never double-counts. The denominator is the manifest's sample count for the
 split, known up front; as soon as ``bad / total > data.max_bad_fraction`` the stage raises
 :class:`TooManyBadSamples`, naming the worst shards, which fails the Ray Data job and so
-the training loop, and :func:`iter_epoch_batches` re-raises it as such. Every bad sample
-is also logged (shard, key, reason) by the worker. ``BadSampleTracker.report()`` returns a
+the training loop; a consumer given the tracker (``RayDataSource(tracker=...)``) re-raises
+it as such, with the report. Every bad sample is also logged (shard, key, reason) by the
+worker. ``BadSampleTracker.report()`` returns a
 :class:`BadSampleReport` at any time; ``check()`` raises if over the limit.
 An empty or missing dataset fails in :func:`open_dataset`, before any Ray work.
 """
@@ -61,7 +66,6 @@ import logging
 import random
 import re
 import tarfile
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -73,7 +77,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.config import Config
-from pipeline.data.coupling import PairingStage, couple, noise_to_float, sample_seed
+from pipeline.data.coupling import PairingStage, noise_to_float, sample_seed
 from pipeline.data.decode import IMAGE_EXTENSIONS, BadSample, DecodeSpec, decode_image
 from pipeline.data.decode import to_model_range as _to_model_range
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
@@ -91,19 +95,20 @@ __all__ = [
     "ShardStats",
     "StorageError",
     "TooManyBadSamples",
+    "TrainStreamStage",
     "bad_sample_tracker",
-    "build_stream",
+    "build_train_stream",
     "collate_batch",
-    "iter_epoch_batches",
+    "decode_spec",
     "open_dataset",
     "read_shard",
     "shard_order",
-    "stream_throughput",
+    "skip_task_memory_polling",
 ]
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("x_1", "x_0", "t", "label", "key")
+COLUMNS = ("x_1", "x_0", "t", "label", "epoch", "key")  # "key" only with keys=True
 _IMAGE_PREFERENCE = tuple(IMAGE_EXTENSIONS)  # png, jpg, jpeg, webp
 _MAX_EXAMPLES_PER_SHARD = 20  # bad (key, reason) pairs kept per shard; all are counted
 _CHUNK_BYTES = 8 * 1024 * 1024  # target size of one decoded output block
@@ -365,7 +370,12 @@ def shard_order(names: list[str], seed: int, epoch: int, shuffle: bool = True) -
     return ordered
 
 
-def _spec(cfg: Config) -> DecodeSpec:
+def decode_spec(cfg: Config) -> DecodeSpec:
+    """What every reader of a split decodes to: ``data.resolution`` x ``data.channels``.
+
+    The one place the config becomes a :class:`DecodeSpec`: the stream, the validation set
+    and the benchmarks read images exactly alike.
+    """
     return DecodeSpec(resolution=cfg.data.resolution, channels=cfg.data.channels)
 
 
@@ -590,10 +600,11 @@ def read_shard(
 
 
 class ShardDecoder:
-    """``map_batches`` callable (batch_size=1): one shard row -> decoded ``x_1`` blocks.
+    """One ``(epoch, shard)`` row -> decoded ``x_1`` blocks (a part of :class:`TrainStreamStage`).
 
-    Input rows: ``{"name", "path", "num_samples"}``. Output blocks: ``x_1`` float32
-    ``(n, C, R, R)`` in [-1, 1], ``label`` int64 (-1: unlabelled), ``key`` str.
+    Input rows: ``{"name", "path", "num_samples", "epoch"}``; the row's epoch seeds the
+    sample order and the flips. Output blocks: ``x_1`` float32 ``(n, C, R, R)`` in
+    [-1, 1], ``label`` int64 (-1: unlabelled), ``key`` str, ``epoch`` int64.
     """
 
     def __init__(
@@ -603,7 +614,6 @@ class ShardDecoder:
         *,
         num_classes: int,
         seed: int,
-        epoch: int,
         hflip: bool,
         shuffle: bool,
         tracker: BadSampleTracker | None,
@@ -614,7 +624,7 @@ class ShardDecoder:
         self.location = location
         self.spec = spec
         self.num_classes = num_classes
-        self.seed, self.epoch = seed, epoch
+        self.seed = seed
         self.hflip, self.shuffle = hflip, shuffle
         self.tracker = tracker
         per_sample = spec.channels * spec.resolution**2 * 4
@@ -627,14 +637,12 @@ class ShardDecoder:
             return b"", f"cannot read shard: {type(exc).__name__}: {exc}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        # Rows of a multi-epoch stream carry their epoch (it seeds the sample order, the
-        # flips and, downstream, the pairing); the blocks then carry it too.
-        epochs = batch.get("epoch")
-        for row, (name, path, declared) in enumerate(
-            zip(batch["name"], batch["path"], batch["num_samples"], strict=True)
+        if "epoch" not in batch:
+            raise ValueError("ShardDecoder rows need an 'epoch' column (see build_train_stream)")
+        for name, path, declared, epoch in zip(
+            batch["name"], batch["path"], batch["num_samples"], batch["epoch"], strict=True
         ):
-            name, declared = str(name), int(declared)
-            epoch = self.epoch if epochs is None else int(epochs[row])
+            name, declared, epoch = str(name), int(declared), int(epoch)
             data, error = self._read(str(path))
             if error:
                 samples: list[tuple[str, int, np.ndarray]] = []
@@ -656,14 +664,12 @@ class ShardDecoder:
                 logger.warning("bad sample: shard=%s key=%s: %s", *_fields(record))
             for start in range(0, len(samples), self.chunk_rows):
                 chunk = samples[start : start + self.chunk_rows]
-                block = {
+                yield {
                     "x_1": _to_model_range(np.stack([image for _, _, image in chunk])),
                     "label": np.array([label for _, label, _ in chunk], dtype=np.int64),
                     "key": np.array([key for key, _, _ in chunk], dtype=object),
+                    "epoch": np.full(len(chunk), epoch, dtype=np.int64),
                 }
-                if epochs is not None:
-                    block["epoch"] = np.full(len(chunk), epoch, dtype=np.int64)
-                yield block
             if self.tracker is not None:
                 self.tracker.record(stats)  # raises TooManyBadSamples over the limit
 
@@ -673,18 +679,35 @@ def _fields(record: BadSampleRecord) -> tuple[str, str, str]:
 
 
 # --------------------------------------------------------------------------- the stream
-def shard_rows_dataset(rows: list[dict[str, Any]], preserve_order: bool = False) -> Any:
-    """One block per shard row: the input of the fused decode (+ pairing) stage.
+class TrainStreamStage:
+    """``map_batches`` callable (batch_size=1): an ``(epoch, shard)`` row -> paired samples.
 
-    Ray Data's per-operator resource reservation is switched off for this dataset: with
-    one fused operator it only halves the tasks in flight (measured on 2 CPUs: 6.9k ->
-    11.9k images/s at 32x32), since it keeps CPUs back for operators that do not exist.
+    Decode (:class:`ShardDecoder`) and pairing (:class:`PairingStage`, ``x_0`` and ``t``
+    from ``(seed, epoch, key)``, no coupling) in one callable, so one task per shard does
+    both and only the finished columns reach the object store. Output blocks: :data:`COLUMNS`
+    without ``key`` unless ``keys``: the key only seeds the draws, and Ray's default
+    ``iter_torch_batches`` collate (the one training uses) refuses a str column.
     """
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds.context.execution_options.preserve_order = preserve_order
-    ds.context.op_resource_reservation_enabled = False
-    skip_task_memory_polling(ds)
-    return ds
+
+    def __init__(
+        self, cfg: Config, info: DatasetInfo, tracker: BadSampleTracker | None, keys: bool = False
+    ) -> None:
+        self.decoder = ShardDecoder(
+            info.location,  # pickles as a rebuild recipe (see ShardDecoder)
+            decode_spec(cfg),
+            num_classes=info.manifest.num_classes,
+            seed=cfg.seed,
+            hflip=cfg.data.hflip,
+            shuffle=cfg.data.shuffle_shards,
+            tracker=tracker,
+        )
+        self.pairing = PairingStage.from_config(cfg, 0)  # epoch 0 unused: rows carry theirs
+        self.columns = COLUMNS if keys else tuple(c for c in COLUMNS if c != "key")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for chunk in self.decoder(batch):
+            paired = self.pairing(chunk)
+            yield {name: paired[name] for name in self.columns}
 
 
 def skip_task_memory_polling(ds: ray.data.Dataset) -> None:
@@ -697,84 +720,64 @@ def skip_task_memory_polling(ds: ray.data.Dataset) -> None:
     ds.context.memory_usage_poll_interval_s = None
 
 
-def build_stream(
+def build_train_stream(
     cfg: Config,
-    split: str,
-    epoch: int,
+    info: DatasetInfo,
+    start_epoch: int,
+    num_epochs: int,
     *,
-    info: DatasetInfo | None = None,
-    couple_in_stream: bool = False,
+    keys: bool = False,
     preserve_order: bool = False,
-    rank: int = 0,
-    num_readers: int = 1,
-    num_epochs: int = 1,
 ) -> ray.data.Dataset:
-    """The lazy Ray Dataset of one epoch, columns :data:`COLUMNS`.
+    """The lazy Dataset of epochs ``[start_epoch, start_epoch + num_epochs)`` (module doc).
 
-    ``x_1`` float32 ``(C, R, R)`` in [-1, 1]; ``x_0`` ``(C, R, R)`` in ``data.noise_dtype``
-    (bfloat16 as int16 bits: see :func:`noise_to_float`); ``t`` float32; ``label`` int64
-    (-1 when unlabelled); ``key`` str.
+    Columns :data:`COLUMNS` (``key`` only with ``keys=True``): ``x_1`` float32
+    ``(C, R, R)`` in [-1, 1]; ``x_0`` ``(C, R, R)`` in ``data.noise_dtype`` (bfloat16 as
+    int16 bits: see :func:`noise_to_float`); ``t`` float32; ``label`` int64 (-1 when
+    unlabelled); ``epoch`` int64. ``x_0`` is as drawn: the consumer couples it on the
+    batch it trains on (:class:`pipeline.train.data.RayDataSource`).
 
-    ``couple_in_stream=False`` (default) leaves ``x_0`` as drawn: the consumer calls
-    :func:`pipeline.data.coupling.couple` on the batch it trains on (exact OT on that
-    batch). ``True`` applies ``data.coupling`` inside the Ray Data stage on batches of
-    ``data.batch_size`` rows, for consumers that train on Ray's batches unchanged.
-    Bad samples are counted by :func:`bad_sample_tracker` ``(cfg, info, epoch)``.
+    Each epoch is exactly what a stream starting at it would give (same order seeds, same
+    pairs), so a resumed run continues where the data left off. One Dataset for the whole
+    run pays Ray Data's start-up (plan, executor, first tasks: ~0.35 s on 2 CPUs) once,
+    and Ray Train splits it across the workers (``streaming_split``).
 
-    ``rank``/``num_readers``: this reader takes shards ``order[rank::num_readers]`` of the
-    epoch's order, so each of several training workers can build its own disjoint stream
-    (an alternative to ``Dataset.streaming_split``); counts still add up in one tracker.
-
-    ``num_epochs > 1``: epochs ``epoch, epoch + 1, ...`` back to back in one Dataset, each
-    exactly as its own one-epoch stream would give it (same order seeds, same pairs), with
-    an extra ``epoch`` int64 column. One stream pays Ray Data's start-up (plan, executor,
-    first tasks: ~0.35 s on 2 CPUs) once instead of once per epoch, as the training stream
-    does. Bad samples are then counted per shard over the whole pass (the tracker of
-    ``epoch``): decoding a shard is the same in every epoch, so counts never add up.
+    Bad samples are counted per shard over the whole pass, by the tracker of
+    ``start_epoch`` (:func:`bad_sample_tracker`): decoding a shard is the same in every
+    epoch, so counts never add up across epochs. ``preserve_order=True`` fixes the row
+    order (tests; training does not need it: what a sample gets never depends on order).
     """
-    info = info or open_dataset(cfg, split)
-    if not 0 <= rank < num_readers:
-        raise ValueError(f"rank must be in [0, num_readers={num_readers}); got {rank}")
     if num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-    if num_readers > len(info.shards):
-        raise DatasetError(
-            f"dataset '{info.uri}' split '{split}' has {len(info.shards)} shards, fewer "
-            f"than the {num_readers} readers asked for: write smaller shards"
-        )
-    tracker = bad_sample_tracker(cfg, info, epoch)
     by_name = {shard.name: shard for shard in info.shards}
-    rows = []
-    for e in range(epoch, epoch + num_epochs):
-        order = shard_order(list(by_name), cfg.seed, e, cfg.data.shuffle_shards)
-        for n in order[rank::num_readers]:
-            row: dict[str, Any] = {"name": n, "path": by_name[n].path}
-            row["num_samples"] = by_name[n].num_samples
-            if num_epochs > 1:
-                row["epoch"] = e
-            rows.append(row)
-    decoder = ShardDecoder(
-        info.location,
-        _spec(cfg),
-        num_classes=info.manifest.num_classes,
-        seed=cfg.seed,
-        epoch=epoch,
-        hflip=cfg.data.hflip,
-        shuffle=cfg.data.shuffle_shards,
-        tracker=tracker,
-    )
+    rows = [
+        {
+            "name": name,
+            "path": by_name[name].path,
+            "num_samples": by_name[name].num_samples,
+            "epoch": epoch,
+        }
+        for epoch in range(start_epoch, start_epoch + num_epochs)
+        for name in shard_order(list(by_name), cfg.seed, epoch, cfg.data.shuffle_shards)
+    ]
+    tracker = bad_sample_tracker(cfg, info, start_epoch)
     compute = None
     if cfg.data.read_parallelism > 0:
         compute = ray.data.TaskPoolStrategy(size=cfg.data.read_parallelism)
-    ds = shard_rows_dataset(rows, preserve_order)
-    ds = ds.map_batches(decoder, batch_size=1, compute=compute)
-    pairing = PairingStage.from_config(cfg, epoch, apply_coupling=couple_in_stream)
-    pair_batch = cfg.data.batch_size if couple_in_stream and cfg.data.coupling == "ot" else None
-    return ds.map_batches(pairing, batch_size=pair_batch, compute=compute)
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per shard row
+    if preserve_order:  # else the context's own setting (Ray Train sets its own anyway)
+        ds.context.execution_options.preserve_order = True
+    # Ray Data's default resource reservation stays on: beside a training worker, more
+    # decode tasks in flight only take CPU from the step (measured: 300 vs 520 images/s,
+    # docs/benchmarks.md, training section).
+    skip_task_memory_polling(ds)
+    stage = TrainStreamStage(cfg, info, tracker, keys=keys)
+    return ds.map_batches(stage, batch_size=1, compute=compute)
 
 
 def collate_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """numpy batch -> torch tensors (``key`` stays a list of str).
+    """numpy batch -> torch tensors (``key`` stays a list of str): the collate of a stream
+    built with ``keys=True``, which Ray's default collate refuses.
 
     Zero-copy, as Ray's own ``iter_torch_batches``: a column Ray hands out as a read-only
     view of the object store becomes a tensor over that memory, so the batch's tensors are
@@ -806,81 +809,3 @@ class CollateBatch(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return collate_batch(batch)
-
-
-def iter_epoch_batches(
-    cfg: Config,
-    split: str,
-    epoch: int,
-    batch_size: int | None = None,
-    *,
-    info: DatasetInfo | None = None,
-    drop_last: bool = False,
-    device: str | torch.device = "cpu",
-    rank: int = 0,
-    num_readers: int = 1,
-    num_epochs: int = 1,
-) -> Iterator[dict[str, Any]]:
-    """Train-ready batches of one epoch: ``x_1``, ``x_0`` (float32, coupled), ``t``,
-    ``label``, ``key`` (list), via ``iter_torch_batches`` with ``data.prefetch_batches``.
-    ``num_epochs > 1``: that many epochs in one stream, with ``epoch`` (see
-    :func:`build_stream`). The tensors may be views of Ray's object store, as with Ray's
-    own ``iter_torch_batches``: read them, or clone before changing one in place.
-
-    The dataset is opened and checked now (a missing or empty one raises here, before any
-    Ray work); batches stream when iterated. Coupling runs on each batch yielded. Raises
-    :class:`TooManyBadSamples` (with the report) when the epoch's bad fraction passes
-    ``data.max_bad_fraction``.
-    """
-    info = info or open_dataset(cfg, split)
-    ds = build_stream(
-        cfg, split, epoch, info=info, rank=rank, num_readers=num_readers, num_epochs=num_epochs
-    )
-    tracker = bad_sample_tracker(cfg, info, epoch)
-    batches = ds.iter_torch_batches(
-        batch_size=batch_size or cfg.data.batch_size,
-        prefetch_batches=cfg.data.prefetch_batches,
-        collate_fn=CollateBatch(),
-        drop_last=drop_last,
-    )
-    return _paired_batches(cfg, batches, tracker, torch.device(device))
-
-
-def _paired_batches(
-    cfg: Config, batches: Any, tracker: BadSampleTracker, device: torch.device
-) -> Iterator[dict[str, Any]]:
-    try:
-        for batch in batches:
-            x_0 = noise_to_float(batch["x_0"])
-            label = batch["label"] if cfg.data.ot_per_class else None
-            batch["x_0"] = couple(
-                batch["x_1"], x_0, label, cfg.data.coupling, cfg.data.ot_per_class
-            )
-            for name in ("x_1", "x_0", "t", "label"):
-                batch[name] = batch[name].to(device)
-            yield batch
-    except Exception as exc:  # a stage's TooManyBadSamples arrives wrapped by Ray
-        report = tracker.report()
-        if report.exceeded:
-            raise TooManyBadSamples(report.summary(), report) from exc
-        raise
-    tracker.check()
-
-
-def stream_throughput(
-    cfg: Config,
-    split: str = "train",
-    epoch: int = 0,
-    batch_size: int | None = None,
-    num_epochs: int = 1,
-) -> dict[str, float]:
-    """Images per second of ``num_epochs`` full epochs (one stream) through
-    :func:`iter_epoch_batches`."""
-    info = open_dataset(cfg, split)
-    start = time.perf_counter()
-    images = 0
-    batches = iter_epoch_batches(cfg, split, epoch, batch_size, info=info, num_epochs=num_epochs)
-    for batch in batches:
-        images += len(batch["key"])
-    seconds = time.perf_counter() - start
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}

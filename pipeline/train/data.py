@@ -8,26 +8,25 @@ of them per optimizer step. Two sources:
 - :class:`RayDataSource` (what ``fmpipe train`` uses): ``ray.train.get_dataset_shard("train")
   .iter_torch_batches(...)`` over the stream of :func:`build_train_stream`, with the
   configured coupling applied to each micro-batch on the worker (exact OT on the batch
-  being trained on).
+  being trained on). ``fmpipe bench data`` times this consumer on the same stream.
 - :class:`InMemorySource`: deterministic global batches from tensors held in memory; the
   rank's slice of step ``s`` depends only on ``(seed, s)``, never on the worker count, so a
   1-worker and a 2-worker run see the same global batches (the DDP-exactness test), and a
   resumed run continues with the batches of an uninterrupted one.
 
-The stream, one Dataset for the whole run. Its rows are ``(epoch, shard)`` pairs for the
-epochs ``start_epoch, start_epoch + 1, ...`` (shards in each epoch's seeded order, from
-:func:`pipeline.data.stream.shard_order`), expanded by one fused ``map_batches`` stage that
-reads and decodes the shard (:class:`pipeline.data.stream.ShardDecoder`, samples shuffled
-per (seed, epoch, shard)) and pairs each sample with noise and time drawn from
-``(seed, epoch, key)`` (:class:`pipeline.data.coupling.PairingStage`). One pass covers
-enough epochs to reach ``train.total_images`` (plus margin), so Ray Train splits one
-stream across the workers (``streaming_split``) and the loop never restarts an iterator.
-A re-run of the command (resume) builds the stream from the checkpoint's ``data_epoch``
-(the epoch the slowest worker was reading; the part of it already seen is seen again).
-After a worker restart *within* one invocation (``FailureConfig``), Ray Train splits the
-same Dataset again, so the stream starts over at the epoch this invocation started from:
-model, EMA, optimizer, RNG and images seen are restored exactly, only the data order
-differs from an uninterrupted run.
+The stream, one Dataset for the whole run, is built by
+:func:`pipeline.data.stream.build_train_stream` (the one builder; imported here, where the
+trainer takes it from): ``(epoch, shard)`` rows for the epochs ``start_epoch,
+start_epoch + 1, ...``, each read, decoded and paired by one fused ``map_batches`` stage.
+One pass covers enough epochs to reach ``train.total_images`` (plus margin,
+:func:`epochs_needed`), so Ray Train splits one stream across the workers
+(``streaming_split``) and the loop never restarts an iterator. A re-run of the command
+(resume) builds the stream from the checkpoint's ``data_epoch`` (the epoch the slowest
+worker was reading; the part of it already seen is seen again). After a worker restart
+*within* one invocation (``FailureConfig``), Ray Train splits the same Dataset again, so
+the stream starts over at the epoch this invocation started from: model, EMA, optimizer,
+RNG and images seen are restored exactly, only the data order differs from an
+uninterrupted run.
 
 Validation: :func:`load_val_set` reads the val split in this process, in key order, up to
 ``train.val_max_images`` samples, with ``x_0`` and ``t ~ U[0, 1)`` drawn from
@@ -46,32 +45,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.data.coupling import PairingStage, couple, noise_to_float, sample_generator
-from pipeline.data.decode import DecodeSpec, to_model_range
+from pipeline.data.coupling import couple, noise_to_float, sample_generator
+from pipeline.data.decode import to_model_range
 from pipeline.data.stream import (
+    BadSampleTracker,
+    CollateBatch,
     DatasetInfo,
-    ShardDecoder,
-    bad_sample_tracker,
+    TooManyBadSamples,
+    build_train_stream,
+    decode_spec,
     read_shard,
-    shard_order,
-    skip_task_memory_polling,
 )
 from pipeline.storage import read_whole
 
 if TYPE_CHECKING:
-    import ray.data
-
     from pipeline.config import Config
-
-
-def _spec(cfg: Config) -> DecodeSpec:
-    return DecodeSpec(resolution=cfg.data.resolution, channels=cfg.data.channels)
-
 
 __all__ = [
     "BatchSource",
     "InMemorySource",
-    "MultiEpochDecoder",
     "RayDataSource",
     "SourceContext",
     "ValSet",
@@ -115,71 +107,22 @@ def epochs_needed(remaining_images: int, samples_per_epoch: int, batch_size: int
     return math.ceil((max(remaining_images, 0) + batch_size) / samples_per_epoch) + 2
 
 
-class MultiEpochDecoder:
-    """``map_batches`` callable (batch_size=1): an ``(epoch, shard)`` row -> paired samples.
-
-    Output blocks: ``x_1`` float32 ``(n, C, R, R)``, ``x_0`` (``data.noise_dtype``), ``t``
-    float32, ``label`` int64, ``epoch`` int64. The sample key is dropped (it only seeds).
-    """
-
-    def __init__(self, cfg: Config, info: DatasetInfo, tracker: Any) -> None:
-        # Both read each row's own epoch (rows carry it): the order, flips and pairs of
-        # epoch e are those of the one-epoch stream of e (pipeline.data.stream).
-        self.decoder = ShardDecoder(
-            info.location,  # pickles as a rebuild recipe (see ShardDecoder)
-            _spec(cfg),
-            num_classes=info.manifest.num_classes,
-            seed=cfg.seed,
-            epoch=0,  # unused: every row has its epoch
-            hflip=cfg.data.hflip,
-            shuffle=cfg.data.shuffle_shards,
-            tracker=tracker,
-        )
-        self.pairing = PairingStage.from_config(cfg, 0)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        if "epoch" not in batch:
-            raise ValueError("MultiEpochDecoder rows need an 'epoch' column")
-        for chunk in self.decoder(batch):
-            paired = self.pairing(chunk)
-            yield {name: paired[name] for name in ("x_1", "x_0", "t", "label", "epoch")}
-
-
-def build_train_stream(
-    cfg: Config, info: DatasetInfo, start_epoch: int, num_epochs: int
-) -> ray.data.Dataset:
-    """The lazy Dataset of epochs ``[start_epoch, start_epoch + num_epochs)`` (module doc)."""
-    import ray.data
-
-    if num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-    by_name = {shard.name: shard for shard in info.shards}
-    rows = [
-        {
-            "name": name,
-            "path": by_name[name].path,
-            "num_samples": by_name[name].num_samples,
-            "epoch": epoch,
-        }
-        for epoch in range(start_epoch, start_epoch + num_epochs)
-        for name in shard_order(list(by_name), cfg.seed, epoch, cfg.data.shuffle_shards)
-    ]
-    # One counter for the run: records are keyed by shard, and decoding a shard is the same
-    # in every epoch, so counts never add up across epochs.
-    tracker = bad_sample_tracker(cfg, info, start_epoch)
-    compute = None
-    if cfg.data.read_parallelism > 0:
-        compute = ray.data.TaskPoolStrategy(size=cfg.data.read_parallelism)
-    # Ray Data's default resource reservation stays on here (unlike the epoch stream of
-    # pipeline.data.stream): beside a training worker, more decode tasks in flight only
-    # take CPU from the step (measured: 300 vs 520 images/s, docs/benchmarks.md).
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    skip_task_memory_polling(ds)
-    return ds.map_batches(MultiEpochDecoder(cfg, info, tracker), batch_size=1, compute=compute)
-
-
 class RayDataSource:
-    """Micro-batches from this worker's shard of the Ray Train dataset ``"train"``."""
+    """Micro-batches from this worker's split of the Ray Train dataset ``"train"``.
+
+    :meth:`iter_batches` is the whole consumer: ``iter_torch_batches`` as the loop needs it
+    (``micro_batch`` rows, ``drop_last``), then float32 noise, int64 labels and the
+    configured coupling on each micro-batch (exact OT on the batch being trained on).
+    ``fmpipe bench data`` runs the same method on the same stream in its driver, so its
+    figures are those of this path.
+
+    ``keys``: the stream was built with ``keys=True``; its batches keep ``key`` (a list
+    of str) through :class:`~pipeline.data.stream.CollateBatch`, since Ray's default
+    collate refuses str columns. ``tracker``: the stream's bad-sample counter
+    (:func:`~pipeline.data.stream.bad_sample_tracker` of its first epoch); given, a stream
+    that fails over ``data.max_bad_fraction`` raises :class:`TooManyBadSamples` with the
+    report, whatever Ray wrapped it in, and a stream read to its end is checked.
+    """
 
     def __init__(
         self,
@@ -188,11 +131,26 @@ class RayDataSource:
         ot_per_class: bool = False,
         prefetch_batches: int = 2,
         dataset_name: str = "train",
+        keys: bool = False,
+        tracker: BadSampleTracker | None = None,
     ) -> None:
         self.coupling = coupling
         self.ot_per_class = ot_per_class
         self.prefetch_batches = prefetch_batches
         self.dataset_name = dataset_name
+        self.keys = keys
+        self.tracker = tracker
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> RayDataSource:
+        """The source the loop builds from ``data.coupling``, ``data.ot_per_class`` and
+        ``data.prefetch_batches`` (:func:`pipeline.train.trainer.loop_kwargs`)."""
+        return cls(
+            coupling=cfg.data.coupling,
+            ot_per_class=cfg.data.ot_per_class,
+            prefetch_batches=cfg.data.prefetch_batches,
+            **kwargs,
+        )
 
     def batches(self, ctx: SourceContext) -> Iterator[dict[str, Tensor]]:
         import ray.train
@@ -203,24 +161,51 @@ class RayDataSource:
                 f"no Ray Train dataset '{self.dataset_name}': pass datasets={{'train': ...}} "
                 "to the trainer, or give the loop another batch_source"
             )
-        for batch in shard.iter_torch_batches(
-            batch_size=ctx.micro_batch,
+        yield from self.iter_batches(shard, ctx.micro_batch)
+
+    def iter_batches(
+        self, data: Any, micro_batch: int, *, drop_last: bool = True
+    ) -> Iterator[dict[str, Tensor]]:
+        """Train-ready micro-batches of ``data`` (a ``DataIterator``, as Ray Train hands a
+        worker, or a ``Dataset``): ``x_1``, ``x_0`` float32, ``t`` float32, ``label``
+        int64, ``epoch`` int64 (and ``key``). ``drop_last``: the loop steps on full
+        micro-batches only (every rank the same rows per step)."""
+        collate = CollateBatch() if self.keys else None
+        batches = data.iter_torch_batches(
+            batch_size=micro_batch,
             prefetch_batches=self.prefetch_batches,
-            drop_last=True,
+            drop_last=drop_last,
             device="cpu",
-        ):
-            x_0 = noise_to_float(batch["x_0"])
-            label = batch["label"].long()
-            if self.coupling != "independent":
-                x_0 = couple(batch["x_1"], x_0, label if self.ot_per_class else None,
-                             self.coupling, self.ot_per_class)  # fmt: skip
-            yield {
-                "x_1": batch["x_1"].float(),
-                "x_0": x_0,
-                "t": batch["t"].float(),
-                "label": label,
-                "epoch": batch["epoch"].long(),
-            }
+            collate_fn=collate,
+        )
+        try:
+            for batch in batches:
+                yield self._train_batch(batch)
+        except Exception as exc:  # a stage's TooManyBadSamples arrives wrapped by Ray
+            if self.tracker is not None:
+                report = self.tracker.report()
+                if report.exceeded:
+                    raise TooManyBadSamples(report.summary(), report) from exc
+            raise
+        if self.tracker is not None:
+            self.tracker.check()
+
+    def _train_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        x_0 = noise_to_float(batch["x_0"])
+        label = batch["label"].long()
+        if self.coupling != "independent":
+            x_0 = couple(batch["x_1"], x_0, label if self.ot_per_class else None,
+                         self.coupling, self.ot_per_class)  # fmt: skip
+        out = {
+            "x_1": batch["x_1"].float(),
+            "x_0": x_0,
+            "t": batch["t"].float(),
+            "label": label,
+            "epoch": batch["epoch"].long(),
+        }
+        if self.keys:
+            out["key"] = batch["key"]
+        return out
 
 
 # --------------------------------------------------------------------------- in memory
@@ -296,7 +281,7 @@ def load_val_set(cfg: Config, info: DatasetInfo, max_images: int) -> ValSet:
     Reads the shards in this process (no Ray); bad samples are skipped as in training.
     ``x_0`` and then ``t ~ U[0, 1)`` come from ``sample_generator(seed, 0, key, "val")``.
     """
-    spec = _spec(cfg)
+    spec = decode_spec(cfg)
     samples: list[tuple[str, int, np.ndarray]] = []
     for shard in sorted(info.shards, key=lambda s: s.name):
         data = read_whole(info.filesystem, shard.path)
