@@ -144,7 +144,7 @@ class RayDataSource:
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> RayDataSource:
         """The source the loop builds from ``data.coupling``, ``data.ot_per_class`` and
-        ``data.prefetch_batches`` (:func:`pipeline.train.trainer.loop_kwargs`)."""
+        ``data.prefetch_batches`` (what :func:`pipeline.train.loop.training_loop` uses)."""
         return cls(
             coupling=cfg.data.coupling,
             ot_per_class=cfg.data.ot_per_class,

@@ -59,11 +59,7 @@ def _open_tracker(ctx: RunContext, chief: bool) -> Any:
 
 
 def _batches(cfg: Config, ctx: RunContext, parts: TrainingParts, group: WorkerGroup, micro: int):
-    source = ctx.batch_source or RayDataSource(
-        coupling=cfg.data.coupling,
-        ot_per_class=cfg.data.ot_per_class,
-        prefetch_batches=cfg.data.prefetch_batches,
-    )
+    source = ctx.batch_source or RayDataSource.from_config(cfg)
     source_ctx = SourceContext(
         rank=group.rank, world_size=group.world_size, micro_batch=micro,
         grad_accum=cfg.train.grad_accum, batch_size=cfg.data.batch_size,
