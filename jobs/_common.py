@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config, ConfigError, load_config, merge_trees, parse_override
+from pipeline.rayenv import quiet_library_loggers
 from pipeline.redact import redacted_console, scrub
 
 # ``seed=3``, ``train.lr=1e-3``: a dotted key of identifiers, then ``=``. A token of this form
@@ -164,10 +164,7 @@ def run_guarded(
 def run_job(body: Callable[[], int]) -> int:
     """Run a job body; turn config errors into one clear line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # MLflow re-sets its logger's level on import: tell it through its own variable.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    for chatty in ("botocore", "boto3", "urllib3", "s3transfer", "ray", "mlflow", "alembic"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)  # their detail stays in Ray's logs
+    quiet_library_loggers()  # their detail stays in Ray's log files (pipeline.rayenv)
     with redacted_console():  # every line the job prints or logs is scrubbed
         try:
             return body()

@@ -43,12 +43,13 @@ import secrets
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.provenance import git_commit
+from pipeline.rayenv import quiet_library_loggers, scoped_environ
 from pipeline.redact import is_secret_name, scrub
 
 __all__ = [
@@ -256,34 +257,18 @@ def _tracking_warning(env: Mapping[str, str]) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _address_env_cleared() -> Iterator[None]:
-    """Hide RAY_ADDRESS / RAY_API_SERVER_ADDRESS while the client is built: they would
-    override the address it is given."""
-    names = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
+def jobs_client(address: str, headers: dict[str, str]) -> Any:
+    """A ``JobSubmissionClient`` for ``address`` (the Jobs API URL), whatever the environment
+    says: ``RAY_ADDRESS`` / ``RAY_API_SERVER_ADDRESS`` would override the address it is given.
 
-
-def _quiet_ray_logs() -> None:
-    """Ray's packaging chatter (files skipped, upload done, socket closed) is not ours to show."""
-    import logging
-
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    # "Directory '.git' is now ignored by default ...": .git and .venv are excluded on purpose
-    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
-
-
-def _client(address: str, headers: dict[str, str]) -> Any:
+    Raises:
+        SubmitError: the API is unreachable or refuses the token (one line).
+    """
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    _quiet_ray_logs()
-    from ray.exceptions import AuthenticationError
-
-    with _address_env_cleared():
+    quiet_library_loggers()  # Ray's packaging chatter (files skipped, upload done) is not ours
+    with scoped_environ(unset=("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")):
         try:
             return JobSubmissionClient(address, headers=headers or None)
         except AuthenticationError as exc:
@@ -375,7 +360,7 @@ def submit(
         note(f"[fmpipe submit] {warning}")
     command = entrypoint(job, args, python)
     submission_id = f"fmpipe-{job}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    client = _client(url, headers)
+    client = jobs_client(url, headers)
     try:
         client.submit_job(
             entrypoint=command,

@@ -20,12 +20,12 @@ from tiny import tiny_unet_overrides
 
 from jobs import bench
 from pipeline.bench.gpu import gpu_throughput
-from pipeline.bench.plain import scoped_environ
 from pipeline.bench.train import steady_state
 from pipeline.checkpoint import TrainState, save_checkpoint
 from pipeline.config import build_config
 from pipeline.data.prepare import prepare_dataset
 from pipeline.models import build_model
+from pipeline.rayenv import scoped_environ
 from pipeline.train.trainer import _format_progress
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
-"""pipeline.malloc: freed heap memory stays mapped, so repeated allocations stop faulting."""
+"""pipeline.rayenv.keep_freed_memory: freed heap memory stays mapped; repeated allocations
+stop faulting."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.malloc import keep_freed_memory
+from pipeline.rayenv import keep_freed_memory
 
 # A step-like loop on a second thread (where Ray Data and Ray Train run user code): 20
 # forward passes of a small conv net on a batch of 50 (activations of ~3 MiB, allocated and
@@ -15,7 +16,7 @@ from pipeline.malloc import keep_freed_memory
 _LOOP = """
 import resource, sys, threading
 import torch
-from pipeline.malloc import keep_freed_memory
+from pipeline.rayenv import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.set_num_threads(1)
@@ -55,10 +56,10 @@ def test_keep_freed_memory_stops_the_per_allocation_faults():
 
 def test_keep_freed_memory_applies_once_per_process(monkeypatch: pytest.MonkeyPatch):
     """Callers may call it on every shard or step: the mallopt calls happen only once."""
-    from pipeline import malloc
+    from pipeline import rayenv
 
     calls: list[int] = []
-    monkeypatch.setattr(malloc, "_applied", None)
-    monkeypatch.setattr(malloc, "_apply", lambda: calls.append(1) or True)
+    monkeypatch.setattr(rayenv, "_malloc_applied", None)
+    monkeypatch.setattr(rayenv, "_apply_mallopt", lambda: calls.append(1) or True)
     assert keep_freed_memory() and keep_freed_memory()
     assert calls == [1]

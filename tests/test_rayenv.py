@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
+
+from pipeline.rayenv import CHATTY_LOGGERS, quiet_library_loggers, scoped_environ
 
 NOTICE = (
     "[2026-11-29 01:38:37,419 E 30079 30079] core_worker.cc:2465: Actor with class name: "
@@ -101,3 +106,36 @@ os.write(2, b"both out\\n")
     )
     assert done.returncode == 0, done.stderr.decode()
     assert done.stderr.decode() == "a inside\nb inside\nboth out\n"
+
+
+def test_scoped_environ_sets_and_unsets_then_restores_exactly(monkeypatch):
+    """Ray workers inherit os.environ at ray.init, so the S3 settings must be in it then;
+    the submitter must hide RAY_ADDRESS. Either way the caller's environment comes back."""
+    monkeypatch.setenv("FMPIPE_TEST_KEEP", "kept")
+    monkeypatch.setenv("FMPIPE_TEST_HIDE", "shown")
+    monkeypatch.delenv("FMPIPE_TEST_NEW", raising=False)
+    with pytest.raises(RuntimeError), scoped_environ({"FMPIPE_TEST_NEW": "1",
+                                                       "FMPIPE_TEST_KEEP": "changed"},
+                                                      unset=["FMPIPE_TEST_HIDE"]):  # fmt: skip
+        assert os.environ["FMPIPE_TEST_NEW"] == "1"
+        assert os.environ["FMPIPE_TEST_KEEP"] == "changed"
+        assert "FMPIPE_TEST_HIDE" not in os.environ
+        raise RuntimeError("the block failed")
+    assert "FMPIPE_TEST_NEW" not in os.environ
+    assert os.environ["FMPIPE_TEST_KEEP"] == "kept"
+    assert os.environ["FMPIPE_TEST_HIDE"] == "shown"
+
+
+def test_quiet_library_loggers_keeps_info_lines_off_the_console(monkeypatch):
+    """Without it, botocore/mlflow/ray INFO records reach a job's console handler."""
+    import logging
+
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    monkeypatch.setattr(logging.getLogger(), "level", logging.INFO)  # a job's basicConfig
+    for name in CHATTY_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    assert all(logging.getLogger(name).isEnabledFor(logging.INFO) for name in CHATTY_LOGGERS)
+    quiet_library_loggers()
+    for name in CHATTY_LOGGERS:
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"

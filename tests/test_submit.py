@@ -354,3 +354,18 @@ def test_entrypoint_and_address():
     )
     with pytest.raises(SubmitError, match="no Ray cluster"):
         resolve_address(None, {})
+
+
+@pytest.mark.slow
+def test_an_explicit_address_wins_over_ray_address_in_the_environment(cluster, monkeypatch):
+    """pipeline.rayenv.scoped_environ hides RAY_ADDRESS / RAY_API_SERVER_ADDRESS while the
+    client is built: without it, a stale variable would send the client elsewhere."""
+    from pipeline.submit import auth_headers, jobs_client
+
+    for name, value in cluster.client_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
+    client = jobs_client(cluster.address, auth_headers())
+    assert isinstance(client.list_jobs(), list)
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"  # put back afterwards

@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.bench.plain import scoped_environ
 from pipeline.config import Config, build_config
 from pipeline.data.coupling import PairingStage, couple, draw_noise_and_time
 from pipeline.data.decode import decode_image, to_model_range
@@ -56,7 +55,7 @@ from pipeline.data.stream import (
     read_shard,
 )
 from pipeline.flow import build_time_sampler
-from pipeline.rayenv import ensure_ray
+from pipeline.rayenv import ensure_ray, scoped_environ
 from pipeline.stack.servers import SeaweedFS
 from pipeline.storage import boto3_client
 from pipeline.train.data import RayDataSource

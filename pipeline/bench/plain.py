@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,16 +26,15 @@ from torch import Tensor, nn
 
 from pipeline.config import Config
 from pipeline.models import build_model
+from pipeline.train.setup import autocast
 
 __all__ = [
     "LoopTiming",
     "PlainTrainer",
     "batches",
-    "scoped_environ",
     "sync",
     "timed_steps",
     "torch_threads",
-    "uses_bf16",
 ]
 
 
@@ -51,43 +49,9 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-@contextlib.contextmanager
-def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``values`` set for the block, then exactly as it was.
-
-    The one helper through which a benchmark changes its environment. It should only do
-    so for what reaches its consumer no other way: processes started inside the block
-    (Ray's workers, at ``ray.init``) inherit the environment, and fmpipe reads some
-    settings only from there (the S3 endpoint and credentials, by design never pickled).
-    Anything that can be passed as an argument or a config key should be passed instead.
-    """
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def uses_bf16(cfg: Config, device: torch.device) -> bool:
-    """The training loop's rule: bf16 autocast when ``precision`` is bf16, or auto on CUDA."""
-    precision = cfg.train.precision
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    if uses_bf16(cfg, device):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class PlainTrainer:
@@ -131,7 +95,7 @@ class PlainTrainer:
             label = None
         t_b = t.view(-1, *([1] * (x_1.ndim - 1)))
         x_t = t_b * x_1 + (1 - t_b) * x_0
-        with _autocast(self.cfg, self.device):
+        with autocast(self.cfg.train.precision, self.device):
             velocity = self.model(x_t, t, label)
         loss = (velocity.float() - (x_1 - x_0)).square().mean()
         self.optimizer.zero_grad(set_to_none=True)

@@ -57,7 +57,6 @@ from pipeline.bench.plain import (
     batches,
     timed_steps,
     torch_threads,
-    uses_bf16,
 )
 from pipeline.config import Config, ConfigError
 from pipeline.data.decode import to_model_range
@@ -65,6 +64,7 @@ from pipeline.data.prepare import prepare_dataset
 from pipeline.data.stream import DatasetInfo, decode_spec, open_dataset, read_shard
 from pipeline.models import count_parameters
 from pipeline.storage import read_whole
+from pipeline.train.setup import uses_bf16
 
 __all__ = [
     "GpuFigures",
@@ -308,7 +308,7 @@ def run_train_benchmark(
 
     figures = TrainFigures(plain, startup, stream, images)
     c, r = run_cfg.data.channels, run_cfg.data.resolution
-    precision = "bf16 autocast" if uses_bf16(run_cfg, device) else "fp32"
+    precision = "bf16 autocast" if uses_bf16(run_cfg.train.precision, device) else "fp32"
     halves = ", ".join(f"{p.steady_images_per_sec:,.1f}" for p in plain)
     log(
         f"machine: {platform.machine()}, {_cores()} cores; torch {torch.__version__}, "

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Config
-from pipeline.malloc import keep_freed_memory
+from pipeline.rayenv import keep_freed_memory
 from pipeline.train.data import RayDataSource, SourceContext
 from pipeline.train.dist import WorkerGroup
 from pipeline.train.events import Events, Progress

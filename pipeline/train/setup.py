@@ -33,7 +33,14 @@ from pipeline.train.dist import WorkerGroup
 from pipeline.train.ema import EMA
 from pipeline.train.spec import RunContext
 
-__all__ = ["TrainingParts", "autocast", "build_parts", "worker_device", "worker_threads"]
+__all__ = [
+    "TrainingParts",
+    "autocast",
+    "build_parts",
+    "uses_bf16",
+    "worker_device",
+    "worker_threads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +72,14 @@ def worker_device() -> torch.device:
     return device
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """``train.precision``'s rule: bf16 when asked, or ``auto`` on CUDA; else fp32."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision`` bf16, or auto on CUDA; fp32 (no autocast) otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    """bf16 autocast where :func:`uses_bf16`, else no autocast (fp32)."""
+    if not uses_bf16(precision, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
