@@ -41,7 +41,7 @@ from jobs._common import (
     run_job,
     shortcut_values,
 )
-from pipeline.config import fmpipe_home
+from pipeline.home import data_uri
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = resolve_config(args, defaults=("train", "retrain"), shortcuts=SHORTCUTS)
-        if not cfg.data.uri:
-            cfg.data.uri = str(fmpipe_home() / "store" / "digits")
+        cfg.data.uri = data_uri(cfg)
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0

@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import fmpipe_home
+from pipeline.home import stack_home
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home).absolute() if args.home else fmpipe_home()
+    return stack_home(args.home)
 
 
 def _print_status(stack, statuses) -> None:

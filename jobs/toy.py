@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from jobs._common import add_config_arguments, parse_job_args, resolve_config, run_job
-from pipeline.config import fmpipe_home
 from pipeline.data.toy import toy_sampler
 from pipeline.eval.metrics import sliced_wasserstein2
+from pipeline.home import toy_dir
 from pipeline.models import count_parameters
 from pipeline.toy2d import plot_toy, sample_toy, train_toy
 
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        out = Path(cfg.toy.out) if cfg.toy.out else fmpipe_home() / "toy"
+        out = toy_dir(cfg)
         print(f"training {cfg.toy.source} -> {cfg.toy.target}, {cfg.train.total_images:,} images")
         result = train_toy(cfg)
         print(f"model: {cfg.model.kind}, {count_parameters(result.model):,} parameters")

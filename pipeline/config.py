@@ -242,11 +242,6 @@ class Config(Section):
         return _flatten(self.to_dict())
 
 
-def fmpipe_home() -> Path:
-    """Root of the embedded defaults: ``$FMPIPE_HOME`` or ``./.fmpipe``."""
-    return Path(os.environ.get("FMPIPE_HOME", ".fmpipe")).absolute()
-
-
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():

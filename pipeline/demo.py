@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.config import Config, fmpipe_home
+from pipeline.config import Config
 from pipeline.data.prepare import prepare_dataset
+from pipeline.home import DEFAULT_DATASET, prepare_out, sample_out
 from pipeline.sample.job import SampleResult, generate
 from pipeline.tracking import tracking_uri
 from pipeline.train.trainer import TrainResult, train
@@ -33,15 +34,10 @@ class DemoResult:
 
 def with_home_paths(cfg: Config) -> Config:
     """Fill the empty URIs of the demo config with their places under ``$FMPIPE_HOME``."""
-    home = fmpipe_home()
-    store = home / "store"
     cfg = cfg.model_copy(deep=True)
-    if not cfg.prepare.out:
-        cfg.prepare.out = str(store / "digits")
-    if not cfg.data.uri:
-        cfg.data.uri = cfg.prepare.out
-    if not cfg.sample.out:
-        cfg.sample.out = str(store / "samples" / "digits")
+    cfg.prepare.out = prepare_out(cfg, DEFAULT_DATASET)
+    cfg.data.uri = cfg.data.uri or cfg.prepare.out
+    cfg.sample.out = sample_out(cfg, DEFAULT_DATASET)
     if not cfg.train.registered_model_name:
         cfg.train.registered_model_name = "digits"
     if not cfg.train.alias:

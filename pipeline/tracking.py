@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipeline.config import Config, fmpipe_home
+from pipeline.config import Config
+from pipeline.home import embedded_tracking_uri, model_cache_dir
 from pipeline.provenance import git_commit, standard_tags
 from pipeline.redact import looks_like_secret_key, scrub
 
@@ -108,13 +109,6 @@ def _tag_value(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- where MLflow is
-
-
-def embedded_tracking_uri() -> str:
-    """``sqlite:///<FMPIPE_HOME>/mlflow.db``; creates the home directory."""
-    home = fmpipe_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -666,7 +660,7 @@ def _download_cached(uri: str, source: str, dst: Path, *, reuse: bool) -> Path:
 
 def _cache_root(uri: str) -> Path:
     digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    return fmpipe_home() / "cache" / "models" / digest
+    return model_cache_dir(digest)
 
 
 def resolve_model_uri(

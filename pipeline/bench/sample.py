@@ -22,7 +22,7 @@ rule: the Ray CPUs minus half a CPU, shared by the actors), so ``c / (b * A)`` i
 fraction of ``A`` independent in-process samplers the Ray job delivers. Both run after one
 untimed block each, alternating block by block, half of their blocks before (c) and half
 after, so load changes on a shared machine weigh on all three alike. This process keeps
-freed heap memory (:func:`pipeline.malloc.keep_freed_memory`) as each of (c)'s actors does,
+freed heap memory (:func:`pipeline.rayenv.keep_freed_memory`) as each of (c)'s actors does,
 so (a), (b) and (c) run with the same allocator behaviour.
 
 Quality versus NFE: for each solver setting, ``n`` samples from fmpipe's sampler (quantised
@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from pipeline.bench.plain import torch_threads
 from pipeline.config import Config
 from pipeline.eval.metrics import sliced_wasserstein2
-from pipeline.malloc import keep_freed_memory
+from pipeline.rayenv import keep_freed_memory
 from pipeline.sample.determinism import default_block_size
 from pipeline.sample.sampler import SamplerSettings, integrate_range, prepare_model
 from pipeline.sample.source import ModelSource
@@ -471,7 +471,7 @@ def run_sample_benchmark(
     log(
         f"(a), (b): this process, {n_ab:,} samples each, {threads} torch threads = what each "
         f"of (c)'s {actors} actor(s) gets ({num_cpus:g} Ray CPU each); (c): {n:,} samples, "
-        f"{shards} shards written; all three keep freed heap memory (pipeline.malloc)"
+        f"{shards} shards written; all three keep freed heap memory (pipeline.rayenv)"
     )
     log(
         f"(a) and (b) ran half before and half after (c); (b)'s samples/s in the halves: "

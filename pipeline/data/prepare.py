@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config, fmpipe_home
+from pipeline.config import Config
 from pipeline.data.manifest import MANIFEST_NAME, SPLITS, Manifest, ShardInfo, shard_name
 from pipeline.data.shards import (
     ShardBuild,
@@ -56,6 +56,7 @@ from pipeline.data.shards import (
     write_shard,
 )
 from pipeline.data.sources import Source, build_source, default_dataset_name, parse_source_spec
+from pipeline.home import prepare_out
 from pipeline.rayenv import ensure_ray
 from pipeline.storage import MULTIPART_THRESHOLD, Location, StorageError, check_access, resolve
 
@@ -478,10 +479,7 @@ def _previous_records(manifest: Manifest | None) -> dict[str, dict[str, Any]]:
 
 def output_location(cfg: Config) -> Location:
     """Where ``cfg`` writes: ``prepare.out``, else ``$FMPIPE_HOME/store/<dataset name>``."""
-    out = cfg.prepare.out.strip() or str(
-        fmpipe_home() / "store" / default_dataset_name(cfg.prepare.source)
-    )
-    return resolve(out, cfg.storage)
+    return resolve(prepare_out(cfg, default_dataset_name(cfg.prepare.source)), cfg.storage)
 
 
 def prepare_dataset(cfg: Config, log: Log | None = print) -> PrepareResult:

@@ -52,7 +52,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.config import Config, fmpipe_home
+from pipeline.config import Config
+from pipeline.home import fmpipe_home
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, shard_name
 from pipeline.rayenv import ensure_ray, quiet_cpp_notices
 from pipeline.sample.determinism import default_block_size, shard_ranges

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.flow import solve_ode
-from pipeline.malloc import keep_freed_memory
+from pipeline.rayenv import keep_freed_memory
 from pipeline.models import guided_velocity, to_device_layout
 from pipeline.sample.determinism import block_ranges, sample_labels, sample_noise
 from pipeline.sample.shards import encode_sample_png, sample_members, tar_bytes
@@ -209,7 +209,7 @@ class SamplerActor:
         # the network here with several threads would leave a second multi-threaded OpenMP
         # team in the process (one per thread that runs parallel work); with more OpenMP
         # threads than cores libgomp throttles its spin-waits, and sampling ran ~1.2x slower.
-        keep_freed_memory()  # each block reuses the last one's pages (pipeline.malloc)
+        keep_freed_memory()  # each block reuses the last one's pages (pipeline.rayenv)
         self.settings = settings
         self.device = _pick_device(settings.use_gpu)
         self.model = prepare_model(factory(), self.device)

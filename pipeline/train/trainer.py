@@ -35,7 +35,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.checkpoint import STATE_FILE, TrainState, data_shape_of
-from pipeline.config import Config, ConfigError, fmpipe_home
+from pipeline.config import Config, ConfigError
+from pipeline.home import storage_path
 from pipeline.rayenv import ensure_ray
 from pipeline.redact import scrub
 from pipeline.storage import Location, check_access, read_whole, resolve
@@ -111,8 +112,7 @@ class TrainResult:
 # --------------------------------------------------------------------------- storage
 def storage_location(cfg: Config) -> Location:
     """``train.storage_path``, else ``$FMPIPE_HOME/runs``."""
-    uri = cfg.train.storage_path.strip() or str(fmpipe_home() / "runs")
-    return resolve(uri, cfg.storage)
+    return resolve(storage_path(cfg), cfg.storage)
 
 
 def _uri(loc: Location, path: str) -> str:
