@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         # Imported here: `fmpipe sample --help` stays fast.
         from pipeline.checkpoint import CheckpointError
+        from pipeline.registry import ModelNotFound
         from pipeline.sample import SampleJobError, generate
         from pipeline.storage import StorageError
-        from pipeline.tracking import ModelNotFound
 
         return run_guarded(
             "sample",

@@ -83,6 +83,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pipeline.config import Config, ConfigError
 
+# Registry lookups: one implementation, in pipeline.registry, shared with fmpipe sample.
+# Champion and read_champion stay importable from here (this module's public names).
+from pipeline.registry import Champion, read_champion
+from pipeline.registry import alias_version as _alias_version
+from pipeline.registry import find_version as _find_version
+from pipeline.registry import registered_model as _registered
+from pipeline.registry import registry_client as _mlflow_client
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -378,55 +386,6 @@ class _Heartbeat:
         self._thread.join(timeout=10)
 
 
-# --------------------------------------------------------------------------- registry
-@dataclass
-class Champion:
-    """The version an alias points at."""
-
-    version: str
-    manifest_hash: str
-    run_id: str | None
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def _mlflow_client(cfg: Config) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    from pipeline.tracking import tracking_uri
-
-    uri = tracking_uri(cfg)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _registered(client: MlflowClient, name: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")):
-            return None
-        raise
-
-
-def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
-    model = _registered(client, name)
-    if model is None:
-        return None
-    version = dict(getattr(model, "aliases", None) or {}).get(alias)
-    return str(version) if version is not None else None
-
-
-def read_champion(client: MlflowClient, name: str, alias: str) -> Champion | None:
-    """The version ``alias`` points at, with its ``manifest_hash`` tag; None when unset."""
-    version = _alias_version(client, name, alias)
-    if version is None:
-        return None
-    mv = client.get_model_version(name, version)
-    tags = dict(mv.tags or {})
-    return Champion(str(mv.version), tags.get("manifest_hash", ""), mv.run_id or None, tags)
-
-
 def _prior_evaluation(
     client: MlflowClient, name: str, manifest_hash: str, base: str, init: str
 ) -> Any | None:
@@ -613,15 +572,6 @@ def _adopt_architecture(cand: Config, champion_dir: Path, say: Callable[[str], N
     cand.data.channels = own.data.channels
 
 
-def _find_version(client: MlflowClient, name: str, run_id: str, artifact_path: str) -> str | None:
-    """A version already registered from this run's artifact path (a re-run after a crash)."""
-    quoted = name.replace("'", "\\'")
-    for mv in client.search_model_versions(f"name = '{quoted}'"):
-        if mv.run_id == run_id and str(mv.source or "").rstrip("/").endswith(artifact_path):
-            return str(mv.version)
-    return None
-
-
 def retrain(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> RetrainResult:
     """One scheduled retraining step (see the module doc). Never raises for "nothing to do"."""
     say = print_fn or (lambda _line: None)
@@ -718,7 +668,8 @@ def _train_evaluate_promote(
     say: Callable[[str], None],
 ) -> RetrainResult:
     from pipeline.data.stream import open_dataset
-    from pipeline.tracking import Tracker, resolve_model_uri, scrub, tracking_uri
+    from pipeline.registry import resolve_model_uri
+    from pipeline.tracking import Tracker, scrub, tracking_uri
     from pipeline.train.data import load_val_set
     from pipeline.train.trainer import find_latest_state, storage_location, train
 

@@ -140,7 +140,7 @@ def load_run_checkpoint(uri: str, tmp_path: Path):
 
 def load_registered(model_uri: str, tmp_path: Path):
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.tracking import resolve_model_uri
+    from pipeline.registry import resolve_model_uri
 
     local = tmp_path / uuid.uuid4().hex[:8]
     resolve_model_uri(model_uri, build_config(), dst_dir=local)

@@ -27,6 +27,7 @@ from pipeline.config import Config, build_config
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, shard_name
 from pipeline.flow import GaussianVelocity
 from pipeline.models import build_model
+from pipeline.registry import ModelNotFound
 from pipeline.sample import (
     JOB_FILE,
     ModelSource,
@@ -39,7 +40,6 @@ from pipeline.sample import (
 )
 from pipeline.sample.sampler import integrate_range, render_shard
 from pipeline.storage import resolve
-from pipeline.tracking import ModelNotFound
 
 MU, SIGMA = 0.3, 0.2  # Gaussian target per pixel, well inside [-1, 1]
 STEP = 1 / 127.5  # one uint8 level in [-1, 1]

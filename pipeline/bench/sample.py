@@ -121,9 +121,9 @@ def _sync(device: torch.device) -> None:
 def load_source(cfg: Config, uri: str) -> ModelSource:
     """:func:`load_model_source`, with a one-line error that says what to do."""
     from pipeline.checkpoint import CheckpointError
+    from pipeline.registry import ModelNotFound
     from pipeline.sample.source import load_model_source
     from pipeline.storage import StorageError
-    from pipeline.tracking import ModelNotFound
 
     try:
         return load_model_source(cfg, uri)
@@ -144,7 +144,7 @@ def training_data_uri(cfg: Config, uri: str) -> str:
 
     where = uri
     if uri.startswith(("models:/", "runs:/")):
-        from pipeline.tracking import resolve_model_uri
+        from pipeline.registry import resolve_model_uri
 
         where = resolve_model_uri(uri, cfg).checkpoint_uri  # the cached download
     elif uri.startswith("file://"):

@@ -435,7 +435,7 @@ def generate(
         log_line: where progress and summary lines go (None: nowhere).
 
     Raises:
-        pipeline.tracking.ModelNotFound, pipeline.checkpoint.CheckpointError: bad model.
+        pipeline.registry.ModelNotFound, pipeline.checkpoint.CheckpointError: bad model.
         pipeline.storage.StorageError: the output cannot be used.
         SampleJobError: settings that clash with the model or with the output's earlier job.
     """
