@@ -25,6 +25,11 @@ import sys
 from jobs._common import add_config_arguments, overrides_from, resolve_config, run_guarded, run_job
 from pipeline.config import ConfigError
 
+# pipeline.flow.solvers.SOLVERS and its adaptive ones, spelled out: importing them would load
+# torch into `fmpipe sample --help`. tests/test_sample.py checks that the two agree.
+SOLVER_NAMES = ("euler", "midpoint", "heun", "rk4", "dopri5")
+ADAPTIVE_SOLVER_NAMES = ("dopri5",)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -46,10 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--solver",
         metavar="NAME",
-        help="euler | midpoint | heun | rk4 | dopri5 (sample.solver; default euler)",
+        help=f"{' | '.join(SOLVER_NAMES)} (sample.solver; default euler)",
     )
     parser.add_argument(
-        "--steps", type=int, metavar="K", help="steps of a fixed-step solver (sample.steps)"
+        "--steps",
+        type=int,
+        metavar="K",
+        help=f"steps of a fixed-step solver; adaptive ones ({', '.join(ADAPTIVE_SOLVER_NAMES)}) "
+        "ignore it (sample.steps)",
     )
     parser.add_argument(
         "--seed", type=int, metavar="S", help="noise of sample i comes from (S, i) (sample.seed)"

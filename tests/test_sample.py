@@ -357,6 +357,24 @@ def test_rerun_writes_only_the_missing_shard(tmp_path: Path) -> None:
     assert not (out / shard_name(3)).exists()
 
 
+def test_adaptive_job_ignores_steps_end_to_end(tmp_path: Path) -> None:
+    """dopri5 chooses its own steps: another --steps is the same job, bit for bit."""
+    out = tmp_path / "out"
+    cfg = sample_cfg(str(out), num_samples=16, shard_size=8, solver="dopri5", steps=4)
+    cfg.sample.atol = cfg.sample.rtol = 1e-3
+    first = generate(cfg, source=gaussian_source(), block_size=8, track=False)
+    original = (out / shard_name(1)).read_bytes()
+    assert read_samples(str(out))[3][1]["steps"] is None
+    (out / shard_name(1)).unlink()
+
+    cfg.sample.steps = 16
+    again = generate(cfg, source=gaussian_source(), block_size=8, track=False)
+    assert (again.shards_written, again.num_samples) == (1, 16)
+    assert (out / shard_name(1)).read_bytes() == original
+    assert again.manifest.shards == first.manifest.shards
+    assert again.manifest.extra["steps"] is None and again.manifest.extra["atol"] == 1e-3
+
+
 class KillOnce(GaussianVelocity):
     """The Gaussian velocity, but the process is SIGKILLed at call ``at`` (once per job)."""
 

@@ -404,8 +404,9 @@ def run_sample_benchmark(
 ) -> SampleFigures:
     """Run (a), (b), (c) and the quality table; print them (see the module doc)."""
     from pipeline.rayenv import ensure_ray
-    from pipeline.sample.job import SampleJobError, _actor_resources, _validate
-    from pipeline.sample.sampler import _pick_device
+    from pipeline.sample.plan import SampleJobError, validate_settings
+    from pipeline.sample.pool import actor_resources
+    from pipeline.sample.sampler import pick_device
 
     s = cfg.sample
     if s.solver not in TORCHDIFFEQ_METHODS:
@@ -414,7 +415,7 @@ def run_sample_benchmark(
         )
     source = load_source(cfg, model_uri)
     try:
-        _validate(cfg, source)
+        validate_settings(cfg, source)
     except SampleJobError as exc:
         raise BenchSampleError(str(exc)) from None
     n = s.num_samples
@@ -428,8 +429,8 @@ def run_sample_benchmark(
     try:
         shards = math.ceil(n / shard_size_for(n, block, s.num_actors))
         actors = min(s.num_actors, shards)  # what generate() will use
-        num_cpus, threads = _actor_resources(actors, s.use_gpu)
-        device = _pick_device(s.use_gpu)  # the actors' device and kernel flags
+        num_cpus, threads = actor_resources(actors, s.use_gpu)
+        device = pick_device(s.use_gpu)  # the actors' device and kernel flags
         net = source.factory().to(device).eval().requires_grad_(False)  # (a): as loaded
         sampler_net = prepare_model(source.factory(), device)  # (b): as (c)'s actors run it
         # (a) and (b) time whole blocks: their rates need no more than a few of them.
