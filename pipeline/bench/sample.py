@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from pipeline.bench.plain import torch_threads
 from pipeline.config import Config
 from pipeline.eval.metrics import sliced_wasserstein2
+from pipeline.flow.solvers import is_adaptive
 from pipeline.malloc import keep_freed_memory
 from pipeline.sample.determinism import default_block_size
 from pipeline.sample.sampler import SamplerSettings, integrate_range, prepare_model
@@ -198,7 +199,7 @@ def odeint_block(
         return v_uncond + w * (v_cond - v_uncond)
 
     method = TORCHDIFFEQ_METHODS[settings.solver]
-    if method == "dopri5":
+    if is_adaptive(settings.solver):
         grid = torch.tensor([0.0, 1.0], device=x_0.device)
         out = odeint(velocity, x_0, grid, method=method, rtol=settings.rtol, atol=settings.atol)
     else:
@@ -422,8 +423,9 @@ def run_sample_benchmark(
     block = default_block_size("cuda" if s.use_gpu else "cpu")
     settings = _settings(cfg, source, block, s.solver, s.steps)
     shape = "x".join(str(d) for d in source.data_shape)
-    steps = "adaptive" if s.solver == "dopri5" else f"{s.steps} steps"
-    grid = "adaptive" if s.solver == "dopri5" else "fixed grid"
+    adaptive = is_adaptive(s.solver)
+    steps = "adaptive" if adaptive else f"{s.steps} steps"
+    grid = "adaptive" if adaptive else "fixed grid"
 
     started_ray = ensure_ray()
     try:
