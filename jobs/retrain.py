@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Imported here: `fmpipe retrain --help` does not import Ray, torch or MLflow.
         from pipeline.data.stream import DatasetError
+        from pipeline.registry import ModelNotFound
         from pipeline.retrain import LeaseError, retrain
         from pipeline.storage import StorageError
-        from pipeline.tracking import ModelNotFound
 
         return run_guarded(
             "retrain",

@@ -33,6 +33,11 @@ from jobs._common import (
 )
 from pipeline.config import ConfigError
 
+# pipeline.flow.solvers.SOLVERS and its adaptive ones, spelled out: importing them would load
+# torch into `fmpipe sample --help`. tests/test_sample.py checks that the two agree.
+SOLVER_NAMES = ("euler", "midpoint", "heun", "rk4", "dopri5")
+ADAPTIVE_SOLVER_NAMES = ("dopri5",)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -54,10 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--solver",
         metavar="NAME",
-        help="euler | midpoint | heun | rk4 | dopri5 (sample.solver; default euler)",
+        help=f"{' | '.join(SOLVER_NAMES)} (sample.solver; default euler)",
     )
     parser.add_argument(
-        "--steps", type=int, metavar="K", help="steps of a fixed-step solver (sample.steps)"
+        "--steps",
+        type=int,
+        metavar="K",
+        help=f"steps of a fixed-step solver; adaptive ones ({', '.join(ADAPTIVE_SOLVER_NAMES)}) "
+        "ignore it (sample.steps)",
     )
     parser.add_argument(
         "--seed", type=int, metavar="S", help="noise of sample i comes from (S, i) (sample.seed)"
@@ -129,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         # Imported here: `fmpipe sample --help` stays fast.
         from pipeline.checkpoint import CheckpointError
+        from pipeline.registry import ModelNotFound
         from pipeline.sample import SampleJobError, generate
         from pipeline.storage import StorageError
-        from pipeline.tracking import ModelNotFound
 
         return run_guarded(
             "sample",

@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 
 from pipeline.config import Config, ConfigError, build_config
-from pipeline.models import build_model
+from pipeline.models import bare_module, build_model  # bare_module: re-exported
 
 __all__ = [
     "CONFIG_FILE",
@@ -43,7 +43,6 @@ __all__ = [
     "TrainState",
     "bare_module",
     "data_shape_of",
-    "is_checkpoint",
     "load_checkpoint",
     "load_for_inference",
     "load_state_into",
@@ -107,17 +106,6 @@ class LoadedCheckpoint:
     config: Config
 
 
-def bare_module(model: nn.Module) -> nn.Module:
-    """The network inside DDP (``.module``) and/or torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def data_shape_of(cfg: Config) -> tuple[int, int, int]:
     """``(C, H, W)`` of the images ``cfg`` trains on: data.channels x data.resolution^2."""
     return (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
@@ -178,12 +166,6 @@ def set_rng_state(saved: Mapping[str, Any]) -> None:
     cuda = list(saved.get("cuda") or [])
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-
-
-def is_checkpoint(directory: str | os.PathLike[str]) -> bool:
-    """True when ``directory`` holds all three checkpoint files."""
-    d = Path(directory)
-    return all((d / name).is_file() for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE))
 
 
 def read_state(directory: str | os.PathLike[str]) -> TrainState:

@@ -83,6 +83,18 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pipeline.config import Config, ConfigError
 
+# Registry lookups: one implementation, in pipeline.registry, shared with fmpipe sample.
+# Champion and read_champion stay importable from here (this module's public names).
+from pipeline.registry import (
+    Champion,
+    alias_version,
+    find_version,
+    model_versions,
+    read_champion,
+    registered_model,
+    registry_client,
+)
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -378,61 +390,11 @@ class _Heartbeat:
         self._thread.join(timeout=10)
 
 
-# --------------------------------------------------------------------------- registry
-@dataclass
-class Champion:
-    """The version an alias points at."""
-
-    version: str
-    manifest_hash: str
-    run_id: str | None
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def _mlflow_client(cfg: Config) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    from pipeline.tracking import tracking_uri
-
-    uri = tracking_uri(cfg)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _registered(client: MlflowClient, name: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")):
-            return None
-        raise
-
-
-def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
-    model = _registered(client, name)
-    if model is None:
-        return None
-    version = dict(getattr(model, "aliases", None) or {}).get(alias)
-    return str(version) if version is not None else None
-
-
-def read_champion(client: MlflowClient, name: str, alias: str) -> Champion | None:
-    """The version ``alias`` points at, with its ``manifest_hash`` tag; None when unset."""
-    version = _alias_version(client, name, alias)
-    if version is None:
-        return None
-    mv = client.get_model_version(name, version)
-    tags = dict(mv.tags or {})
-    return Champion(str(mv.version), tags.get("manifest_hash", ""), mv.run_id or None, tags)
-
-
 def _prior_evaluation(
     client: MlflowClient, name: str, manifest_hash: str, base: str, init: str
 ) -> Any | None:
     """A version already decided for this data, this champion and this init, if any."""
-    quoted = name.replace("'", "\\'")
-    for mv in client.search_model_versions(f"name = '{quoted}'"):
+    for mv in model_versions(client, name):
         tags = dict(mv.tags or {})
         if (
             tags.get("manifest_hash") == manifest_hash
@@ -450,7 +412,7 @@ def _record(client: MlflowClient, name: str, outcome: str, message: str) -> None
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
-        if _registered(client, name) is None:
+        if registered_model(client, name) is None:
             return
         client.set_registered_model_tag(name, "fmpipe.retrain.last_outcome", outcome)
         client.set_registered_model_tag(name, "fmpipe.retrain.last_message", scrub(message)[:4000])
@@ -478,7 +440,7 @@ def promote_if_unchanged(
             "the retrain lease was lost before promotion (held too long without renewal and "
             "taken over); not promoted, the next run evaluates again"
         )
-    current = _alias_version(client, name, alias)
+    current = alias_version(client, name, alias)
     if current != expected:
         return "champion_moved", (
             f"the '{alias}' alias moved from version {expected or 'none'} to "
@@ -547,15 +509,6 @@ def _adopt_architecture(cand: Config, champion_dir: Path, say: Callable[[str], N
     cand.data.channels = own.data.channels
 
 
-def _find_version(client: MlflowClient, name: str, run_id: str, artifact_path: str) -> str | None:
-    """A version already registered from this run's artifact path (a re-run after a crash)."""
-    quoted = name.replace("'", "\\'")
-    for mv in client.search_model_versions(f"name = '{quoted}'"):
-        if mv.run_id == run_id and str(mv.source or "").rstrip("/").endswith(artifact_path):
-            return str(mv.version)
-    return None
-
-
 def retrain(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> RetrainResult:
     """One scheduled retraining step (see the module doc). Never raises for "nothing to do"."""
     say = print_fn or (lambda _line: None)
@@ -569,7 +522,7 @@ def retrain(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> R
     from pipeline.data.stream import open_dataset
 
     manifest_hash = open_dataset(cfg, "train").manifest.content_hash()
-    client = _mlflow_client(cfg)
+    client = registry_client(cfg)
     init = "scratch" if cfg.retrain.from_scratch else "champion"
 
     def done(outcome: Outcome, message: str, champion: Champion | None, **kw) -> RetrainResult:
@@ -685,7 +638,7 @@ def _evaluate(
     cand: Config, run_id: str, artifact_path: str, champion_dir: Path | None, tmp: str
 ) -> _Evaluation:
     from pipeline.data.stream import open_dataset
-    from pipeline.tracking import resolve_model_uri
+    from pipeline.registry import resolve_model_uri
     from pipeline.train.data import load_val_set
 
     cand_dir = Path(tmp, "candidate")
@@ -701,7 +654,7 @@ def _register(
     tags: dict[str, Any],
 ) -> str:  # fmt: skip
     """Register the candidate (once, even when re-run after a crash) with its tags."""
-    version = _find_version(client, name, run_id, artifact_path)
+    version = find_version(client, name, run_id, artifact_path)
     if version is None:
         return tracker.register_model_version(name, artifact_path, tags)
     for key, value in tags.items():
@@ -718,7 +671,8 @@ def _train_evaluate_promote(
     say: Callable[[str], None],
 ) -> RetrainResult:
     from pipeline.redact import scrub
-    from pipeline.tracking import Tracker, resolve_model_uri, tracking_uri
+    from pipeline.registry import resolve_model_uri
+    from pipeline.tracking import Tracker, tracking_uri
 
     name, alias = cfg.train.registered_model_name.strip(), cfg.retrain.alias
     init = "champion" if champion is not None and not cfg.retrain.from_scratch else "scratch"
@@ -796,7 +750,7 @@ def _train_evaluate_promote(
             else ")"
         )
     else:
-        now_at = _alias_version(client, name, alias) or "none"
+        now_at = alias_version(client, name, alias) or "none"
         message = f"rejected {name} version {version}: {reason}; '{alias}' is at version {now_at}"
     say(f"[retrain] {message}")
     _record(client, name, decision, message)

@@ -16,6 +16,7 @@ import torch
 from pipeline.config import Config
 from pipeline.data.toy import toy_sampler
 from pipeline.flow import CondOTPath, ODESolution, build_time_sampler, cfm_loss, solve_ode
+from pipeline.flow.solvers import effective_steps
 from pipeline.models import build_model
 from pipeline.optim import lr_factor
 
@@ -92,7 +93,7 @@ def sample_toy(
         lambda x, t: model(x, t),
         x_0,
         method=method,
-        steps=None if method == "dopri5" else (steps or cfg.sample.steps),
+        steps=effective_steps(method, steps or cfg.sample.steps),
         atol=cfg.sample.atol,
         rtol=cfg.sample.rtol,
         return_trajectory=return_trajectory,

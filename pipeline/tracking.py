@@ -14,8 +14,9 @@ calls the tracker unconditionally.
 Models are not logged with ``mlflow.<flavor>.log_model`` (MLflow 3.x defaults to a
 ``torch.export`` format that needs an input example, and a sampler is an ODE loop rather than
 one forward call). A checkpoint directory is logged as plain run artifacts and registered as
-a model version whose source is that artifact directory; :func:`resolve_model_uri` turns
-``models:/<name>@<alias>`` or ``models:/<name>/<version>`` back into a local directory.
+a model version whose source is that artifact directory; :mod:`pipeline.registry` looks
+versions and aliases up and turns ``models:/<name>@<alias>`` or ``models:/<name>/<version>``
+back into a local directory.
 
 Credentials never reach MLflow: :func:`pipeline.redact.scrub` removes every secret it knows
 (credential variables, the Ray token, ``user:password@`` in URLs, ...) from every param value,
@@ -25,22 +26,18 @@ tag and text written here, and param or tag keys that look like credentials are 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import math
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.config import Config
-from pipeline.home import embedded_tracking_uri, model_cache_dir
+from pipeline.home import embedded_tracking_uri
 from pipeline.provenance import git_commit, standard_tags
 from pipeline.redact import looks_like_secret_key, scrub
 
@@ -48,12 +45,9 @@ if TYPE_CHECKING:  # mlflow takes ~2 s to import: only the functions that talk t
     from mlflow import MlflowClient
 
 __all__ = [
-    "ModelNotFound",
-    "ResolvedModel",
     "Tracker",
     "embedded_tracking_uri",
     "find_run_id",
-    "resolve_model_uri",
     "standard_tags",
     "tracking_uri",
 ]
@@ -501,220 +495,3 @@ class Tracker:
             self.end("KILLED")
         else:
             self.end("FAILED")
-
-
-# --------------------------------------------------------------------------- model resolution
-
-
-class ModelNotFound(ValueError):
-    """A ``models:/`` URI names a model, alias or version the registry does not have."""
-
-
-@dataclass
-class ResolvedModel:
-    """What a model URI points at. ``checkpoint_uri`` is readable by a checkpoint loader."""
-
-    checkpoint_uri: str  # local directory (registry: downloaded) or the storage URI as given
-    name: str | None = None  # registered model name (registry URIs)
-    version: str | None = None  # registered model version (registry URIs)
-    run_id: str | None = None  # the run that logged it (registry and runs:/ URIs)
-    alias: str | None = None  # the alias used, for models:/<name>@<alias>
-    source: str | None = None  # the artifact location the files were downloaded from
-    tags: dict[str, str] = field(default_factory=dict)  # model version tags
-
-    @property
-    def from_registry(self) -> bool:
-        return self.name is not None
-
-
-_MODELS = "models:/"
-_RUNS = "runs:/"
-
-
-def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
-    rest = uri[len(_MODELS) :].strip("/")
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        if name and alias and "/" not in name:
-            return name, alias, None
-    elif "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        if name and "/" not in name and (version.isdigit() or version == "latest"):
-            return name, None, version
-    raise ValueError(
-        f"model URI '{uri}' is not models:/<name>@<alias>, models:/<name>/<version> or "
-        "models:/<name>/latest"
-    )
-
-
-def _versions(client: MlflowClient, name: str) -> list[Any]:
-    quoted = name.replace("'", "\\'")
-    found = client.search_model_versions(f"name = '{quoted}'")
-    return sorted(found, key=lambda mv: int(mv.version))
-
-
-def _describe(client: MlflowClient, name: str, aliases: Mapping[str, str]) -> str:
-    versions = [mv.version for mv in _versions(client, name)]
-    shown_aliases = ", ".join(f"{a} -> version {v}" for a, v in sorted(aliases.items()))
-    return (
-        f"versions: {', '.join(versions) if versions else 'none'}; "
-        f"aliases: {shown_aliases if shown_aliases else 'none'}"
-    )
-
-
-def _registered_names(client: MlflowClient, limit: int = 50) -> list[str]:
-    try:
-        return sorted(rm.name for rm in client.search_registered_models(max_results=limit))
-    except Exception:  # only for the message
-        return []
-
-
-def _lookup_version(client: MlflowClient, uri: str, name: str, alias: str | None, version: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        registered = client.get_registered_model(name)
-    except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" not in _error_code(exc):
-            raise
-        names = _registered_names(client)
-        raise ModelNotFound(
-            f"registered model '{name}' does not exist at {scrub(uri)} (resolving "
-            f"'{_MODELS}{name}{'@' + alias if alias else '/' + str(version)}'); registered "
-            f"models: {', '.join(names) if names else 'none'}"
-        ) from None
-    aliases = dict(getattr(registered, "aliases", None) or {})
-    if alias is not None:
-        if alias not in aliases:
-            raise ModelNotFound(
-                f"registered model '{name}' has no alias '{alias}'; "
-                f"{_describe(client, name, aliases)}"
-            )
-        version = str(aliases[alias])
-    elif version == "latest":
-        versions = _versions(client, name)
-        if not versions:
-            raise ModelNotFound(f"registered model '{name}' has no versions")
-        return versions[-1]
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" not in _error_code(exc):
-            raise
-        raise ModelNotFound(
-            f"registered model '{name}' has no version {version}; "
-            f"{_describe(client, name, aliases)}"
-        ) from None
-
-
-def _fetch(uri: str, source: str, into: Path) -> None:
-    """Download the directory ``source`` (artifact URI or runs:/) so its files land in ``into``."""
-    import mlflow.artifacts
-
-    into.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".fmpipe-dl-", dir=into.parent) as tmp:
-        local = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
-        )
-        if local.is_file():
-            raise ValueError(f"model source '{source}' is a file, expected a directory")
-        for child in local.iterdir():  # download_artifacts nests the directory under its name
-            target = into / child.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-            child.rename(target)
-
-
-def _download_cached(uri: str, source: str, dst: Path, *, reuse: bool) -> Path:
-    """``source`` downloaded to the cache entry ``dst``, which appears only when complete.
-
-    ``reuse``: keep an existing complete entry of the same source (immutable registry
-    versions); otherwise download again and swap the entry (run artifacts can change).
-    """
-    marker = dst / ".fmpipe-complete"
-    if reuse and marker.is_file() and marker.read_text().strip() == source:
-        return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
-    try:
-        _fetch(uri, source, tmp)
-        (tmp / marker.name).write_text(source + "\n")
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}-old-{os.getpid()}-{time.monotonic_ns()}")
-            with contextlib.suppress(OSError):
-                dst.rename(old)
-                shutil.rmtree(old, ignore_errors=True)
-        try:
-            tmp.rename(dst)
-        except OSError:  # another process put a complete entry there first
-            if not marker.is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dst
-
-
-def _cache_root(uri: str) -> Path:
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    return model_cache_dir(digest)
-
-
-def resolve_model_uri(
-    uri: str, cfg: Config, *, dst_dir: str | os.PathLike[str] | None = None
-) -> ResolvedModel:
-    """Turn a model reference into something a checkpoint loader can read.
-
-    - ``models:/<name>@<alias>``, ``models:/<name>/<version>`` (or ``/latest``): looked up in
-      the registry at :func:`tracking_uri`, the version's artifacts downloaded to ``dst_dir``
-      (default: a cache under ``$FMPIPE_HOME/cache/models``, reused when already complete).
-      A missing model, alias or version raises :class:`ModelNotFound`, naming what exists.
-    - ``runs:/<run_id>/<path>``: those run artifacts, downloaded the same way.
-    - anything else: a checkpoint URI (``s3://...`` or a path), returned as is.
-    """
-    uri = str(uri).strip()
-    if not uri.startswith((_MODELS, _RUNS)):
-        return ResolvedModel(checkpoint_uri=uri)
-    from mlflow.exceptions import MlflowException
-
-    server = tracking_uri(cfg)
-    client = _client(server)
-    if uri.startswith(_RUNS):
-        rest = uri[len(_RUNS) :].strip("/")
-        run_id = rest.partition("/")[0]
-        try:
-            client.get_run(run_id)
-        except MlflowException:
-            raise ModelNotFound(
-                f"MLflow run '{run_id}' does not exist at {scrub(server)}"
-            ) from None
-        if dst_dir:
-            local = Path(dst_dir)
-            _fetch(server, uri, local)
-        else:
-            key = hashlib.sha256(rest.encode()).hexdigest()[:16]
-            local = _download_cached(server, uri, _cache_root(server) / "runs" / key, reuse=False)
-        return ResolvedModel(checkpoint_uri=str(local), run_id=run_id, source=uri)
-
-    name, alias, version = _parse_models_uri(uri)
-    mv = _lookup_version(client, server, name, alias, version or "")
-    source = client.get_model_version_download_uri(name, mv.version)
-    if dst_dir:
-        local = Path(dst_dir)
-        _fetch(server, source, local)
-    else:  # key on creation time + run too: a deleted and re-created model reuses numbers
-        stamp = f"{mv.version}-{mv.creation_timestamp}-{(mv.run_id or 'norun')[:12]}"
-        entry = _cache_root(server) / re.sub(r"[^A-Za-z0-9._-]+", "_", name) / stamp
-        local = _download_cached(server, source, entry, reuse=True)
-    return ResolvedModel(
-        checkpoint_uri=str(local),
-        name=name,
-        version=str(mv.version),
-        run_id=mv.run_id or None,
-        alias=alias,
-        source=source,
-        tags=dict(mv.tags or {}),
-    )

@@ -362,3 +362,48 @@ def test_sampling_exact_gaussian_flow(
     mu = torch.tensor(MU, dtype=F64)
     assert (x_1.mean(0) - mu).abs().max().item() < mean_tol
     assert (x_1.std(0) - SIGMA).abs().max().item() < std_tol
+
+
+# ---------------------------------------------------------------- the solver step rule
+
+
+def test_solver_specs_are_the_one_step_rule() -> None:
+    from pipeline.flow.solvers import (
+        ADAPTIVE_SOLVERS,
+        SOLVER_SPECS,
+        effective_steps,
+        effective_tolerances,
+        is_adaptive,
+        solver_spec,
+    )
+
+    assert tuple(SOLVER_SPECS) == SOLVERS
+    assert ADAPTIVE_SOLVERS == ("dopri5",)
+    assert set(FIXED_STEP_SOLVERS) | set(ADAPTIVE_SOLVERS) == set(SOLVERS)
+    for name in FIXED_STEP_SOLVERS:
+        spec = solver_spec(name)
+        assert not spec.adaptive and spec.nfe_per_step == nfe_per_step(name)
+        assert not is_adaptive(name)
+        assert effective_steps(name, 7) == 7
+        assert effective_tolerances(name, 1e-3, 1e-4) is None
+    assert is_adaptive("dopri5") and solver_spec("dopri5").nfe_per_step is None
+    assert effective_steps("dopri5", 7) is None and effective_steps("dopri5", None) is None
+    assert effective_tolerances("dopri5", 1e-3, 1e-4) == (1e-3, 1e-4)
+    assert [solver_spec(m).order for m in SOLVERS] == [1, 2, 2, 4, 5]
+    with pytest.raises(ValueError, match="unknown method 'rk45'; allowed: euler, midpoint"):
+        is_adaptive("rk45")
+    with pytest.raises(ValueError, match="'heun' needs steps"):
+        effective_steps("heun", None)
+    with pytest.raises(ValueError, match="'euler' needs steps"):
+        effective_steps("euler", 0)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_effective_steps_is_what_solve_ode_accepts(method: str) -> None:
+    """The rule and the solver agree: passing effective_steps() never trips solve_ode."""
+    from pipeline.flow.solvers import effective_steps, solver_spec
+
+    sol = solve_ode(v_linear, x0_batch(), method, steps=effective_steps(method, 4))
+    spec = solver_spec(method)
+    if not spec.adaptive:
+        assert sol.nfe == 4 * spec.nfe_per_step

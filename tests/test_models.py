@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig
-from pipeline.models import MLPVelocity, UNet, build_model, count_parameters, guided_velocity
+from pipeline.models import (
+    MLPVelocity,
+    UNet,
+    bare_module,
+    build_model,
+    count_parameters,
+    guided_velocity,
+)
 
 torch.set_num_threads(2)
 
@@ -333,3 +340,26 @@ def test_mlp_bf16_autocast_returns_input_dtype() -> None:
     assert out.dtype == torch.float32
     out.pow(2).mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bare_module_unwraps_ddp_and_compile() -> None:
+    """One unwrapping rule (pipeline.models) for guidance, checkpoints and EMA."""
+    import torch.distributed as dist
+
+    from pipeline import checkpoint
+
+    assert checkpoint.bare_module is bare_module  # checkpoint re-exports the one rule
+    net = build_model(ModelConfig(kind="mlp", hidden_dim=8, depth=1, num_classes=3), (2,))
+    assert bare_module(net) is net
+    compiled = torch.compile(net)  # not called: no compilation happens
+    assert bare_module(compiled) is net
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = torch.compile(nn.parallel.DistributedDataParallel(net))
+        assert bare_module(wrapped) is net
+        x, t, label = torch.randn(4, 2), torch.rand(4), torch.tensor([0, 1, 2, 0])
+        # guidance reads num_classes through the wrappers
+        v = guided_velocity(nn.parallel.DistributedDataParallel(net), x, t, label, 2.0)
+        assert v.shape == (4, 2)
+    finally:
+        dist.destroy_process_group()

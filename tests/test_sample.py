@@ -27,6 +27,7 @@ from pipeline.config import Config, build_config
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, shard_name
 from pipeline.flow import GaussianVelocity
 from pipeline.models import build_model
+from pipeline.registry import ModelNotFound
 from pipeline.sample import (
     JOB_FILE,
     ModelSource,
@@ -39,7 +40,6 @@ from pipeline.sample import (
 )
 from pipeline.sample.sampler import integrate_range, render_shard
 from pipeline.storage import resolve
-from pipeline.tracking import ModelNotFound
 
 MU, SIGMA = 0.3, 0.2  # Gaussian target per pixel, well inside [-1, 1]
 STEP = 1 / 127.5  # one uint8 level in [-1, 1]
@@ -355,6 +355,24 @@ def test_rerun_writes_only_the_missing_shard(tmp_path: Path) -> None:
     with pytest.raises(SampleJobError, match=r"older fmpipe, which did not record layout"):
         generate(other, source=gaussian_source(), block_size=8, track=False)
     assert not (out / shard_name(3)).exists()
+
+
+def test_adaptive_job_ignores_steps_end_to_end(tmp_path: Path) -> None:
+    """dopri5 chooses its own steps: another --steps is the same job, bit for bit."""
+    out = tmp_path / "out"
+    cfg = sample_cfg(str(out), num_samples=16, shard_size=8, solver="dopri5", steps=4)
+    cfg.sample.atol = cfg.sample.rtol = 1e-3
+    first = generate(cfg, source=gaussian_source(), block_size=8, track=False)
+    original = (out / shard_name(1)).read_bytes()
+    assert read_samples(str(out))[3][1]["steps"] is None
+    (out / shard_name(1)).unlink()
+
+    cfg.sample.steps = 16
+    again = generate(cfg, source=gaussian_source(), block_size=8, track=False)
+    assert (again.shards_written, again.num_samples) == (1, 16)
+    assert (out / shard_name(1)).read_bytes() == original
+    assert again.manifest.shards == first.manifest.shards
+    assert again.manifest.extra["steps"] is None and again.manifest.extra["atol"] == 1e-3
 
 
 class KillOnce(GaussianVelocity):

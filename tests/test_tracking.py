@@ -15,13 +15,7 @@ from PIL import Image
 
 from pipeline.config import build_config
 from pipeline.redact import scrub
-from pipeline.tracking import (
-    ModelNotFound,
-    Tracker,
-    find_run_id,
-    resolve_model_uri,
-    tracking_uri,
-)
+from pipeline.tracking import Tracker, find_run_id, tracking_uri
 from pipeline.viz import image_grid, loss_curve_png, save_png, to_uint8
 
 SECRET = "sEcReT-Value-1234567890-do-not-log"
@@ -52,13 +46,6 @@ def _artifact_text(cfg, run_id: str, path: str) -> str:
         run_id=run_id, artifact_path=path, tracking_uri=tracking_uri(cfg)
     )
     return Path(local).read_text()
-
-
-def _checkpoint_dir(root: Path, marker: str) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "model.pt").write_bytes(b"weights-" + marker.encode())
-    (root / "config.yaml").write_text(f"marker: {marker}\n")
-    return root
 
 
 # --------------------------------------------------------------------------- where MLflow is
@@ -166,70 +153,6 @@ def test_resume_continues_the_same_run(server_cfg):
     assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2]
     with pytest.raises(ValueError, match="cannot resume MLflow run 'nope"):
         Tracker.start(cfg, experiment=experiment, run_name="job", run_id="nope0000")
-
-
-def test_register_alias_and_resolve(server_cfg, tmp_path):
-    cfg = server_cfg
-    name = f"digits-{_uid()}"
-    tracker = Tracker.start(cfg, experiment=f"reg-{_uid()}", run_name="reg")
-    tracker.log_artifacts(_checkpoint_dir(tmp_path / "c1", "one"), "checkpoints/a")
-    tracker.log_artifacts(_checkpoint_dir(tmp_path / "c2", "two"), "checkpoints/b")
-    v1 = tracker.register_model_version(name, "checkpoints/a", {"images": "100"})
-    v2 = tracker.register_model_version(name, "checkpoints/b", {"images": "200"})
-    assert (v1, v2) == ("1", "2")
-    tracker.set_alias(name, "champion", v2)
-    with pytest.raises(ValueError, match="no artifacts under 'checkpoints/missing'"):
-        tracker.register_model_version(name, "checkpoints/missing", {})
-    tracker.end()
-
-    champ = resolve_model_uri(f"models:/{name}@champion", cfg)
-    assert (champ.name, champ.version, champ.alias, champ.run_id) == (
-        name,
-        "2",
-        "champion",
-        tracker.run_id,
-    )
-    assert champ.tags["images"] == "200"
-    assert (Path(champ.checkpoint_uri) / "model.pt").read_bytes() == b"weights-two"
-    assert (Path(champ.checkpoint_uri) / "config.yaml").is_file()
-
-    first = resolve_model_uri(f"models:/{name}/1", cfg)
-    assert first.version == "1" and first.alias is None
-    assert (Path(first.checkpoint_uri) / "model.pt").read_bytes() == b"weights-one"
-    assert resolve_model_uri(f"models:/{name}/1", cfg).checkpoint_uri == first.checkpoint_uri
-
-    (tmp_path / "dl").mkdir()
-    (tmp_path / "dl" / "keep.txt").write_text("mine")
-    explicit = resolve_model_uri(f"models:/{name}/latest", cfg, dst_dir=tmp_path / "dl")
-    assert explicit.version == "2" and Path(explicit.checkpoint_uri) == tmp_path / "dl"
-    assert (tmp_path / "dl" / "model.pt").read_bytes() == b"weights-two"
-    assert (tmp_path / "dl" / "keep.txt").read_text() == "mine"
-
-    runs = resolve_model_uri(f"runs:/{tracker.run_id}/checkpoints/a", cfg)
-    assert (Path(runs.checkpoint_uri) / "model.pt").read_bytes() == b"weights-one"
-
-    plain = resolve_model_uri("s3://bucket/runs/x/checkpoint_000001", cfg)
-    assert plain.checkpoint_uri == "s3://bucket/runs/x/checkpoint_000001"
-    assert plain.name is None and plain.tags == {}
-
-    with pytest.raises(ModelNotFound) as err:
-        resolve_model_uri(f"models:/{name}@staging", cfg)
-    msg = str(err.value)
-    assert f"'{name}'" in msg and "alias 'staging'" in msg
-    assert "champion -> version 2" in msg and "versions: 1, 2" in msg
-
-    with pytest.raises(ModelNotFound) as err:
-        resolve_model_uri(f"models:/{name}/7", cfg)
-    msg = str(err.value)
-    assert f"'{name}' has no version 7" in msg and "versions: 1, 2" in msg
-
-    with pytest.raises(ModelNotFound) as err:
-        resolve_model_uri("models:/no-such-model@champion", cfg)
-    msg = str(err.value)
-    assert "'no-such-model' does not exist" in msg and name in msg
-
-    with pytest.raises(ValueError, match="is not models:/<name>@<alias>"):
-        resolve_model_uri("models:/onlyname", cfg)
 
 
 def test_no_secrets_reach_mlflow(server_cfg, monkeypatch):

@@ -269,11 +269,11 @@ def sample_throughput(
     device: torch.device | str = "cuda",
 ) -> SampleRow:
     """Samples/s of :func:`integrate_block` (Euler, ``steps``) after one untimed block."""
-    from pipeline.sample.sampler import SamplerSettings, _pick_device, integrate_block
+    from pipeline.sample.sampler import SamplerSettings, integrate_block, pick_device
 
     device = torch.device(device)
     if device.type == "cuda":
-        device = _pick_device(True)  # the actor's settings: deterministic cuDNN, no TF32
+        device = pick_device(True)  # the actor's settings: deterministic cuDNN, no TF32
     scaled = scaled_model(cfg, resolution)
     shape = (cfg.data.channels, resolution, resolution)
     torch.manual_seed(cfg.seed)

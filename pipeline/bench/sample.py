@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from pipeline.bench.plain import torch_threads
 from pipeline.config import Config
 from pipeline.eval.metrics import sliced_wasserstein2
+from pipeline.flow.solvers import is_adaptive
 from pipeline.rayenv import keep_freed_memory
 from pipeline.sample.determinism import default_block_size
 from pipeline.sample.sampler import SamplerSettings, integrate_range, prepare_model
@@ -121,9 +122,9 @@ def _sync(device: torch.device) -> None:
 def load_source(cfg: Config, uri: str) -> ModelSource:
     """:func:`load_model_source`, with a one-line error that says what to do."""
     from pipeline.checkpoint import CheckpointError
+    from pipeline.registry import ModelNotFound
     from pipeline.sample.source import load_model_source
     from pipeline.storage import StorageError
-    from pipeline.tracking import ModelNotFound
 
     try:
         return load_model_source(cfg, uri)
@@ -144,7 +145,7 @@ def training_data_uri(cfg: Config, uri: str) -> str:
 
     where = uri
     if uri.startswith(("models:/", "runs:/")):
-        from pipeline.tracking import resolve_model_uri
+        from pipeline.registry import resolve_model_uri
 
         where = resolve_model_uri(uri, cfg).checkpoint_uri  # the cached download
     elif uri.startswith("file://"):
@@ -198,7 +199,7 @@ def odeint_block(
         return v_uncond + w * (v_cond - v_uncond)
 
     method = TORCHDIFFEQ_METHODS[settings.solver]
-    if method == "dopri5":
+    if is_adaptive(settings.solver):
         grid = torch.tensor([0.0, 1.0], device=x_0.device)
         out = odeint(velocity, x_0, grid, method=method, rtol=settings.rtol, atol=settings.atol)
     else:
@@ -404,8 +405,9 @@ def run_sample_benchmark(
 ) -> SampleFigures:
     """Run (a), (b), (c) and the quality table; print them (see the module doc)."""
     from pipeline.rayenv import ensure_ray
-    from pipeline.sample.job import SampleJobError, _actor_resources, _validate
-    from pipeline.sample.sampler import _pick_device
+    from pipeline.sample.plan import SampleJobError, validate_settings
+    from pipeline.sample.pool import actor_resources
+    from pipeline.sample.sampler import pick_device
 
     s = cfg.sample
     if s.solver not in TORCHDIFFEQ_METHODS:
@@ -414,22 +416,23 @@ def run_sample_benchmark(
         )
     source = load_source(cfg, model_uri)
     try:
-        _validate(cfg, source)
+        validate_settings(cfg, source)
     except SampleJobError as exc:
         raise BenchSampleError(str(exc)) from None
     n = s.num_samples
     block = default_block_size("cuda" if s.use_gpu else "cpu")
     settings = _settings(cfg, source, block, s.solver, s.steps)
     shape = "x".join(str(d) for d in source.data_shape)
-    steps = "adaptive" if s.solver == "dopri5" else f"{s.steps} steps"
-    grid = "adaptive" if s.solver == "dopri5" else "fixed grid"
+    adaptive = is_adaptive(s.solver)
+    steps = "adaptive" if adaptive else f"{s.steps} steps"
+    grid = "adaptive" if adaptive else "fixed grid"
 
     started_ray = ensure_ray()
     try:
         shards = math.ceil(n / shard_size_for(n, block, s.num_actors))
         actors = min(s.num_actors, shards)  # what generate() will use
-        num_cpus, threads = _actor_resources(actors, s.use_gpu)
-        device = _pick_device(s.use_gpu)  # the actors' device and kernel flags
+        num_cpus, threads = actor_resources(actors, s.use_gpu)
+        device = pick_device(s.use_gpu)  # the actors' device and kernel flags
         net = source.factory().to(device).eval().requires_grad_(False)  # (a): as loaded
         sampler_net = prepare_model(source.factory(), device)  # (b): as (c)'s actors run it
         # (a) and (b) time whole blocks: their rates need no more than a few of them.

@@ -14,6 +14,10 @@ step is the first of the next), RMS error norm with per-element scale
 
 Orders of global error: euler 1, midpoint 2, heun 2, rk4 4, dopri5 5 (error controlled locally).
 
+Which solvers take ``steps`` (and which use ``atol``/``rtol``) is said once, in
+:data:`SOLVER_SPECS`; callers ask :func:`effective_steps` / :func:`effective_tolerances` /
+:func:`is_adaptive` instead of comparing names, so a new solver is one table entry.
+
 No ``torch.no_grad()`` here: callers sampling for inference should wrap the call themselves;
 tests and adjoint-free training through the solver need the graph.
 """
@@ -29,20 +33,62 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ADAPTIVE_SOLVERS",
     "FIXED_STEP_SOLVERS",
     "SOLVERS",
+    "SOLVER_SPECS",
     "ODESolution",
+    "SolverSpec",
     "VelocityFn",
+    "effective_steps",
+    "effective_tolerances",
+    "is_adaptive",
     "nfe_per_step",
     "solve_ode",
+    "solver_spec",
 ]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 """``velocity_fn(x, t)``: x of shape (B, ...), t of shape (B,) -> velocity of shape (B, ...)."""
 
-FIXED_STEP_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun", "rk4")
-SOLVERS: tuple[str, ...] = (*FIXED_STEP_SOLVERS, "dopri5")
-_NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """What callers need to know about a solver without running it.
+
+    The one place that says which solvers take ``steps``: a fixed-step solver integrates on
+    ``steps`` uniform steps and costs exactly ``nfe_per_step * steps`` velocity evaluations;
+    an adaptive one ignores ``steps``, chooses its own steps from ``atol``/``rtol`` and
+    reports its NFE afterwards (``ODESolution.nfe``). Job identities, sample metadata, MLflow
+    params and benchmarks all derive "does steps / do the tolerances matter" from here.
+
+    Attributes:
+        name: the ``method`` string of :func:`solve_ode` (and ``sample.solver``).
+        adaptive: True when the solver picks its own step sizes (steps ignored).
+        nfe_per_step: exact velocity evaluations per step (None for adaptive solvers).
+        order: order of the global error (adaptive: of the propagated solution).
+    """
+
+    name: str
+    adaptive: bool
+    nfe_per_step: int | None
+    order: int
+
+
+SOLVER_SPECS: dict[str, SolverSpec] = {
+    spec.name: spec
+    for spec in (
+        SolverSpec("euler", adaptive=False, nfe_per_step=1, order=1),
+        SolverSpec("midpoint", adaptive=False, nfe_per_step=2, order=2),
+        SolverSpec("heun", adaptive=False, nfe_per_step=2, order=2),
+        SolverSpec("rk4", adaptive=False, nfe_per_step=4, order=4),
+        SolverSpec("dopri5", adaptive=True, nfe_per_step=None, order=5),
+    )
+}
+SOLVERS: tuple[str, ...] = tuple(SOLVER_SPECS)
+"""Every solver name, in the order help texts list them (``sample.solver``'s allowed values)."""
+FIXED_STEP_SOLVERS: tuple[str, ...] = tuple(n for n, s in SOLVER_SPECS.items() if not s.adaptive)
+ADAPTIVE_SOLVERS: tuple[str, ...] = tuple(n for n, s in SOLVER_SPECS.items() if s.adaptive)
 
 # Dormand-Prince 5(4) tableau. _DP_B5 is the 5th-order solution (also the 7th stage's row,
 # which is what makes FSAL possible); _DP_E = b5 - b4 estimates the local error.
@@ -84,20 +130,62 @@ class ODESolution:
     times: Tensor | None = None
 
 
+def solver_spec(method: str) -> SolverSpec:
+    """The :class:`SolverSpec` of ``method``.
+
+    Raises:
+        ValueError: for a name that is not one of :data:`SOLVERS` (the message lists them).
+    """
+    spec = SOLVER_SPECS.get(method) if isinstance(method, str) else None
+    if spec is None:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(SOLVERS)}")
+    return spec
+
+
+def is_adaptive(method: str) -> bool:
+    """True when ``method`` chooses its own steps (and ignores ``steps``)."""
+    return solver_spec(method).adaptive
+
+
+def effective_steps(method: str, steps: int | None) -> int | None:
+    """The ``steps`` that ``method`` really integrates with: None for an adaptive solver.
+
+    What to pass to :func:`solve_ode` as ``steps`` and what to record in a job identity or
+    a sample's metadata: the configured ``sample.steps`` of a dopri5 run changes nothing,
+    so it must not make two otherwise equal jobs differ.
+
+    Raises:
+        ValueError: an unknown ``method``, or a fixed-step one without ``steps >= 1``.
+    """
+    if solver_spec(method).adaptive:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"method {method!r} needs steps (an int >= 1); got {steps!r}")
+    return steps
+
+
+def effective_tolerances(method: str, atol: float, rtol: float) -> tuple[float, float] | None:
+    """``(atol, rtol)`` when ``method`` uses them (adaptive solvers), else None.
+
+    The counterpart of :func:`effective_steps`: a fixed-step run's tolerances change nothing.
+    """
+    return (atol, rtol) if solver_spec(method).adaptive else None
+
+
 def nfe_per_step(method: str) -> int:
     """Velocity evaluations per step of a fixed-step ``method``.
 
     Raises:
-        ValueError: for ``"dopri5"`` (adaptive: read ``ODESolution.nfe``) or unknown names.
+        ValueError: for an adaptive method such as ``"dopri5"`` (read ``ODESolution.nfe``)
+            or an unknown name.
     """
-    if method == "dopri5":
+    spec = solver_spec(method)
+    if spec.nfe_per_step is None:
         raise ValueError(
-            "method 'dopri5' is adaptive and has no fixed NFE per step; read ODESolution.nfe "
-            f"(fixed-step methods: {', '.join(FIXED_STEP_SOLVERS)})"
+            f"method {method!r} is adaptive and has no fixed NFE per step; read "
+            f"ODESolution.nfe (fixed-step methods: {', '.join(FIXED_STEP_SOLVERS)})"
         )
-    if method not in _NFE_PER_STEP:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(SOLVERS)}")
-    return _NFE_PER_STEP[method]
+    return spec.nfe_per_step
 
 
 class _Counted:
@@ -131,8 +219,9 @@ def _check_args(
     rtol: float,
     max_steps: int,
 ) -> None:
-    if not isinstance(method, str) or method not in SOLVERS:
+    if not isinstance(method, str) or method not in SOLVER_SPECS:
         raise ValueError(f"method must be one of {', '.join(SOLVERS)}; got {method!r}")
+    adaptive = SOLVER_SPECS[method].adaptive
     if not isinstance(x_0, Tensor) or x_0.ndim < 1:
         raise ValueError("x_0 must be a tensor with a batch dimension: shape (B, ...)")
     if not x_0.is_floating_point():
@@ -142,12 +231,12 @@ def _check_args(
             raise ValueError(f"steps must be an int >= 1; got {steps!r}")
         if time_grid is not None:
             raise ValueError("pass either steps or time_grid, not both")
-        if method == "dopri5":
+        if adaptive:
             raise ValueError(
-                "steps is for fixed-step methods; dopri5 chooses its own steps "
+                f"steps is for fixed-step methods; {method} chooses its own steps "
                 "(use atol/rtol, or time_grid for output times)"
             )
-    elif time_grid is None and method != "dopri5":
+    elif time_grid is None and not adaptive:
         raise ValueError(f"method {method!r} needs steps (an int >= 1) or a time_grid")
     if time_grid is not None:
         if not isinstance(time_grid, Tensor) or time_grid.ndim != 1 or time_grid.numel() < 2:
@@ -156,7 +245,7 @@ def _check_args(
             raise ValueError("time_grid must be finite")
         if not (time_grid[1:] > time_grid[:-1]).all():
             raise ValueError("time_grid must be strictly increasing (integration runs forward)")
-    if method == "dopri5":
+    if adaptive:
         if not (atol >= 0 and rtol >= 0 and atol + rtol > 0):
             raise ValueError(f"atol and rtol must be >= 0, not both 0; got {atol}, {rtol}")
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -202,7 +291,7 @@ def solve_ode(
     # round times (even to zero-length steps), and host floats avoid tiny device kernels.
     if time_grid is not None:
         grid = time_grid.detach().to("cpu", torch.float64).tolist()
-    elif method == "dopri5":
+    elif SOLVER_SPECS[method].adaptive:
         grid = [0.0, 1.0]
     else:
         assert steps is not None

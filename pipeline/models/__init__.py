@@ -19,6 +19,7 @@ __all__ = [
     "MODEL_KINDS",
     "MLPVelocity",
     "UNet",
+    "bare_module",
     "build_model",
     "count_parameters",
     "guided_velocity",
@@ -104,8 +105,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare network inside DDP (``.module``) and/or torch.compile (``._orig_mod``)."""
+def bare_module(model: nn.Module) -> nn.Module:
+    """The bare network inside DDP (``.module``) and/or torch.compile (``._orig_mod``).
+
+    Attributes such as ``num_classes`` and state-dict keys without ``module.`` /
+    ``_orig_mod.`` prefixes live there; checkpoints, EMA and guidance all read it.
+    """
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
@@ -140,7 +145,7 @@ def guided_velocity(
     """
     if label is None or guidance_scale == 1.0:
         return model(x_t, t, label)
-    num_classes = getattr(_unwrap(model), "num_classes", 0)
+    num_classes = getattr(bare_module(model), "num_classes", 0)
     if num_classes <= 0:
         raise ValueError("guided_velocity with a label needs a class-conditional model")
     batch = x_t.shape[0]

@@ -1,26 +1,30 @@
 """``fmpipe sample``: bulk generation as a Ray Data batch-inference job.
 
-Steps of :func:`generate`:
+:func:`generate` is a short driver over three named steps, each in its own module:
 
-1. Resolve the model (registry alias/version or checkpoint; its config travels with it) and
-   check the output location is writable, before any Ray work.
-2. Cut ``[0, N)`` into fixed shards ``[j * shard_size, min((j + 1) * shard_size, N))``. The
-   job's identity (model weights digest, seed, solver, steps, N, shard size, block size, ...)
+1. **plan** (:func:`pipeline.sample.plan.plan_job`), before any Ray work: resolve the model
+   (registry alias/version or checkpoint; its config travels with it), check the settings
+   against it and the output location is writable. Cut ``[0, N)`` into fixed shards
+   ``[j * shard_size, min((j + 1) * shard_size, N))``. The job's identity (model weights
+   digest, seed, solver, the steps the solver really takes, N, shard size, block size, ...)
    is written once to ``<out>/_sample_job.json``; a re-run with other settings on the same
-   output is refused (it would mix two jobs' samples).
-3. A shard object already under its final name is done (names appear only when complete:
-   writes are atomic); it is read back and checked to hold exactly its indices. Only missing
-   (or broken) shards become rows of ``ray.data.from_items`` (one block per shard).
-4. ``map_batches(SamplerActor, compute=ActorPoolStrategy(size=num_actors), batch_size=1)``:
+   output is refused (it would mix two jobs' samples). A shard object already under its
+   final name is done (names appear only when complete: writes are atomic); it is read back
+   and checked to hold exactly its indices. Only missing (or broken) shards are planned.
+2. **run** (:func:`pipeline.sample.pool.run_pool`): the missing shards become rows of
+   ``ray.data.from_items`` (one block per shard), mapped by
+   ``map_batches(SamplerActor, compute=ActorPoolStrategy(size=num_actors), batch_size=1)``:
    each actor builds the network once (weights from the Ray object store) and writes whole
    shards. Actors are restartable (``max_restarts``) and their tasks retried
    (``max_task_retries``), so a killed actor's shard is redone and the job still ends with
    exactly N samples, each index once. The driver prints a ``[sample]`` progress line as
    shards come back (the first, the last, and at most one per ``PROGRESS_EVERY_S``).
-5. ``_manifest.json`` (every shard with its count and sha256) is written atomically last.
-6. A grid of the first 64 samples is saved locally (``$FMPIPE_HOME/samples/<name>/grid.png``)
-   and, with the parameters, samples/s, NFE per sample, the output URI and the manifest,
-   logged to an MLflow run in ``tracking.sample_experiment`` tagged with the training run.
+3. **finalize** (:func:`pipeline.sample.finalize.finalize`): ``_manifest.json`` (every
+   shard with its count and sha256) is written atomically last. A grid of the first 64
+   samples is saved locally (``$FMPIPE_HOME/samples/<name>/grid.png``) and, with the
+   parameters, samples/s, NFE per sample, the output URI and the manifest, logged to an
+   MLflow run in ``tracking.sample_experiment`` tagged with the training run; the summary
+   lines are printed.
 
 Determinism (see :mod:`pipeline.sample.determinism`): sample i is bit-identical whatever
 ``sample.batch_size``, ``sample.num_actors``, the shard boundaries, N, or restarts, for a
@@ -32,388 +36,17 @@ blocks of ``block_size`` samples (50 on CPU, 500 on CUDA by default).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import hashlib
-import io
-import json
-import logging
-import math
-import re
-import shlex
-import tarfile
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from pipeline.config import Config
-from pipeline.home import fmpipe_home
-from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, shard_name
-from pipeline.rayenv import ensure_ray, quiet_cpp_notices
-from pipeline.sample.determinism import default_block_size, shard_ranges
-from pipeline.sample.sampler import SamplerActor, SamplerSettings
-from pipeline.sample.shards import check_shard, sample_key
-from pipeline.sample.source import CheckpointBuilder, ModelSource, load_model_source
+from pipeline.sample.finalize import SampleResult, finalize, grid_path_for, start_tracker
+from pipeline.sample.plan import JOB_FILE, SampleJobError, plan_job
+from pipeline.sample.pool import run_pool
+from pipeline.sample.source import ModelSource
 
 __all__ = ["JOB_FILE", "SampleJobError", "SampleResult", "generate", "grid_path_for"]
-
-log = logging.getLogger(__name__)
-
-JOB_FILE = "_sample_job.json"
-GRID_SAMPLES = 64
-MAX_RESTARTS = 4  # actor restarts after a crash (per actor)
-MAX_TASK_RETRIES = 4  # retries of one shard's task after its actor died
-PROGRESS_EVERY_S = 10.0  # at most one progress line per this many seconds (and first, last)
-_READ_THREADS = 8
-
-
-class SampleJobError(ValueError):
-    """The job cannot run as asked (settings that clash with the model or the output)."""
-
-
-@dataclass
-class SampleResult:
-    """What :func:`generate` did."""
-
-    out_uri: str
-    num_samples: int  # samples in the output (all shards)
-    shards: int  # shards in the output
-    shards_written: int  # shards generated by this call
-    samples_written: int  # samples generated by this call
-    wall_seconds: float  # the whole call
-    generate_seconds: float  # the Ray job (integrating + writing), 0 if nothing was missing
-    samples_per_sec: float  # samples_written / generate_seconds (0 if nothing was missing)
-    nfe_per_sample: float  # velocity evaluations per integrated sample (mean over blocks)
-    manifest: Manifest
-    shard_seconds: float = 0.0  # summed over the shards written: each actor's time inside them
-    grid_path: Path | None = None
-    mlflow_run_id: str | None = None
-    model: dict[str, Any] = field(default_factory=dict)  # ModelSource.describe()
-
-    def summary_lines(self, tracking_uri: str | None = None) -> list[str]:
-        lines = [
-            f"samples: {self.num_samples} in {self.shards} shards at {self.out_uri} "
-            f"({self.samples_written} generated now, {self.shards - self.shards_written} "
-            "shards were already there)",
-            f"speed: {self.samples_per_sec:.1f} samples/s, {self.nfe_per_sample:g} NFE per "
-            f"sample, wall time {self.wall_seconds:.1f} s"
-            if self.samples_written
-            else f"speed: nothing to generate, wall time {self.wall_seconds:.1f} s",
-        ]
-        if self.grid_path is not None:
-            lines.append(f"grid of the first {GRID_SAMPLES}: {self.grid_path}")
-        if self.mlflow_run_id:
-            lines.append(f"MLflow run {self.mlflow_run_id}")
-            if tracking_uri and tracking_uri.startswith("sqlite:"):
-                lines.append(f"browse: mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}")
-        return lines
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def grid_path_for(out_uri: str) -> Path:
-    """``$FMPIPE_HOME/samples/<last part of out>-<hash>/grid.png``."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", out_uri.rstrip("/").rsplit("/", 1)[-1]).strip("._")
-    digest = hashlib.sha256(out_uri.encode()).hexdigest()[:8]
-    return fmpipe_home() / "samples" / f"{base or 'samples'}-{digest}" / "grid.png"
-
-
-def _job_identity(cfg: Config, source: ModelSource, block_size: int) -> dict[str, Any]:
-    s = cfg.sample
-    return {
-        "format": "fmpipe-sample-job/1",
-        "model_digest": source.digest,
-        "data_shape": list(source.data_shape),
-        "num_classes": source.num_classes,
-        "seed": s.seed,
-        "solver": s.solver,
-        "steps": None if s.solver == "dopri5" else s.steps,
-        "atol": s.atol if s.solver == "dopri5" else None,
-        "rtol": s.rtol if s.solver == "dopri5" else None,
-        "guidance_scale": s.guidance_scale if source.num_classes else None,
-        "label": s.label,
-        "num_samples": s.num_samples,
-        "shard_size": s.shard_size,
-        "block_size": block_size,
-        "device": "cuda" if s.use_gpu else "cpu",
-        # the network's memory layout (prepare_model) changes the last bits of samples
-        "layout": "as-built" if s.use_gpu else "channels-last",
-    }
-
-
-def _check_job_file(out: Any, identity: dict[str, Any], source: ModelSource) -> list[str]:
-    """Write ``_sample_job.json`` or refuse when the one there describes another job.
-
-    Returns the identity keys the file there does not record at all (it was written by an
-    older fmpipe, before those keys existed): the caller may finish reading such an output,
-    but must not add samples to it (:func:`_refuse_to_mix`).
-    """
-    location = out.child(JOB_FILE)
-    if location.exists():
-        try:
-            previous = json.loads(location.read_bytes())
-        except ValueError:
-            previous = {}
-        prior = previous.get("identity", {})
-        unrecorded = sorted(k for k in identity if prior and k not in prior)
-        changed = sorted(k for k in identity if k not in unrecorded and prior.get(k) != identity[k])
-        if changed:
-            shown = "; ".join(f"{k}: {prior.get(k)!r} there, {identity[k]!r} now" for k in changed)
-            raise SampleJobError(
-                f"output {out.uri} already holds samples of another job ({shown}); use another "
-                f"--out, or delete {out.uri} to start over"
-            )
-        return unrecorded
-    body = {"identity": identity, "model": source.describe()}
-    location.write_bytes((json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
-    return []
-
-
-def _refuse_to_mix(out: Any, unrecorded: list[str], missing_shards: int) -> None:
-    """An older fmpipe's output: complete, it is used as it is; incomplete, it is refused."""
-    if unrecorded and missing_shards:
-        raise SampleJobError(
-            f"output {out.uri} was started by an older fmpipe, which did not record "
-            f"{', '.join(unrecorded)}; its {missing_shards} missing shard(s) would not match "
-            f"the shards there bit for bit. Use another --out, or delete {out.uri} to start over"
-        )
-
-
-def _existing_shards(
-    out: Any, ranges: list[tuple[int, int]], conditional: bool, expect: dict[str, Any]
-) -> tuple[dict[int, ShardInfo], list[int]]:
-    """Shards already complete under their final name, and the broken ones (to redo)."""
-    present = set(out.list_names(".tar"))
-    wanted = [j for j in range(len(ranges)) if shard_name(j) in present]
-
-    def inspect(j: int) -> tuple[int, Any]:
-        a, b = ranges[j]
-        return j, check_shard(out.child(shard_name(j)).read_bytes(), a, b, conditional, expect)
-
-    done: dict[int, ShardInfo] = {}
-    broken: list[int] = []
-    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-        for j, check in pool.map(inspect, wanted):
-            if check.ok:
-                done[j] = ShardInfo(
-                    shard_name(j), check.num_samples, check.sha256, sample_key(ranges[j][0])
-                )
-            else:
-                log.warning(
-                    "shard %s at %s is broken (%s): writing it again",
-                    shard_name(j),
-                    out.uri,
-                    check.problem,
-                )
-                broken.append(j)
-    return done, broken
-
-
-def _grid_images(out: Any, ranges: list[tuple[int, int]], limit: int = GRID_SAMPLES) -> np.ndarray:
-    """uint8 ``(n, H, W, C)`` of the first ``limit`` samples, read back from the shards."""
-    images: list[np.ndarray] = []
-    for j in range(len(ranges)):
-        if len(images) >= limit:
-            break
-        with tarfile.open(
-            fileobj=io.BytesIO(out.child(shard_name(j)).read_bytes()), mode="r:"
-        ) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".png") and len(images) < limit:
-                    with Image.open(tar.extractfile(member)) as image:  # type: ignore[arg-type]
-                        array = np.asarray(image)
-                    images.append(array[..., None] if array.ndim == 2 else array)
-    return np.stack(images)
-
-
-def _validate(cfg: Config, source: ModelSource) -> None:
-    s = cfg.sample
-    shape = tuple(source.data_shape)
-    if len(shape) != 3 or shape[0] not in (1, 3):
-        raise SampleJobError(
-            f"model {source.uri} produces samples of shape {shape}; fmpipe sample writes images "
-            "and needs (C, H, W) with C = 1 or 3"
-        )
-    if source.num_classes:
-        if s.label is not None and not 0 <= s.label < source.num_classes:
-            raise SampleJobError(
-                f"sample.label={s.label} is not a class of model {source.label} "
-                f"(classes 0..{source.num_classes - 1})"
-            )
-    else:
-        if s.label is not None:
-            raise SampleJobError(
-                f"sample.label={s.label} given, but model {source.label} is unconditional"
-            )
-        if s.guidance_scale != 1.0:
-            raise SampleJobError(
-                f"sample.guidance_scale={s.guidance_scale} needs a class-conditional model; "
-                f"model {source.label} is unconditional"
-            )
-
-
-def _settings(cfg: Config, source: ModelSource, out: Any, block: int) -> SamplerSettings:
-    from pipeline.storage import s3_endpoint
-
-    s = cfg.sample
-    storage = cfg.storage.model_dump()
-    if out.is_s3:  # actors use the endpoint the driver resolved
-        storage["endpoint_url"] = s3_endpoint(cfg.storage) or ""
-    return SamplerSettings(
-        seed=s.seed,
-        solver=s.solver,
-        steps=s.steps,
-        atol=s.atol,
-        rtol=s.rtol,
-        guidance_scale=s.guidance_scale,
-        label=s.label,
-        num_classes=source.num_classes,
-        data_shape=tuple(source.data_shape),
-        block_size=block,
-        chunk_size=s.batch_size,
-        use_gpu=s.use_gpu,
-        precision=s.precision,
-        out_uri=out.uri,
-        storage=storage,
-        meta={
-            "model": source.uri,
-            "model_version": source.version,
-            "model_digest": source.digest[:16],
-        },
-    )
-
-
-def _actor_resources(num_actors: int, use_gpu: bool) -> tuple[float, int]:
-    """``(num_cpus per actor, torch threads per actor)``; half a CPU stays for Ray Data."""
-    import ray
-
-    cluster = ray.cluster_resources()
-    if use_gpu:
-        if cluster.get("GPU", 0) < 1:
-            raise SampleJobError(
-                "sample.use_gpu is true but the Ray cluster has no GPU; set sample.use_gpu=false"
-            )
-        return 1.0, 2
-    cpus = float(cluster.get("CPU", 1.0))
-    # An actor lives on one node: never ask for more than the largest node has (less the
-    # half CPU for Ray Data), or on a multi-node cluster it could never be scheduled.
-    nodes = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
-    largest = max(nodes, default=cpus)
-    per_actor = max(0.25, min((cpus - 0.5) / num_actors, largest - 0.5))
-    return round(per_actor, 3), max(1, math.ceil(per_actor))
-
-
-def _run_ray_job(
-    source: ModelSource,
-    settings: SamplerSettings,
-    todo: list[tuple[int, int, int]],
-    num_actors: int,
-    use_gpu: bool,
-    log_line: Callable[[str], None],
-) -> list[dict[str, Any]]:
-    import ray
-
-    factory = source.factory
-    if isinstance(factory, CheckpointBuilder) and not isinstance(factory.weights, ray.ObjectRef):
-        # One copy of the weights in the object store, fetched by each actor.
-        factory = CheckpointBuilder(factory.model, factory.data_shape, ray.put(factory.weights))
-    actors = min(num_actors, len(todo))
-    num_cpus, threads = _actor_resources(actors, use_gpu)
-    settings.torch_threads = threads
-    items = [{"shard": j, "start": a, "stop": b} for j, a, b in todo]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    with warnings.catch_warnings():
-        # Ray 2.60 marks extra remote args (max_restarts, max_task_retries) as deprecated in
-        # favour of named parameters, which do not exist for these two yet; its own default
-        # is -1 (forever) for both, which would loop on a shard that kills its actor each time.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        results = dataset.map_batches(
-            SamplerActor,
-            fn_constructor_kwargs={"factory": factory, "settings": settings},
-            # Two shards in flight per actor: the next one is queued at the actor while it
-            # works, so it never waits ~0.2 s for the driver's scheduling loop between
-            # shards (measured); a killed actor's queued shard is retried like its current.
-            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=num_cpus,
-            num_gpus=1 if use_gpu else 0,
-            max_restarts=MAX_RESTARTS,
-            max_task_retries=MAX_TASK_RETRIES,
-        )
-    total = sum(b - a for _, a, b in todo)
-    log_line(
-        f"sampling {total:,} samples in {len(todo):,} shards on {actors} "
-        f"{'GPU' if use_gpu else 'CPU'} actor(s) ({num_cpus:g} CPU, {threads} torch threads each)"
-    )
-    rows: list[dict[str, Any]] = []
-    began, said, written = time.perf_counter(), -math.inf, 0
-    for row in results.iter_rows():  # one row per shard, as each is written
-        rows.append(dict(row))
-        written += int(row["num_samples"])
-        now = time.perf_counter()
-        if len(rows) in (1, len(todo)) or now - said >= PROGRESS_EVERY_S:
-            said = now
-            log_line(
-                f"[sample] {len(rows):,} / {len(todo):,} shards  {written:,} / {total:,} samples "
-                f"({100 * written / total:5.1f}%)  {written / (now - began):7.1f} samples/s"
-            )
-    return rows
-
-
-def _start_tracker(cfg: Config, source: ModelSource, out_uri: str, block_size: int) -> Any:
-    from pipeline.tracking import Tracker
-
-    s = cfg.sample
-    name = f"sample-{source.name or Path(out_uri.rstrip('/')).name or 'model'}"
-    tags = {"fmpipe.job": "sample", "fmpipe.output_uri": out_uri, "fmpipe.model_uri": source.uri}
-    if source.train_run_id:
-        tags["fmpipe.train_run_id"] = source.train_run_id
-    if source.version:
-        tags["fmpipe.model_version"] = source.version
-    tracker = Tracker.start(
-        cfg, experiment=cfg.tracking.sample_experiment, run_name=name, tags=tags
-    )
-    try:
-        tracker.log_params(
-            {
-                "model_uri": source.uri,
-                "model_name": source.name or "",
-                "model_version": source.version or "",
-                "model_digest": source.digest,
-                "solver": s.solver,
-                "steps": s.steps if s.solver != "dopri5" else "adaptive",
-                "atol": s.atol,
-                "rtol": s.rtol,
-                "num_samples": s.num_samples,
-                "seed": s.seed,
-                "guidance_scale": s.guidance_scale,
-                "label": "cycle" if s.label is None else s.label,
-                "use_ema": s.use_ema,
-                "batch_size": s.batch_size,
-                "shard_size": s.shard_size,
-                "block_size": block_size,
-                "num_actors": s.num_actors,
-                "use_gpu": s.use_gpu,
-                "precision": s.precision,
-                "out": out_uri,
-            }
-        )
-        tracker.log_text(cfg.to_yaml(), "config.yaml")
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    return tracker
-
-
-# --------------------------------------------------------------------------- the job
 
 
 def generate(
@@ -436,141 +69,18 @@ def generate(
         log_line: where progress and summary lines go (None: nowhere).
 
     Raises:
-        pipeline.tracking.ModelNotFound, pipeline.checkpoint.CheckpointError: bad model.
+        pipeline.registry.ModelNotFound, pipeline.checkpoint.CheckpointError: bad model.
         pipeline.storage.StorageError: the output cannot be used.
         SampleJobError: settings that clash with the model or with the output's earlier job.
     """
-    from pipeline.storage import check_access, resolve
-
     say = log_line or (lambda _line: None)
     began = time.perf_counter()
-    s = cfg.sample
-    if source is None:
-        source = load_model_source(cfg)
-    _validate(cfg, source)
-    out_uri = s.out.strip() or str(fmpipe_home() / "store" / "samples" / (source.name or "model"))
-    out = resolve(out_uri, cfg.storage)
-    check_access(out, must_exist=False)
-    block = int(block_size or default_block_size("cuda" if s.use_gpu else "cpu"))
-    if block < 1:
-        raise SampleJobError(f"block_size must be >= 1, got {block}")
-    say(f"model: {source.label} ({source.checkpoint or source.uri}), output: {out.uri}")
-
-    identity = _job_identity(cfg, source, block)
-    unrecorded = _check_job_file(out, identity, source)
-    ranges = shard_ranges(s.num_samples, s.shard_size)
-    conditional = source.num_classes > 0
-    settings = _settings(cfg, source, out, block)
-    # Existing shards must come from these weights and settings (the URI naming them may differ).
-    skip = ("index", "label", "model", "model_version")
-    expect = {k: v for k, v in settings.sample_meta(0, None).items() if k not in skip}
-    done, _broken = _existing_shards(out, ranges, conditional, expect)
-    todo = [(j, a, b) for j, (a, b) in enumerate(ranges) if j not in done]
-    _refuse_to_mix(out, unrecorded, len(todo))
-    if done:
-        say(f"{len(done)} of {len(ranges)} shards already at {out.uri}; writing {len(todo)}")
-
-    tracker = _start_tracker(cfg, source, out.uri, block) if track else None
+    plan = plan_job(cfg, source, block_size, say)
+    tracker = start_tracker(cfg, plan) if track else None
     try:
-        rows: list[dict[str, Any]] = []
-        generate_seconds = 0.0
-        if todo:
-            started_ray = ensure_ray()  # progress: the job's own [sample] lines
-            try:
-                t0 = time.perf_counter()
-                with quiet_cpp_notices():  # ray#53727's notice stays in Ray's driver log
-                    rows = _run_ray_job(source, settings, todo, s.num_actors, s.use_gpu, say)
-                generate_seconds = time.perf_counter() - t0
-            finally:
-                if started_ray:
-                    import ray
-
-                    ray.shutdown()
-        for row in rows:
-            j = int(row["shard"])
-            a, b = ranges[j]
-            if int(row["num_samples"]) != b - a:
-                raise RuntimeError(
-                    f"shard {j} came back with {row['num_samples']} samples, not {b - a}"
-                )
-            done[j] = ShardInfo(shard_name(j), b - a, str(row["sha256"]), sample_key(a))
-        missing = [j for j in range(len(ranges)) if j not in done]
-        if missing:
-            raise RuntimeError(
-                f"shards {missing} were not written; re-run the same command to finish"
-            )
-
-        written = sum(int(r["num_samples"]) for r in rows)
-        nfe = sum(int(r["nfe"]) for r in rows)
-        blocks = sum(int(r["blocks"]) for r in rows)
-        nfe_per_sample = nfe / blocks if blocks else 0.0
-        manifest = Manifest(
-            split="samples",
-            resolution=int(source.data_shape[1]),
-            channels=int(source.data_shape[0]),
-            image_format="png",
-            class_names=[str(c) for c in range(source.num_classes)],
-            shards=[done[j] for j in range(len(ranges))],
-            source=source.uri,
-            extra={
-                **{k: v for k, v in identity.items() if k != "format"},
-                "model_uri": source.uri,
-                "model_name": source.name,
-                "model_version": source.version,
-                "train_run_id": source.train_run_id,
-                "use_ema": s.use_ema,
-            },
-        )
-        out.child(MANIFEST_NAME).write_bytes(manifest.to_json().encode())
-
-        grid_path = grid_path_for(out.uri)
-        from pipeline.viz import image_grid
-
-        grid = image_grid(
-            _grid_images(out, ranges), nrow=8, pad=2, scale=max(1, 64 // source.data_shape[1])
-        )
-        grid_path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(grid_path)
-
-        result = SampleResult(
-            out_uri=out.uri,
-            num_samples=manifest.num_samples,
-            shards=len(ranges),
-            shards_written=len(rows),
-            samples_written=written,
-            wall_seconds=time.perf_counter() - began,
-            generate_seconds=generate_seconds,
-            samples_per_sec=written / generate_seconds if generate_seconds > 0 else 0.0,
-            nfe_per_sample=nfe_per_sample,
-            manifest=manifest,
-            shard_seconds=sum(float(r["seconds"]) for r in rows),
-            grid_path=grid_path,
-            mlflow_run_id=tracker.run_id if tracker else None,
-            model=source.describe(),
-        )
+        ran = run_pool(plan, cfg.sample.num_actors, cfg.sample.use_gpu, say)
+        result = finalize(cfg, plan, ran, tracker, began)
         if tracker is not None:
-            if written:
-                tracker.log_metrics(
-                    {"samples_per_sec": result.samples_per_sec, "nfe_per_sample": nfe_per_sample},
-                    step=0,
-                )
-            tracker.log_metrics(
-                {
-                    "wall_seconds": result.wall_seconds,
-                    "samples_written": written,
-                    "num_samples": result.num_samples,
-                },
-                step=0,
-            )
-            tracker.log_image(grid, "grid.png")
-            tracker.log_text(manifest.to_json(), f"samples/{MANIFEST_NAME}")
-            tracker.set_tags(
-                {
-                    "fmpipe.manifest_uri": out.child(MANIFEST_NAME).uri,
-                    "fmpipe.manifest_hash": manifest.content_hash(),
-                    "fmpipe.grid_path": str(grid_path),
-                }
-            )
             tracker.end("FINISHED")
     except BaseException as exc:
         if tracker is not None:

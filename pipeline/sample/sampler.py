@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.flow import solve_ode
-from pipeline.rayenv import keep_freed_memory
+from pipeline.flow.solvers import effective_steps, effective_tolerances, solve_ode
 from pipeline.models import guided_velocity, to_device_layout
+from pipeline.rayenv import keep_freed_memory
 from pipeline.sample.determinism import block_ranges, sample_labels, sample_noise
 from pipeline.sample.shards import encode_sample_png, sample_members, tar_bytes
 
@@ -34,6 +34,7 @@ __all__ = [
     "SamplerSettings",
     "integrate_block",
     "integrate_range",
+    "pick_device",
     "prepare_model",
     "render_shard",
 ]
@@ -65,7 +66,8 @@ class SamplerSettings:
 
     @property
     def fixed_steps(self) -> int | None:
-        return None if self.solver == "dopri5" else self.steps
+        """``steps`` as the solver takes them: None for an adaptive solver (dopri5)."""
+        return effective_steps(self.solver, self.steps)
 
     def sample_meta(self, index: int, label: int | None) -> dict[str, Any]:
         meta = {
@@ -78,8 +80,9 @@ class SamplerSettings:
             "block_size": self.block_size,
             **self.meta,
         }
-        if self.solver == "dopri5":
-            meta.update(atol=self.atol, rtol=self.rtol)
+        tolerances = effective_tolerances(self.solver, self.atol, self.rtol)
+        if tolerances is not None:  # only a solver that uses them records them
+            meta.update(atol=tolerances[0], rtol=tolerances[1])
         if self.precision != "fp32":
             meta["precision"] = self.precision
         return meta
@@ -182,7 +185,16 @@ def render_shard(
     return tar_bytes(members), nfes
 
 
-def _pick_device(use_gpu: bool) -> torch.device:
+def pick_device(use_gpu: bool) -> torch.device:
+    """The device a sampler runs on, with the kernel settings that keep samples reproducible.
+
+    CPU unless ``use_gpu``; on CUDA it also turns cuDNN autotuning and TF32 off and asks for
+    deterministic kernels, so a restarted actor computes the same bits. Benchmarks call it
+    to time exactly what the actors run.
+
+    Raises:
+        RuntimeError: ``use_gpu`` but this process sees no CUDA device.
+    """
     if not use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -211,7 +223,7 @@ class SamplerActor:
         # threads than cores libgomp throttles its spin-waits, and sampling ran ~1.2x slower.
         keep_freed_memory()  # each block reuses the last one's pages (pipeline.rayenv)
         self.settings = settings
-        self.device = _pick_device(settings.use_gpu)
+        self.device = pick_device(settings.use_gpu)
         self.model = prepare_model(factory(), self.device)
         self.out = resolve(settings.out_uri, StorageConfig(**settings.storage))
 

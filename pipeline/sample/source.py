@@ -3,7 +3,7 @@
 ``sample.model`` is one of
 
 - ``models:/<name>@<alias>`` or ``models:/<name>/<version>``: resolved in the MLflow registry
-  (:func:`pipeline.tracking.resolve_model_uri`), whose version points at a checkpoint
+  (:func:`pipeline.registry.resolve_model_uri`), whose version points at a checkpoint
   directory logged by training; it is downloaded to a local cache;
 - a checkpoint directory: a local path, or ``s3://bucket/prefix/checkpoint_...`` (copied to a
   temporary directory first).
@@ -177,7 +177,7 @@ def load_model_source(cfg: Config, uri: str | None = None) -> ModelSource:
 
     Raises:
         ValueError: no model given.
-        pipeline.tracking.ModelNotFound: a registry model, alias or version does not exist.
+        pipeline.registry.ModelNotFound: a registry model, alias or version does not exist.
         pipeline.checkpoint.CheckpointError: files missing or weights that do not fit.
         pipeline.storage.StorageError: an s3:// checkpoint cannot be read.
     """
@@ -189,7 +189,7 @@ def load_model_source(cfg: Config, uri: str | None = None) -> ModelSource:
         )
     use_ema = cfg.sample.use_ema
     if uri.startswith(("models:/", "runs:/")):
-        from pipeline.tracking import resolve_model_uri
+        from pipeline.registry import resolve_model_uri
 
         resolved = resolve_model_uri(uri, cfg)
         directory = Path(resolved.checkpoint_uri)
