@@ -14,6 +14,7 @@ import logging
 import sys
 
 from jobs._common import add_config_arguments, parse_job_args, resolve_config, run_job
+from pipeline.flow.solver_specs import SOLVERS
 
 DEFAULT_SAMPLE_MODEL = "models:/digits@champion"  # what `make demo` registers
 # `fmpipe bench sample` flag (argparse dest) -> config key
@@ -91,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--steps", type=int, metavar="K", help="fixed-step solver steps (sample.steps, 32)"
     )
-    sample.add_argument(
-        "--solver", metavar="NAME", help="euler | midpoint | heun | rk4 | dopri5 (sample.solver)"
-    )
+    sample.add_argument("--solver", metavar="NAME", help=f"{' | '.join(SOLVERS)} (sample.solver)")
     sample.add_argument(
         "--actors", type=int, metavar="A", help="actors of (c) (sample.num_actors, 1)"
     )

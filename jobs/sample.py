@@ -33,10 +33,9 @@ from jobs._common import (
 )
 from pipeline.config import ConfigError
 
-# pipeline.flow.solvers.SOLVERS and its adaptive ones, spelled out: importing them would load
-# torch into `fmpipe sample --help`. tests/test_sample.py checks that the two agree.
-SOLVER_NAMES = ("euler", "midpoint", "heun", "rk4", "dopri5")
-ADAPTIVE_SOLVER_NAMES = ("dopri5",)
+# The solver table itself (torch-free): --help lists what pipeline.flow.solvers implements.
+from pipeline.flow.solver_specs import ADAPTIVE_SOLVERS as ADAPTIVE_SOLVER_NAMES
+from pipeline.flow.solver_specs import SOLVERS as SOLVER_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:

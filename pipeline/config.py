@@ -51,7 +51,7 @@ def _implemented(what: str, module: str, names: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-SolverName = Annotated[str, _implemented("ODE solvers", "pipeline.flow.solvers", "SOLVERS")]
+SolverName = Annotated[str, _implemented("ODE solvers", "pipeline.flow.solver_specs", "SOLVERS")]
 CouplingName = Annotated[str, _implemented("couplings", "pipeline.data.coupling", "COUPLINGS")]
 NoiseDtype = Annotated[str, _implemented("noise dtypes", "pipeline.data.coupling", "NOISE_DTYPES")]
 TimeSamplerName = Annotated[

@@ -2,53 +2,51 @@
 
 ``x_t = t * x_1 + (1 - t) * x_0``, target ``dx_t = x_1 - x_0``; sampling integrates
 ``dx/dt = v(x, t)`` from t = 0 to t = 1.
+
+The names below load on first use (PEP 562), so that ``pipeline.flow.solver_specs`` (the
+solver table that configuration and ``--help`` read) is importable without torch.
 """
 
-from pipeline.flow.gaussian import (
-    GaussianVelocity,
-    conditional_velocity_variance_gaussian,
-    flow_map_gaussian,
-    marginal_moments_gaussian,
-    marginal_velocity_gaussian,
-)
-from pipeline.flow.loss import cfm_loss, cfm_loss_per_sample
-from pipeline.flow.path import CondOTPath, PathSample, expand_t_like
-from pipeline.flow.solvers import (
-    FIXED_STEP_SOLVERS,
-    SOLVERS,
-    ODESolution,
-    VelocityFn,
-    nfe_per_step,
-    solve_ode,
-)
-from pipeline.flow.time_samplers import (
-    TIME_SAMPLERS,
-    LogitNormalTimeSampler,
-    TimeSampler,
-    UniformTimeSampler,
-    build_time_sampler,
-)
+from __future__ import annotations
 
-__all__ = [
-    "FIXED_STEP_SOLVERS",
-    "SOLVERS",
-    "TIME_SAMPLERS",
-    "CondOTPath",
-    "GaussianVelocity",
-    "LogitNormalTimeSampler",
-    "ODESolution",
-    "PathSample",
-    "TimeSampler",
-    "UniformTimeSampler",
-    "VelocityFn",
-    "build_time_sampler",
-    "cfm_loss",
-    "cfm_loss_per_sample",
-    "conditional_velocity_variance_gaussian",
-    "expand_t_like",
-    "flow_map_gaussian",
-    "marginal_moments_gaussian",
-    "marginal_velocity_gaussian",
-    "nfe_per_step",
-    "solve_ode",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "CondOTPath": "pipeline.flow.path",
+    "FIXED_STEP_SOLVERS": "pipeline.flow.solvers",
+    "GaussianVelocity": "pipeline.flow.gaussian",
+    "LogitNormalTimeSampler": "pipeline.flow.time_samplers",
+    "ODESolution": "pipeline.flow.solvers",
+    "PathSample": "pipeline.flow.path",
+    "SOLVERS": "pipeline.flow.solvers",
+    "TIME_SAMPLERS": "pipeline.flow.time_samplers",
+    "TimeSampler": "pipeline.flow.time_samplers",
+    "UniformTimeSampler": "pipeline.flow.time_samplers",
+    "VelocityFn": "pipeline.flow.solvers",
+    "build_time_sampler": "pipeline.flow.time_samplers",
+    "cfm_loss": "pipeline.flow.loss",
+    "cfm_loss_per_sample": "pipeline.flow.loss",
+    "conditional_velocity_variance_gaussian": "pipeline.flow.gaussian",
+    "expand_t_like": "pipeline.flow.path",
+    "flow_map_gaussian": "pipeline.flow.gaussian",
+    "marginal_moments_gaussian": "pipeline.flow.gaussian",
+    "marginal_velocity_gaussian": "pipeline.flow.gaussian",
+    "nfe_per_step": "pipeline.flow.solvers",
+    "solve_ode": "pipeline.flow.solvers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline.flow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

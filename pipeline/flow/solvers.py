@@ -32,6 +32,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.flow.solver_specs import (
+    ADAPTIVE_SOLVERS,
+    FIXED_STEP_SOLVERS,
+    SOLVER_SPECS,
+    SOLVERS,
+    SolverSpec,
+    effective_steps,
+    effective_tolerances,
+    is_adaptive,
+    nfe_per_step,
+    solver_spec,
+)
+
 __all__ = [
     "ADAPTIVE_SOLVERS",
     "FIXED_STEP_SOLVERS",
@@ -51,44 +64,6 @@ __all__ = [
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 """``velocity_fn(x, t)``: x of shape (B, ...), t of shape (B,) -> velocity of shape (B, ...)."""
 
-
-@dataclass(frozen=True)
-class SolverSpec:
-    """What callers need to know about a solver without running it.
-
-    The one place that says which solvers take ``steps``: a fixed-step solver integrates on
-    ``steps`` uniform steps and costs exactly ``nfe_per_step * steps`` velocity evaluations;
-    an adaptive one ignores ``steps``, chooses its own steps from ``atol``/``rtol`` and
-    reports its NFE afterwards (``ODESolution.nfe``). Job identities, sample metadata, MLflow
-    params and benchmarks all derive "does steps / do the tolerances matter" from here.
-
-    Attributes:
-        name: the ``method`` string of :func:`solve_ode` (and ``sample.solver``).
-        adaptive: True when the solver picks its own step sizes (steps ignored).
-        nfe_per_step: exact velocity evaluations per step (None for adaptive solvers).
-        order: order of the global error (adaptive: of the propagated solution).
-    """
-
-    name: str
-    adaptive: bool
-    nfe_per_step: int | None
-    order: int
-
-
-SOLVER_SPECS: dict[str, SolverSpec] = {
-    spec.name: spec
-    for spec in (
-        SolverSpec("euler", adaptive=False, nfe_per_step=1, order=1),
-        SolverSpec("midpoint", adaptive=False, nfe_per_step=2, order=2),
-        SolverSpec("heun", adaptive=False, nfe_per_step=2, order=2),
-        SolverSpec("rk4", adaptive=False, nfe_per_step=4, order=4),
-        SolverSpec("dopri5", adaptive=True, nfe_per_step=None, order=5),
-    )
-}
-SOLVERS: tuple[str, ...] = tuple(SOLVER_SPECS)
-"""Every solver name, in the order help texts list them (``sample.solver``'s allowed values)."""
-FIXED_STEP_SOLVERS: tuple[str, ...] = tuple(n for n, s in SOLVER_SPECS.items() if not s.adaptive)
-ADAPTIVE_SOLVERS: tuple[str, ...] = tuple(n for n, s in SOLVER_SPECS.items() if s.adaptive)
 
 # Dormand-Prince 5(4) tableau. _DP_B5 is the 5th-order solution (also the 7th stage's row,
 # which is what makes FSAL possible); _DP_E = b5 - b4 estimates the local error.
@@ -128,64 +103,6 @@ class ODESolution:
     nfe: int
     trajectory: Tensor | None = None
     times: Tensor | None = None
-
-
-def solver_spec(method: str) -> SolverSpec:
-    """The :class:`SolverSpec` of ``method``.
-
-    Raises:
-        ValueError: for a name that is not one of :data:`SOLVERS` (the message lists them).
-    """
-    spec = SOLVER_SPECS.get(method) if isinstance(method, str) else None
-    if spec is None:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(SOLVERS)}")
-    return spec
-
-
-def is_adaptive(method: str) -> bool:
-    """True when ``method`` chooses its own steps (and ignores ``steps``)."""
-    return solver_spec(method).adaptive
-
-
-def effective_steps(method: str, steps: int | None) -> int | None:
-    """The ``steps`` that ``method`` really integrates with: None for an adaptive solver.
-
-    What to pass to :func:`solve_ode` as ``steps`` and what to record in a job identity or
-    a sample's metadata: the configured ``sample.steps`` of a dopri5 run changes nothing,
-    so it must not make two otherwise equal jobs differ.
-
-    Raises:
-        ValueError: an unknown ``method``, or a fixed-step one without ``steps >= 1``.
-    """
-    if solver_spec(method).adaptive:
-        return None
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"method {method!r} needs steps (an int >= 1); got {steps!r}")
-    return steps
-
-
-def effective_tolerances(method: str, atol: float, rtol: float) -> tuple[float, float] | None:
-    """``(atol, rtol)`` when ``method`` uses them (adaptive solvers), else None.
-
-    The counterpart of :func:`effective_steps`: a fixed-step run's tolerances change nothing.
-    """
-    return (atol, rtol) if solver_spec(method).adaptive else None
-
-
-def nfe_per_step(method: str) -> int:
-    """Velocity evaluations per step of a fixed-step ``method``.
-
-    Raises:
-        ValueError: for an adaptive method such as ``"dopri5"`` (read ``ODESolution.nfe``)
-            or an unknown name.
-    """
-    spec = solver_spec(method)
-    if spec.nfe_per_step is None:
-        raise ValueError(
-            f"method {method!r} is adaptive and has no fixed NFE per step; read "
-            f"ODESolution.nfe (fixed-step methods: {', '.join(FIXED_STEP_SOLVERS)})"
-        )
-    return spec.nfe_per_step
 
 
 class _Counted:
