@@ -1,7 +1,7 @@
 """`fmpipe bench train` and `fmpipe bench sample` at a tiny size: the tables come out whole.
 
 Smoke tests only: they check that each benchmark runs in-process end to end and prints its
-ratio lines with positive numbers, never how fast anything is (DESIGN.md, "Measuring").
+ratio lines with positive numbers, never how fast anything is (docs/design.md, "Testing").
 One local Ray (2 CPUs) serves the module; the benchmarks find it running and leave it up.
 """
 
