@@ -504,11 +504,24 @@ def run_sample_benchmark(
         f"{in_shards:,.1f} samples/s, {in_shards / figures.b:.3f} of (b)"
     )
 
-    # ---- quality versus NFE
     log("")
+    _quality_vs_nfe(
+        cfg, model_uri, source, sampler_net, figures, data_uri=data_uri,
+        quality_samples=quality_samples, block=block, device=device, log=log,
+    )  # fmt: skip
+    return figures
+
+
+def _quality_vs_nfe(
+    cfg: Config, model_uri: str, source: ModelSource, sampler_net: nn.Module,
+    figures: SampleFigures, *, data_uri: str | None, quality_samples: int | None, block: int,
+    device: torch.device, log: Log,
+) -> None:  # fmt: skip
+    """The quality table: sliced W2 of each solver setting against real training images,
+    with the real-vs-real floor; skipped (with the reason) when no training data is found."""
     if quality_samples == 0:
         log("quality vs NFE: skipped (--quality-samples 0)")
-        return figures
+        return
     data = data_uri or ""
     try:
         data = data or training_data_uri(cfg, model_uri)
@@ -520,17 +533,24 @@ def run_sample_benchmark(
     except Exception as exc:  # the quality table is optional: say why it is missing
         reason = " ".join(str(exc).split())
         log(f"quality vs NFE: skipped ({type(exc).__name__}: {reason})")
-        return figures
+        return
     with torch_threads(os.cpu_count() or 1):
         q_n, floor, quality = quality_table(
-            sampler_net, cfg, source, real, quality_samples or n, block, device, s.seed
+            sampler_net,
+            cfg,
+            source,
+            real,
+            quality_samples or figures.num_samples,
+            block,
+            device,
+            cfg.sample.seed,
         )
     figures.quality_n, figures.floor, figures.quality = q_n, floor, quality
     log(
         f"quality vs NFE: sliced Wasserstein-2 (512 directions) in pixel space [-1, 1], "
         f"n={q_n:,} samples of fmpipe's sampler (uint8, as written) vs n real images of "
         f"{data} (train split, {len(real):,} images); floor = the same distance between two "
-        f"disjoint real subsets of n; dopri5 atol={s.atol:g} rtol={s.rtol:g}"
+        f"disjoint real subsets of n; dopri5 atol={cfg.sample.atol:g} rtol={cfg.sample.rtol:g}"
     )
     log(f"{'setting':<18} {'NFE':>6} {'SW2':>9} {'x floor':>8} {'seconds':>8}")
     log(f"{'real vs real':<18} {'-':>6} {floor:>9.4f} {1.0:>8.2f} {'-':>8}  (floor)")
@@ -539,4 +559,3 @@ def run_sample_benchmark(
             f"{row.name:<18} {row.nfe:>6.1f} {row.sw2:>9.4f} {row.sw2 / floor:>8.2f} "
             f"{row.seconds:>8.2f}"
         )
-    return figures
