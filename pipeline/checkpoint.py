@@ -22,7 +22,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,9 @@ class TrainState:
     val_loss: float | None = None  # last validation loss (EMA weights, fixed draws)
     data_shape: list[int] = field(default_factory=list)  # (C, H, W) of one sample
     world_size: int = 1  # workers that trained up to here (RNG states are per rank)
+    # name -> size of the other files of the checkpoint, written after them: a directory
+    # whose files do not match is an interrupted upload (pipeline.train.resume)
+    files: dict[str, int] = field(default_factory=dict)
     format: str = FORMAT
 
     def to_json(self) -> str:
@@ -142,9 +145,12 @@ def save_checkpoint(
         "rng": rng if rng is not None else [rng_state()],
     }
     _atomic(out / MODEL_FILE, lambda tmp: torch.save(payload, tmp))
-    _atomic(out / STATE_FILE, lambda tmp: tmp.write_text(state.to_json()))
     text = yaml.safe_dump(cfg_dict, sort_keys=False)
     _atomic(out / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+    # state.json last, listing the others' sizes: it is what makes the directory complete
+    sizes = {name: (out / name).stat().st_size for name in (MODEL_FILE, CONFIG_FILE)}
+    saved = replace(state, files=sizes)
+    _atomic(out / STATE_FILE, lambda tmp: tmp.write_text(saved.to_json()))
     return out
 
 

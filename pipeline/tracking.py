@@ -372,6 +372,17 @@ class Tracker:
         for i in range(0, len(items), METRICS_PER_BATCH):
             self._client.log_batch(self._run_id, metrics=items[i : i + METRICS_PER_BATCH])
 
+    def last_step(self, key: str) -> int:
+        """The highest step at which metric ``key`` was logged in this run; -1 if never.
+
+        A run continued after a restart redoes the steps since its checkpoint; the loop
+        skips logging those again, so every step holds one value.
+        """
+        if self._client is None:
+            return -1
+        history = self._client.get_metric_history(self._run_id, key)
+        return max((int(m.step) for m in history), default=-1)
+
     # ---- artifacts
 
     def log_text(self, text: str, artifact_file: str) -> None:

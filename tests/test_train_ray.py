@@ -171,53 +171,69 @@ def test_rerun_resumes_exactly_in_one_mlflow_run(reference, tmp_path, mlflow_ser
     assert sorted({m.step for m in history}) == [8, 16, 24, 32, 40, 44]
 
 
-def test_killed_worker_is_restarted_and_finishes_the_run(reference, tmp_path):
-    """SIGKILL of the worker process after the first checkpoint; FailureConfig restarts it."""
+def test_killed_worker_is_restarted_and_finishes_the_run(reference, tmp_path, mlflow_server):
+    """SIGKILL of the worker process after the first checkpoint; FailureConfig restarts it.
+    The steps redone after the restart are not logged to MLflow a second time."""
+    from mlflow import MlflowClient
+
     marker = tmp_path / "killed"
     source = KillOnce(in_memory(), str(marker), after_batches=3)  # during step 4 of 6
-    result = run(tiny_cfg(tmp_path, "killed", max_failures=1), batch_source=source)
+    cfg = tiny_cfg(tmp_path, "killed", max_failures=1)
+    cfg.tracking.uri, cfg.tracking.experiment = mlflow_server.uri, "killed-test"
+    result = run(cfg, batch_source=source, track=True)
     assert marker.exists(), "the worker was never killed"
     assert any("resuming at 16 images" in line for line in result.extra["lines"]), result.extra[
         "lines"
     ]
     assert result.images_seen == TOTAL and result.metrics["step"] == 6
     assert_same(final_weights(result), reference)  # restart from the checkpoint is exact
+    history = MlflowClient(mlflow_server.uri).get_metric_history(result.mlflow_run_id, "loss")
+    steps = [m.step for m in history]
+    assert sorted(steps) == [8, 16, 24, 32, 40, 44], steps  # each step once, none twice
 
 
-def test_init_weights_start_a_fresh_run_and_are_ignored_on_resume(reference, tmp_path):
-    """InitWeights (retrain's start from the champion) are the first step's weights; a re-run
-    that finds its own checkpoint resumes that and ignores them."""
-    from pipeline.train.spec import InitWeights
+def test_rerun_skips_an_interrupted_checkpoint_and_says_where_it_resumes(reference, tmp_path):
+    """An interrupted upload leaves a newer checkpoint directory with a short model.pt: the
+    re-run resumes from the newest COMPLETE one, says so, and ends bit-exact."""
+    part = run(tiny_cfg(tmp_path, "torn", total_images=24))
+    assert part.images_seen == 24
+    torn = tmp_path / "runs" / "torn" / "checkpoint_000000000024" / "model.pt"
+    torn.write_bytes(torn.read_bytes()[:100])  # what a killed upload leaves
+    rest = run(tiny_cfg(tmp_path, "torn"))
+    lines = rest.extra["lines"]
+    assert any("found checkpoint_000000000016 (16 images)" in line for line in lines), lines
+    assert any("resuming at 16 images" in line for line in lines), lines
+    assert rest.resumed_from == 16 and rest.images_seen == TOTAL
+    assert_same(final_weights(rest), reference)  # weights, optimizer and data from one place
 
-    torch.manual_seed(7)
-    init = InitWeights(
-        source="test:perturbed-reference",
-        model={
-            k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
-            for k, v in reference["model"].items()
-        },
-        ema=None,
-    )
-    # warm-up from ~0: the step runs at lr 2e-9, so the weights must stay init's (to 1e-6)
-    # while the perturbation put them ~0.01 away from the reference's
-    cfg = tiny_cfg(tmp_path, "init", total_images=8, warmup_images=10**6)
-    result = run(cfg, init=init)
-    assert any("starting:" in line for line in result.extra["lines"]), result.extra["lines"]
-    weights = final_weights(result)
-    for key, tensor in init.model.items():
-        torch.testing.assert_close(weights["model"][key], tensor, atol=1e-6, rtol=0)
-        # the EMA started from the model weights (no EMA given) and tracked them
-        torch.testing.assert_close(weights["ema"][key], tensor, atol=1e-6, rtol=0)
-    moved = max((init.model[k] - reference["model"][k]).abs().max().item() for k in init.model)
-    assert moved > 1e-3
 
-    # a re-run finds its checkpoint and resumes it: other init weights must not be applied
-    other = InitWeights(source="test:reference", model=reference["model"], ema=None)
-    again = run(tiny_cfg(tmp_path, "init", total_images=16, warmup_images=10**6), init=other)
-    assert again.resumed_from == 8
-    assert any("resuming at 8 images" in line for line in again.extra["lines"])
-    for key, tensor in init.model.items():
-        torch.testing.assert_close(final_weights(again)["model"][key], tensor, atol=1e-6, rtol=0)
+def test_resume_with_another_network_is_refused_before_workers_start(tmp_path, mlflow_server):
+    """A changed model config cannot continue a run: one line naming the key, raised before
+    any worker starts, and the run's MLflow status stays as it was."""
+    from mlflow import MlflowClient
+
+    from pipeline.config import ConfigError
+
+    def cfg_for(**model):
+        cfg = tiny_cfg(tmp_path, "changed", total_images=24)
+        cfg.tracking.uri, cfg.tracking.experiment = mlflow_server.uri, "changed-test"
+        for key, value in model.items():
+            setattr(cfg.model, key, value)
+        return cfg
+
+    first = run(cfg_for(), track=True)
+    client = MlflowClient(mlflow_server.uri)
+    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"model\.base_channels=16 \(the run has 8\)"):
+        run(cfg_for(base_channels=16), track=True)
+    assert time.perf_counter() - started < 30  # refused up front, not by a worker
+    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
+    assert len(client.search_runs([first_experiment(client, "changed-test")])) == 1
+
+
+def first_experiment(client, name: str) -> str:
+    return client.get_experiment_by_name(name).experiment_id
 
 
 # --------------------------------------------------------------------------- digits, S3, MLflow

@@ -256,3 +256,64 @@ def test_train_fails_before_any_worker_on_bad_data_or_batch(tmp_path):
     wrong = build_config({"data": {"uri": str(data), "resolution": 8}, "model": {"num_classes": 7}})
     with pytest.raises(ConfigError, match=r"num_classes=7 .* 10 classes"):
         train(wrong, print_fn=None)
+
+
+def test_build_parts_starts_from_init_weights_and_a_checkpoint_of_the_run_wins(tmp_path):
+    """InitWeights (retrain's start from the champion) are a fresh run's weights exactly; a
+    complete checkpoint of the run, when there is one, is restored instead."""
+    from pipeline.checkpoint import TrainState, save_checkpoint
+    from pipeline.models import build_model
+    from pipeline.storage import resolve
+    from pipeline.train.dist import WorkerGroup
+    from pipeline.train.resume import find_resume_point
+    from pipeline.train.setup import build_parts
+    from pipeline.train.spec import InitWeights, RunContext
+
+    cfg = build_config({"data": {"resolution": 8, "channels": 1}, "model": TINY_UNET})
+    group = WorkerGroup(torch.device("cpu"), rank=0, world_size=1)
+    torch.manual_seed(7)
+    champion = build_model(cfg.model, (1, 8, 8))  # other weights than the seeded init
+    init = InitWeights("test:champion", model=champion.state_dict(), ema=None)
+
+    fresh = build_parts(cfg, RunContext(data_shape=(1, 8, 8), init=init), group)
+    assert not fresh.resumed and fresh.state.images_seen == 0
+    for key, tensor in init.model.items():
+        assert torch.equal(fresh.net.state_dict()[key], tensor), key
+        assert torch.equal(fresh.ema.module.state_dict()[key], tensor), key  # EMA = model
+    seeded = build_parts(cfg, RunContext(data_shape=(1, 8, 8)), group)
+    assert any(
+        not torch.equal(seeded.net.state_dict()[k], v) for k, v in init.model.items()
+    )  # the init weights really are other weights
+
+    run_dir = tmp_path / "runs" / "r"
+    torch.manual_seed(8)
+    trained = build_model(cfg.model, (1, 8, 8))
+    state = TrainState(images_seen=16, step=2, data_epoch=1, data_shape=[1, 8, 8])
+    save_checkpoint(run_dir / "checkpoint_000000000016", model=trained, state=state, config=cfg)
+    point = find_resume_point(resolve(str(run_dir)))
+    assert point is not None and point.images_seen == 16
+    resumed = build_parts(cfg, RunContext(data_shape=(1, 8, 8), resume=point, init=init), group)
+    assert resumed.resumed and resumed.state.images_seen == 16 and resumed.state.data_epoch == 1
+    for key, tensor in trained.state_dict().items():
+        assert torch.equal(resumed.net.state_dict()[key], tensor), key
+
+
+def test_an_incomplete_checkpoint_is_skipped_for_the_newest_complete_one(tmp_path):
+    """What an interrupted upload leaves (state.json, but a short or missing model.pt) is
+    never resumed from; the newest complete checkpoint is."""
+    from pipeline.checkpoint import TrainState, save_checkpoint
+    from pipeline.models import build_model
+    from pipeline.storage import resolve
+    from pipeline.train.resume import find_resume_point
+
+    cfg = build_config({"data": {"resolution": 8, "channels": 1}, "model": TINY_UNET})
+    net = build_model(cfg.model, (1, 8, 8))
+    run_dir = tmp_path / "run"
+    for images in (16, 24, 32):
+        state = TrainState(images_seen=images, data_shape=[1, 8, 8])
+        save_checkpoint(run_dir / f"checkpoint_{images:012d}", model=net, state=state, config=cfg)
+    short = run_dir / "checkpoint_000000000032" / "model.pt"
+    short.write_bytes(short.read_bytes()[:100])
+    (run_dir / "checkpoint_000000000024" / "config.yaml").unlink()
+    point = find_resume_point(resolve(str(run_dir)))
+    assert point is not None and point.name == "checkpoint_000000000016"

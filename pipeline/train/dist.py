@@ -19,13 +19,20 @@ class WorkerGroup:
     ``gather`` collects one picklable object per rank (RNG states) on every rank.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        import ray.train
+    def __init__(
+        self, device: torch.device, *, rank: int | None = None, world_size: int | None = None
+    ) -> None:
+        """From the Ray Train context; or, given ``rank`` and ``world_size``, for parts of
+        the loop run outside Ray Train (unit tests, benchmarks: one process)."""
+        if rank is None or world_size is None:
+            import ray.train
 
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-        self.local_world_size = max(1, context.get_local_world_size())
+            context = ray.train.get_context()
+            self.rank = context.get_world_rank()
+            self.world_size = context.get_world_size()
+            self.local_world_size = max(1, context.get_local_world_size())
+        else:
+            self.rank, self.world_size, self.local_world_size = rank, world_size, 1
         self.device = device
         self.on = self.world_size > 1 and dist.is_available() and dist.is_initialized()
 

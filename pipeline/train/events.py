@@ -135,6 +135,9 @@ class Events:
         self.window, self.run = _Totals(), _Totals()
         self.last: dict[str, Any] = {"loss": math.nan, "lr": 0.0, "grad_norm": math.nan}
         self.data_epoch = parts.state.data_epoch
+        # Steps this MLflow run already holds (logged before a restart or a re-run that
+        # resumed an earlier checkpoint): redone steps are not logged a second time.
+        self.logged_through = {key: tracker.last_step(key) for key in ("loss", "val_loss")}
 
     @property
     def chief(self) -> bool:
@@ -174,7 +177,8 @@ class Events:
         }
         self.last["loss"] = metrics["loss"]
         if self.chief:
-            self.tracker.log_metrics(metrics, step=state.images_seen)
+            if state.images_seen > self.logged_through["loss"]:
+                self.tracker.log_metrics(metrics, step=state.images_seen)
             self.progress.send(kind="log", images_seen=state.images_seen,
                                total_images=self.cfg.train.total_images, step=state.step,
                                **metrics)  # fmt: skip
@@ -188,7 +192,8 @@ class Events:
             self.parts.ema.module, val_set, batch_size=self.cfg.train.val_batch_size,
             device=self.group.device,
         )  # fmt: skip
-        self.tracker.log_metrics({"val_loss": value}, step=state.images_seen)
+        if state.images_seen > self.logged_through["val_loss"]:
+            self.tracker.log_metrics({"val_loss": value}, step=state.images_seen)
         self.progress.send(kind="val", images_seen=state.images_seen, val_loss=value)
         state.val_loss = value
         return value

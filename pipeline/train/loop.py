@@ -77,7 +77,9 @@ def training_loop(spec: WorkerSpec) -> dict[str, Any]:
     keep_freed_memory()  # each step reuses the last one's activation pages
     micro = micro_batch_size(cfg.data.batch_size, group.world_size, cfg.train.grad_accum)
 
-    parts = build_parts(cfg, ctx, group)
+    import ray.train
+
+    parts = build_parts(cfg, ctx, group, reported=ray.train.get_checkpoint())
     tracker = _open_tracker(ctx, group.is_chief)
     progress = Progress(ctx.progress_queue if group.is_chief else None)
     state = parts.state

@@ -2,9 +2,9 @@
 
 :func:`build_parts` decides where a worker starts, in this order:
 
-1. ``ray.train.get_checkpoint()`` (a re-run of the same run name + storage path, or a worker
-   restarted by ``FailureConfig``): model, EMA, optimizer, progress and per-rank RNG states
-   are restored exactly;
+1. the run's checkpoint (:mod:`pipeline.train.resume`: the newest complete one the driver
+   found, or a newer one Ray Train hands a worker restarted by ``FailureConfig``): model,
+   EMA, optimizer, progress and per-rank RNG states are restored exactly;
 2. else the run context's :class:`~pipeline.train.spec.InitWeights` (``fmpipe retrain``
    continuing from the champion): model and EMA weights, everything else fresh;
 3. else seeded initial weights (``torch.manual_seed(seed)`` on every rank, so DDP starts
@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,20 +104,48 @@ class TrainingParts:
         return int(getattr(self.net, "num_classes", 0))
 
 
-def _restore(net: nn.Module, ema: EMA, state: TrainState, world: int) -> tuple[Any, list, str]:
-    """Load this run's Ray Train checkpoint into ``net``/``ema``/``state``, if there is one.
+@contextlib.contextmanager
+def _checkpoint_to_restore(ctx: RunContext, reported: Any) -> Iterator[tuple[str, str] | None]:
+    """``(local directory, where)`` of the checkpoint this worker restores, or None.
+
+    The driver's resume point (the newest complete checkpoint, which the data stream starts
+    from), unless Ray Train hands this worker a newer one: a worker restarted within this
+    invocation after it reported a checkpoint. Never an older one: Ray resumes from the
+    newest checkpoint it *registered*, which an interrupted upload can leave behind.
+    """
+    from pipeline.checkpoint import read_state
+    from pipeline.train.resume import incomplete, local_copy
+
+    if reported is not None:
+        with reported.as_directory() as directory:
+            state = read_state(directory)
+            present = {p.name: p.stat().st_size for p in Path(directory).iterdir() if p.is_file()}
+            problem = incomplete(state, present)
+            if problem:
+                log.warning("not resuming from %s: incomplete (%s)", reported.path, problem)
+            elif ctx.resume is None or state.images_seen > ctx.resume.images_seen:
+                yield directory, reported.path
+                return
+    if ctx.resume is None:
+        yield None
+        return
+    with local_copy(ctx.resume) as directory:
+        yield str(directory), ctx.resume.location.uri
+
+
+def _restore(
+    net: nn.Module, ema: EMA, state: TrainState, ctx: RunContext, reported: Any, world: int
+) -> tuple[Any, list, str]:
+    """Load the checkpoint to restore (see above) into ``net``/``ema``/``state``.
 
     Returns ``(optimizer state or None, per-rank RNG states, where)``; ``where`` is "" when
-    there is no checkpoint.
+    there is nothing to restore.
     """
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None, [], ""
-    with checkpoint.as_directory() as directory:
+    with _checkpoint_to_restore(ctx, reported) as found:
+        if found is None:
+            return None, [], ""
+        directory, where = found
         loaded = load_checkpoint(directory)
-    where = checkpoint.path
     load_state_into(net, loaded.model, where, "model")
     if loaded.ema is not None:
         load_state_into(ema.module, loaded.ema, where, "EMA")
@@ -135,10 +165,13 @@ def _restore(net: nn.Module, ema: EMA, state: TrainState, world: int) -> tuple[A
     return loaded.optimizer, loaded.rng, where
 
 
-def build_parts(cfg: Config, ctx: RunContext, group: WorkerGroup) -> TrainingParts:
-    """The worker's network, EMA, optimizer and progress (see the module doc)."""
-    import ray.train.torch
+def build_parts(
+    cfg: Config, ctx: RunContext, group: WorkerGroup, reported: Any = None
+) -> TrainingParts:
+    """The worker's network, EMA, optimizer and progress (see the module doc).
 
+    ``reported``: ``ray.train.get_checkpoint()`` in a Train worker (None outside one).
+    """
     t, device, world = cfg.train, group.device, group.world_size
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     net = to_device_layout(build_model(cfg.model, ctx.data_shape), device)  # NHWC on the CPU
@@ -146,7 +179,7 @@ def build_parts(cfg: Config, ctx: RunContext, group: WorkerGroup) -> TrainingPar
     state = TrainState(
         manifest_hash=ctx.manifest_hash, data_shape=list(ctx.data_shape), world_size=world
     )
-    optimizer_state, rng_saved, where = _restore(net, ema, state, world)
+    optimizer_state, rng_saved, where = _restore(net, ema, state, ctx, reported, world)
     if not where and ctx.init is not None:
         load_state_into(net, ctx.init.model, ctx.init.source, "model")
         load_state_into(ema.module, ctx.init.ema or ctx.init.model, ctx.init.source, "EMA")
@@ -158,6 +191,8 @@ def build_parts(cfg: Config, ctx: RunContext, group: WorkerGroup) -> TrainingPar
 
     model: nn.Module = net
     if world > 1:
+        import ray.train.torch
+
         model = ray.train.torch.prepare_model(net, move_to_device=False, parallel_strategy="ddp")
     ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
     if t.compile:

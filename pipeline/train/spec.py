@@ -4,7 +4,8 @@ The worker receives one :class:`WorkerSpec`: the :class:`~pipeline.config.Config
 the driver validated it (every knob of the loop is read from there, nowhere else) and a
 :class:`RunContext` with what the driver found out before any worker started: the shape of
 one training image, the training split's manifest hash, the MLflow run to write to, the
-weights a fresh run starts from, and (tests, benchmarks) an in-memory batch source and
+checkpoint it resumes (the newest complete one), the weights a fresh run starts from, and
+(tests, benchmarks) an in-memory batch source and
 validation set. Ray ships it to the workers with cloudpickle inside ``train_loop_config``.
 
 This module also holds the two small rules that the driver and the workers must agree on:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import Config
     from pipeline.train.data import BatchSource, ValSet
+    from pipeline.train.resume import ResumePoint
 
 __all__ = [
     "InitWeights",
@@ -97,6 +99,7 @@ class RunContext:
     data_shape: tuple[int, ...]  # (C, H, W) of one training image
     manifest_hash: str = ""  # training split's Manifest.content_hash(), saved and tagged
     tracking: TrackingHandle | None = None  # None: no MLflow
+    resume: ResumePoint | None = None  # the newest complete checkpoint of this run
     init: InitWeights | None = None  # weights of a fresh start; None: seeded init
     batch_source: BatchSource | None = None  # None: the Ray Train dataset "train"
     val_set: ValSet | None = None  # fixed validation draws; None: no validation loss

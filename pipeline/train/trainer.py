@@ -7,8 +7,10 @@ What the driver does, in order:
    batch split (``batch_size`` divisible by ``num_workers * grad_accum``), the class count
    against the dataset's labels, and the checkpoint storage (S3 bucket and credentials).
 2. Looks for a previous run under ``<storage_path>/<run_name>`` (same name + storage path =
-   same run): its newest checkpoint's ``state.json`` gives the data epoch to start the
-   stream at, and ``fmpipe_run.json`` the MLflow run to continue. A new run gets a new
+   same run): its newest *complete* checkpoint (:mod:`pipeline.train.resume`) is where the
+   workers resume, and its data epoch is where the stream starts; the config must keep
+   that checkpoint's network (else a one-line ConfigError, before MLflow is touched);
+   ``fmpipe_run.json`` names the MLflow run to continue. A new run gets a new
    MLflow run, whose id is written to ``fmpipe_run.json`` before training starts, so even a
    run killed before its first checkpoint continues the same MLflow run when re-run.
 3. Starts Ray if needed (local, ``log_to_driver=False``: Ray's own chatter stays in its log
@@ -32,16 +34,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.fs as pafs
-
-from pipeline.checkpoint import STATE_FILE, TrainState, data_shape_of
+from pipeline.checkpoint import TrainState, data_shape_of
 from pipeline.config import Config, ConfigError
 from pipeline.home import storage_path
 from pipeline.rayenv import ensure_ray
 from pipeline.redact import scrub
-from pipeline.storage import Location, check_access, read_whole, resolve
+from pipeline.storage import Location, check_access, resolve
 from pipeline.train.data import BatchSource, ValSet, build_train_stream, epochs_needed, load_val_set
 from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.resume import check_resumable, describe, find_resume_point
 from pipeline.train.spec import (
     InitWeights,
     RunContext,
@@ -53,7 +54,6 @@ from pipeline.train.spec import (
 __all__ = [
     "RUN_INFO_FILE",
     "TrainResult",
-    "find_latest_state",
     "storage_location",
     "train",
 ]
@@ -117,33 +117,6 @@ def storage_location(cfg: Config) -> Location:
 
 def _uri(loc: Location, path: str) -> str:
     return f"s3://{path}" if loc.is_s3 else path
-
-
-def find_latest_state(run_dir: Location) -> tuple[TrainState | None, str | None]:
-    """The newest complete checkpoint's ``state.json`` under ``run_dir`` (by images seen)."""
-    fs = run_dir.filesystem
-    try:
-        infos = fs.get_file_info(
-            pafs.FileSelector(run_dir.path, recursive=False, allow_not_found=True)
-        )
-    except (OSError, FileNotFoundError):
-        return None, None
-    names = sorted(
-        (
-            i.base_name
-            for i in infos
-            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-        ),
-        reverse=True,
-    )
-    for name in names:
-        state_path = f"{run_dir.path}/{name}/{STATE_FILE}"
-        try:
-            text = read_whole(fs, state_path).decode()
-            return TrainState.from_json(text, _uri(run_dir, f"{run_dir.path}/{name}")), name
-        except Exception:  # incomplete upload: try the previous one
-            continue
-    return None, None
 
 
 def _read_run_info(run_dir: Location) -> dict[str, Any]:
@@ -340,7 +313,10 @@ def train(
     if storage.is_s3:
         check_access(storage, must_exist=False)
     run_dir = storage.child(t.run_name)
-    previous, previous_name = find_latest_state(run_dir)
+    resume = find_resume_point(run_dir)
+    if resume is not None:
+        check_resumable(cfg, resume)  # before MLflow: a refused resume changes nothing there
+    previous = resume.state if resume else None
     start_images = previous.images_seen if previous else 0
     tracker, handle = _start_tracking(cfg, run_dir, previous) if track else (None, None)
 
@@ -355,15 +331,16 @@ def train(
         if inputs.val_info is not None and val_set is None:
             val_set = load_val_set(cfg, inputs.val_info, t.val_max_images)
     say = print_fn or (lambda _line: None)
-    if previous is not None:
-        say(f"[train] found {previous_name} ({start_images:,} images) in {run_dir.uri}")
+    if resume is not None:
+        say(f"[train] found {describe(resume)} in {run_dir.uri}")
     status = "FAILED"
     try:
         printer = _ProgressPrinter(say) if print_fn else contextlib.nullcontext()
         with printer as p:
             context = RunContext(
                 data_shape=inputs.data_shape, manifest_hash=inputs.manifest_hash,
-                tracking=handle, init=init, batch_source=batch_source, val_set=val_set,
+                tracking=handle, resume=resume, init=init, batch_source=batch_source,
+                val_set=val_set,
                 progress_queue=p.queue if p is not None else None,
             )  # fmt: skip
             result = _trainer(cfg, WorkerSpec(cfg, context), storage, datasets).fit()

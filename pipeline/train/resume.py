@@ -1,0 +1,175 @@
+"""Where a run resumes: the newest *complete* checkpoint, chosen once by the driver.
+
+A checkpoint directory is complete when its ``state.json`` parses and every file it lists
+(``TrainState.files``: name -> size, written by :func:`pipeline.checkpoint.save_checkpoint`
+after the files themselves) is there with that size. An upload interrupted by a crash or an
+S3 outage leaves a directory that fails this check; it is skipped with a warning, never
+half-used.
+
+Ray Train resumes from the newest checkpoint *it registered*, which can be older than the
+newest complete one (a report collected after the crash, or not at all). So the driver does
+not rely on it: it picks the newest complete checkpoint here, builds the data stream from
+that checkpoint's data epoch, checks the config against that checkpoint's, and hands it to
+the workers (:class:`ResumePoint` in the run context). A worker restores it, unless Ray
+Train hands it a *newer* one (a worker restarted by ``FailureConfig`` within this
+invocation, after it reported a checkpoint): weights, optimizer, data epoch and images seen
+then always come from one and the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import yaml
+
+from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, CheckpointError, TrainState
+from pipeline.config import Config, ConfigError, build_config
+from pipeline.storage import Location, read_whole
+
+__all__ = [
+    "ResumePoint",
+    "check_resumable",
+    "describe",
+    "find_resume_point",
+    "incomplete",
+    "local_copy",
+]
+
+log = logging.getLogger(__name__)
+
+_LEGACY_FILES = (MODEL_FILE, CONFIG_FILE)  # checkpoints written before TrainState.files
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A complete checkpoint of this run: where it is and what its ``state.json`` says."""
+
+    location: Location  # the checkpoint directory (picklable: workers read it)
+    name: str  # checkpoint_<images_seen:012d>
+    state: TrainState
+
+    @property
+    def images_seen(self) -> int:
+        return self.state.images_seen
+
+
+def _listing(directory: Location) -> dict[str, int]:
+    """``{file name: size}`` of the files directly in ``directory`` ({} when missing)."""
+    try:
+        infos = directory.filesystem.get_file_info(
+            pafs.FileSelector(directory.path, recursive=False, allow_not_found=True)
+        )
+    except (OSError, FileNotFoundError):
+        return {}
+    return {i.base_name: int(i.size or 0) for i in infos if i.type == pafs.FileType.File}
+
+
+def incomplete(state: TrainState, present: dict[str, int]) -> str:
+    """Why a checkpoint with ``state`` and files ``present`` is incomplete ("" if it is not)."""
+    expected = state.files or {name: -1 for name in _LEGACY_FILES}
+    problems = []
+    for name, size in sorted(expected.items()):
+        if name not in present:
+            problems.append(f"{name} missing")
+        elif size >= 0 and present[name] != size:
+            problems.append(f"{name} has {present[name]:,} of {size:,} bytes")
+    return ", ".join(problems)
+
+
+def find_resume_point(run_dir: Location) -> ResumePoint | None:
+    """The newest complete checkpoint under ``run_dir`` (by images seen), or None."""
+    names = sorted(
+        (name for name in _subdirectories(run_dir) if name.startswith("checkpoint_")),
+        reverse=True,
+    )
+    for name in names:
+        directory = run_dir.child(name)
+        present = _listing(directory)
+        if STATE_FILE not in present:
+            log.warning("skipping checkpoint %s: %s missing (interrupted upload)", name, STATE_FILE)
+            continue
+        try:
+            text = read_whole(directory.filesystem, f"{directory.path}/{STATE_FILE}").decode()
+            state = TrainState.from_json(text, directory.uri)
+        except (OSError, CheckpointError, UnicodeDecodeError) as exc:
+            log.warning("skipping checkpoint %s: unreadable %s (%s)", name, STATE_FILE, exc)
+            continue
+        problem = incomplete(state, present)
+        if problem:
+            log.warning("skipping incomplete checkpoint %s: %s", directory.uri, problem)
+            continue
+        return ResumePoint(directory, name, state)
+    return None
+
+
+def _subdirectories(run_dir: Location) -> list[str]:
+    try:
+        infos = run_dir.filesystem.get_file_info(
+            pafs.FileSelector(run_dir.path, recursive=False, allow_not_found=True)
+        )
+    except (OSError, FileNotFoundError):
+        return []
+    return [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+
+
+def _checkpoint_config(point: ResumePoint) -> Config:
+    directory = point.location
+    try:
+        raw = read_whole(directory.filesystem, f"{directory.path}/{CONFIG_FILE}")
+        return build_config(yaml.safe_load(raw.decode()) or {})
+    except (OSError, yaml.YAMLError, ConfigError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {directory.uri}: unreadable {CONFIG_FILE}: {exc}"
+        ) from None
+
+
+def check_resumable(cfg: Config, point: ResumePoint) -> None:
+    """Raise ConfigError (one line) when ``cfg`` cannot continue the run of ``point``.
+
+    What must stay: the network (``model.*``) and the image it takes (``data.resolution``,
+    ``data.channels``). Everything else (duration, learning rate, intervals, workers, ...)
+    may change between invocations of one run.
+    """
+    saved = _checkpoint_config(point)
+    changed = [
+        f"{section}.{key}={mine!r} (the run has {theirs!r})"
+        for section, mine_tree, their_tree in (
+            ("model", cfg.model.model_dump(), saved.model.model_dump()),
+            (
+                "data",
+                {"resolution": cfg.data.resolution, "channels": cfg.data.channels},
+                {"resolution": saved.data.resolution, "channels": saved.data.channels},
+            ),
+        )
+        for key, mine in mine_tree.items()
+        if (theirs := their_tree.get(key)) != mine
+    ]
+    if changed:
+        raise ConfigError(
+            f"cannot resume run '{cfg.train.run_name}' from {point.location.uri}: "
+            f"{'; '.join(changed)}. Resuming needs the same network; use the run's values, "
+            "or give this config another train.run_name to start a new run"
+        )
+
+
+@contextlib.contextmanager
+def local_copy(point: ResumePoint) -> Iterator[Path]:
+    """The checkpoint's files in a local temporary directory, for the duration of the block."""
+    source = point.location
+    with tempfile.TemporaryDirectory(prefix="fmpipe-resume-") as tmp:
+        names = sorted(point.state.files) or [*_LEGACY_FILES]
+        for name in {*names, STATE_FILE}:
+            data = read_whole(source.filesystem, f"{source.path}/{name}")
+            Path(tmp, name).write_bytes(data)
+        yield Path(tmp)
+
+
+def describe(point: ResumePoint) -> str:
+    """``checkpoint_000000002048 (2,048 images)`` for console lines."""
+    return f"{point.name} ({point.images_seen:,} images)"
