@@ -358,3 +358,16 @@ def test_manifest_edited_to_match_still_counts_inner_damage(ray_local, tmp_path)
     assert rows > 0 and report.skipped == broken.skipped
     text = resolve(uri).child("train").child(MANIFEST_NAME).read_bytes().decode()
     assert Manifest.from_json(text).bad_digests() == []
+
+
+def test_bench_integrity_cost_times_hash_and_decode_of_the_same_shards(digits8):
+    """`fmpipe bench data`'s integrity figure: sha256 per shard beside read_shard's time."""
+    from pipeline.bench.data import integrity_cost
+
+    cfg = train_cfg(digits8, Path("."))
+    info = open_dataset(cfg, "train")
+    shards = [info.location.child(s.name).read_bytes() for s in info.manifest.shards[:2]]
+    cost = integrity_cost(cfg, shards, repeats=2)
+    assert cost.shards == 2 and cost.mean_shard_bytes == sum(map(len, shards)) / 2
+    assert cost.hash_ms_per_shard > 0 and cost.decode_ms_per_shard > 0
+    assert cost.fraction_of_decode == cost.hash_ms_per_shard / cost.decode_ms_per_shard
