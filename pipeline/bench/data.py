@@ -26,11 +26,15 @@ the run) and do the same work per image: Pillow decode (:func:`decode_image`), s
     the same path: each pays Ray Data's start-up (plan, executor, first tasks; ~0.35 s on
     2 CPUs), which (c) pays once.
 
-Also the cost of ``ot`` coupling per batch size: images/s through ``couple`` alone.
+Also the cost of ``ot`` coupling per batch size: images/s through ``couple`` alone, and
+the cost of the shard integrity check (:func:`integrity_cost`: ``hashlib.sha256`` of each
+shard's bytes, as :func:`~pipeline.data.stream.verify_shard` does in every decode task)
+against fmpipe's decode of the same shards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import tarfile
@@ -215,6 +219,45 @@ def ot_cost(resolution: int, channels: int, batch_sizes=(128, 256, 512), repeats
 
 
 @dataclass(frozen=True)
+class IntegrityCost:
+    """sha256 of whole shards against fmpipe's decode of the same shards, one process."""
+
+    shards: int
+    mean_shard_bytes: float
+    hash_ms_per_shard: float  # hashlib.sha256 over one shard's bytes
+    decode_ms_per_shard: float  # read_shard (tar walk + Pillow decode) of one shard
+
+    @property
+    def fraction_of_decode(self) -> float:
+        return self.hash_ms_per_shard / self.decode_ms_per_shard
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.mean_shard_bytes / 1e6 / (self.hash_ms_per_shard / 1000)
+
+
+def integrity_cost(cfg: Config, shards: list[bytes], repeats: int = 5) -> IntegrityCost:
+    """What :func:`~pipeline.data.stream.verify_shard` adds to each decode task: the time
+    of ``hashlib.sha256(data)`` per shard (best of ``repeats`` passes: the machine is
+    shared) next to :func:`read_shard` of the same bytes (best of 2)."""
+    spec = decode_spec(cfg)
+
+    def best(passes: int, work) -> float:
+        times = []
+        for _ in range(passes):
+            start = time.perf_counter()
+            for data in shards:
+                work(data)
+            times.append(time.perf_counter() - start)
+        return min(times) * 1000 / len(shards)
+
+    hash_ms = best(repeats, lambda data: hashlib.sha256(data).hexdigest())
+    decode_ms = best(2, lambda data: read_shard(data, "s", 0, spec, num_classes=10))
+    mean_bytes = sum(len(data) for data in shards) / len(shards)
+    return IntegrityCost(len(shards), mean_bytes, hash_ms, decode_ms)
+
+
+@dataclass(frozen=True)
 class StreamRate:
     images: int  # images the consumer yielded (whole micro-batches)
     seconds: float  # from building the stream to its last batch
@@ -266,6 +309,7 @@ def run_data_benchmark(
     import ray
 
     figures: list[DataFigures] = []
+    costs: list[tuple[int, IntegrityCost]] = []
     with (
         tempfile.TemporaryDirectory(prefix="fmpipe-bench-") as tmp,
         SeaweedFS(Path(tmp) / "s3") as s3,
@@ -320,11 +364,20 @@ def run_data_benchmark(
                 row = DataFigures(res, ceiling, baseline, fmpipe, cores,
                                   in_process, per_epoch)  # fmt: skip
                 figures.append(row)
+                costs.append((res, integrity_cost(cfg, shards)))
                 log(
                     f"{res:>4} {ceiling:>17,.0f} {baseline:>19,.0f} {fmpipe:>11,.0f} "
                     f"{row.vs_baseline:>6.2f} {row.vs_ceiling:>12.2f} "
                     f"{in_process:>24,.0f} {row.vs_in_process:>13.2f} "
                     f"{per_epoch:>20,.0f} {row.per_epoch_vs_ceiling:>13.2f}"
+                )
+            log("\nshard integrity check (sha256 of each shard's bytes in memory, per shard):")
+            for res, cost in costs:
+                log(
+                    f"  res {res:>3}: {cost.hash_ms_per_shard:6.2f} ms per "
+                    f"{cost.mean_shard_bytes / 1e6:.2f} MB shard ({cost.mb_per_s:,.0f} MB/s), "
+                    f"{100 * cost.fraction_of_decode:.2f}% of its decode "
+                    f"({cost.decode_ms_per_shard:,.1f} ms)"
                 )
             log("\not coupling (exact assignment) on the consumer batch, 3x32x32 and 3x64x64:")
             for res in resolutions:

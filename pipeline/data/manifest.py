@@ -13,12 +13,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MANIFEST_NAME = "_manifest.json"
 FORMAT = "fmpipe-webdataset/1"
 SPLITS = ("train", "val")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")  # hashlib's hexdigest: 64 lowercase hex digits
+
+
+def bad_digest(value: object) -> str:
+    """Why ``value`` cannot be a shard's sha256 (hexdigest), or "" when it can.
+
+    A real digest is 64 lowercase hex digits; one of only zeros is a placeholder (no file
+    hashes to it), so a manifest carrying it promises nothing about its shard's bytes.
+    """
+    if not isinstance(value, str) or not value:
+        return "empty"
+    if not _SHA256.match(value):
+        return "not 64 lowercase hex digits"
+    if value.count("0") == len(value):
+        return "all zeros"
+    return ""
 
 
 def shard_name(index: int) -> str:
@@ -57,6 +74,16 @@ class Manifest:
         body = asdict(self)
         body["num_samples"] = self.num_samples
         return json.dumps(body, indent=1, sort_keys=True) + "\n"
+
+    def bad_digests(self) -> list[tuple[str, str, str]]:
+        """``(shard name, stored sha256, why it is unusable)`` of every shard whose digest
+        cannot be checked against its bytes (see :func:`bad_digest`)."""
+        out = []
+        for shard in self.shards:
+            why = bad_digest(shard.sha256)
+            if why:
+                out.append((shard.name, str(shard.sha256), why))
+        return out
 
     def content_hash(self) -> str:
         """sha256 of the shard list: changes exactly when the data changes."""

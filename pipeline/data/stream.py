@@ -56,6 +56,25 @@ it as such, with the report. Every bad sample is also logged (shard, key, reason
 worker. ``BadSampleTracker.report()`` returns a
 :class:`BadSampleReport` at any time; ``check()`` raises if over the limit.
 An empty or missing dataset fails in :func:`open_dataset`, before any Ray work.
+
+Integrity (what is *not* a bad sample). Every shard is checked against the sha256 its
+manifest lists as soon as its bytes are in memory (:func:`verify_shard`, before the tar
+walk): bytes that differ (a shard rewritten with other images, truncated, a header
+damaged after ``fmpipe prepare`` wrote it) raise :class:`ShardIntegrityError`, a final
+:class:`DatasetError` naming the shard and both digests, instead of being decoded or
+counted. :func:`open_dataset` refuses a manifest whose digests are empty, zeroed or
+malformed, so the check can never be skipped, and :func:`check_config_against_manifest`
+refuses ``data.channels`` / ``data.resolution`` that are not the dataset's. What stays
+a bad-sample matter: damage inside bytes that *do* match the manifest (the dataset was
+written that way; a foreign dataset with a few broken shards trains within
+``data.max_bad_fraction``) and shards storage could not deliver (transient).
+
+Final errors reach the consumer whole. The stage raises its own exception (the stream
+sets ``raise_original_map_exception``), Ray Data does not retry user errors in map tasks
+(``DataContext.max_map_retries`` is 0 by default), and :func:`final_data_error` finds the
+:class:`DatasetError` inside Ray's wrappers; :class:`pipeline.train.data.RayDataSource`
+re-raises it as itself in the worker, and
+:class:`pipeline.train.data.StopOnDataErrors` keeps Ray Train from restarting the run.
 """
 
 from __future__ import annotations
@@ -75,8 +94,9 @@ import numpy as np
 import ray
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.exceptions import RayError
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.coupling import PairingStage, noise_to_float, sample_seed
 from pipeline.data.decode import IMAGE_EXTENSIONS, BadSample, DecodeSpec, decode_image
 from pipeline.data.decode import to_model_range as _to_model_range
@@ -89,21 +109,27 @@ __all__ = [
     "BadSampleReport",
     "BadSampleTracker",
     "CollateBatch",
+    "ConfigMismatch",
     "DatasetError",
     "DatasetInfo",
     "ShardDecoder",
+    "ShardIntegrityError",
     "ShardStats",
     "StorageError",
     "TooManyBadSamples",
     "TrainStreamStage",
     "bad_sample_tracker",
     "build_train_stream",
+    "check_config_against_manifest",
     "collate_batch",
     "decode_spec",
+    "final_data_error",
+    "fresh_error",
     "open_dataset",
     "read_shard",
     "shard_order",
     "skip_task_memory_polling",
+    "verify_shard",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,7 +142,72 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_e
 
 
 class DatasetError(ValueError):
-    """The dataset is missing, empty or inconsistent; the message names its URI."""
+    """The dataset is missing, empty or inconsistent; the message names its URI.
+
+    ``final``: running the same thing again cannot succeed (the data itself is wrong), so
+    nothing should retry it: :func:`final_data_error` finds such an error inside whatever
+    Ray wrapped it in, and :class:`pipeline.train.data.StopOnDataErrors` ends a Ray Train
+    run at the first one instead of restarting its workers.
+    """
+
+    final: bool = True
+
+
+class ShardIntegrityError(DatasetError):
+    """A shard's bytes are not the ones its manifest lists (sha256 mismatch): changed,
+    truncated or damaged after ``fmpipe prepare`` wrote it. Final: every read finds the
+    same bytes."""
+
+    def __init__(self, uri: str, expected: str, found: str, size: int) -> None:
+        super().__init__(
+            f"shard {uri} does not match its manifest: sha256 {found} ({size:,} bytes), "
+            f"manifest says {expected}; it was changed or damaged after `fmpipe prepare` "
+            "wrote it: re-run `fmpipe prepare` with the same settings (it rewrites shards "
+            "that differ) or restore the shard"
+        )
+        self.uri, self.expected, self.found, self.size = uri, expected, found, size
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.uri, self.expected, self.found, self.size))
+
+
+class ConfigMismatch(DatasetError, ConfigError):
+    """``data.*`` settings that disagree with the dataset's manifest (both a config error
+    and a dataset error: a job catching either reports it as bad input)."""
+
+
+def final_data_error(exc: BaseException | None) -> DatasetError | None:
+    """The final :class:`DatasetError` inside ``exc``, whatever Ray wrapped it in, or None.
+
+    Ray hands an error on through several layers (a task's ``RayTaskError``, Ray Train's
+    ``UserExceptionWithTraceback`` per worker, ``WorkerGroupError``, ``ControllerError``),
+    each keeping the one inside as an attribute rather than as ``__cause__`` (which does
+    not survive pickling). This walks all of them, breadth first.
+    """
+    seen: set[int] = set()
+    queue: list[Any] = [exc]
+    while queue:
+        item = queue.pop(0)
+        if item is None or id(item) in seen or len(seen) > 64:
+            continue
+        seen.add(id(item))
+        # Ray's RayTaskError(X) is also an X: the plain X is its `cause`, looked at next.
+        if isinstance(item, DatasetError) and item.final and not isinstance(item, RayError):
+            return item
+        failures = getattr(item, "worker_failures", None)  # Ray Train's WorkerGroupError
+        if isinstance(failures, dict):
+            queue.extend(failures[rank] for rank in sorted(failures))
+        for attr in ("controller_failure", "_base_exc", "cause"):
+            queue.append(getattr(item, attr, None))
+        queue.extend((item.__cause__, item.__context__))
+    return None
+
+
+def fresh_error(error: BaseException) -> BaseException:
+    """A new instance of ``error`` from its pickle recipe: same type and message, without
+    the traceback, ``__cause__`` or ``__context__`` Ray's layers attached to the original."""
+    recipe = error.__reduce__()
+    return recipe[0](*recipe[1])
 
 
 # --------------------------------------------------------------------------- bad samples
@@ -136,6 +227,7 @@ class ShardStats:
     lost: int = 0  # never read: the tar ended or broke first
     error: str = ""  # why the tar could not be read to its end
     examples: list[BadSampleRecord] = field(default_factory=list)
+    read_failed: bool = False  # storage could not deliver it (transient: a retry may help)
 
     @property
     def skipped(self) -> int:
@@ -161,6 +253,11 @@ class BadSampleReport:
         return self.fraction > self.max_bad_fraction
 
     @property
+    def transient(self) -> bool:
+        """Some shard was lost to a failed read (storage down?), so a retry may pass."""
+        return any(s.read_failed for s in self.shards.values())
+
+    @property
     def records(self) -> list[BadSampleRecord]:
         return [r for s in self.shards.values() for r in s.examples]
 
@@ -183,15 +280,22 @@ class BadSampleReport:
         return head + ("; worst shards: " + ", ".join(parts) if parts else "")
 
 
-class TooManyBadSamples(RuntimeError):
-    """More than ``data.max_bad_fraction`` of the epoch's samples were bad."""
+class TooManyBadSamples(DatasetError):
+    """More than ``data.max_bad_fraction`` of the epoch's samples were bad.
 
-    def __init__(self, message: str, report: BadSampleReport | None = None) -> None:
+    Final (decoding the same bytes fails the same way) unless some of the skipped samples
+    were lost to a failed read (``report.transient``): storage that was down may be back.
+    """
+
+    def __init__(
+        self, message: str, report: BadSampleReport | None = None, final: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.report = report
+        self.final = final if final is not None else not (report and report.transient)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.report))
+        return (type(self), (str(self), self.report, self.final))
 
 
 _KEEP_EPOCHS = 8  # epochs of reports a counter keeps
@@ -261,7 +365,7 @@ class BadSampleTracker:
             return
         exceeded, summary = ray.get(self.handle.record.remote(self.epoch, stats))
         if exceeded:
-            raise TooManyBadSamples(summary)
+            raise TooManyBadSamples(summary, self.report())
 
     def report(self) -> BadSampleReport:
         """This epoch's report so far (complete once the epoch's stream is exhausted)."""
@@ -287,6 +391,7 @@ class ShardRef:
     path: str  # path inside the filesystem
     uri: str  # for messages
     num_samples: int  # as declared by the manifest
+    sha256: str = ""  # as declared by the manifest: the bytes a read must find
 
 
 @dataclass
@@ -315,7 +420,9 @@ def open_dataset(cfg: Config, split: str) -> DatasetInfo:
 
     Raises:
         DatasetError: ``data.uri`` unset, no manifest (missing dataset or split), an
-            invalid or empty manifest, or shards the manifest lists but storage lacks.
+            invalid or empty manifest, a shard without a usable sha256 (empty, zeroed or
+            malformed: its bytes could not be checked when read), or shards the manifest
+            lists but storage lacks.
         StorageError: the store itself cannot be reached or read (from
             :mod:`pipeline.storage`).
     """
@@ -347,6 +454,15 @@ def open_dataset(cfg: Config, split: str) -> DatasetInfo:
             f"dataset '{uri}' split '{split}' is empty: {manifest_loc.uri} lists "
             f"{len(manifest.shards)} shards and {manifest.num_samples} samples"
         )
+    bad = manifest.bad_digests()
+    if bad:
+        shown = ", ".join(f"{name} sha256 {value!r} ({why})" for name, value, why in bad[:3])
+        more = ", ..." if len(bad) > 3 else ""
+        raise DatasetError(
+            f"dataset '{uri}' split '{split}': {manifest_loc.uri} has no usable sha256 for "
+            f"{len(bad)} of {len(manifest.shards)} shard(s) ({shown}{more}), so their bytes "
+            f"cannot be checked; re-run `fmpipe prepare --out {uri}` to rewrite the manifest"
+        )
     present = set(where.list_names(suffix=".tar"))
     missing = [s.name for s in manifest.shards if s.name not in present]
     if missing:
@@ -358,8 +474,56 @@ def open_dataset(cfg: Config, split: str) -> DatasetInfo:
     shards = []
     for shard in manifest.shards:
         loc = where.child(shard.name)
-        shards.append(ShardRef(shard.name, loc.path, loc.uri, shard.num_samples))
+        shards.append(ShardRef(shard.name, loc.path, loc.uri, shard.num_samples, shard.sha256))
     return DatasetInfo(uri=uri, split=split, location=where, manifest=manifest, shards=shards)
+
+
+def check_config_against_manifest(cfg: Config, info: DatasetInfo) -> None:
+    """``data.channels`` and ``data.resolution`` must be the dataset's own (its manifest's).
+
+    Decided: a mismatch is an error, never a silent conversion. The decoder *can* resize
+    and convert each image on every read (and does, for images inside a dataset whose
+    sizes or modes vary), but a config that asks for 32 px from 16-px data or RGB from
+    grey data is far more often a wrong dataset or a stale setting than a wish, and the
+    model trained on it is quietly worse (upsampled blur, three equal channels). A
+    deliberate conversion is done once, by ``fmpipe prepare --resolution R`` (and
+    ``prepare.channels``), which records it in the new dataset's manifest.
+
+    Raises:
+        ConfigMismatch: naming each disagreeing key, the config's and the dataset's value,
+            and the setting to use.
+    """
+    manifest, uri = info.manifest, info.uri
+    problems = []
+    if cfg.data.channels != manifest.channels:
+        kind = {1: "grey (1 channel)", 3: "RGB (3 channels)"}.get(
+            manifest.channels, f"{manifest.channels} channels"
+        )
+        problems.append(
+            f"data.channels={cfg.data.channels} but dataset '{uri}' is {kind}: "
+            f"set data.channels={manifest.channels}"
+        )
+    if cfg.data.resolution != manifest.resolution:
+        problems.append(
+            f"data.resolution={cfg.data.resolution} but dataset '{uri}' holds "
+            f"{manifest.resolution}x{manifest.resolution} images: set "
+            f"data.resolution={manifest.resolution}, or write a dataset at that size with "
+            f"`fmpipe prepare --resolution {cfg.data.resolution}`"
+        )
+    if problems:
+        raise ConfigMismatch("; ".join(problems))
+
+
+def verify_shard(data: bytes, uri: str, expected: str) -> None:
+    """Raise :class:`ShardIntegrityError` unless ``data`` hashes to ``expected``.
+
+    ``hashlib.sha256`` of bytes already in memory (each shard is read whole before it is
+    decoded), so the check costs one pass over the bytes and no extra read; measured by
+    ``fmpipe bench data`` (docs/benchmarks.md, data section).
+    """
+    found = hashlib.sha256(data).hexdigest()
+    if found != expected:
+        raise ShardIntegrityError(uri, expected, found, len(data))
 
 
 def shard_order(names: list[str], seed: int, epoch: int, shuffle: bool = True) -> list[str]:
@@ -639,16 +803,24 @@ class ShardDecoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         if "epoch" not in batch:
             raise ValueError("ShardDecoder rows need an 'epoch' column (see build_train_stream)")
-        for name, path, declared, epoch in zip(
-            batch["name"], batch["path"], batch["num_samples"], batch["epoch"], strict=True
-        ):
+        if "sha256" not in batch:
+            raise ValueError(
+                "ShardDecoder rows need a 'sha256' column, the manifest's digest of each "
+                "shard (see build_train_stream)"
+            )
+        for name, path, declared, epoch, sha256 in zip(
+            batch["name"], batch["path"], batch["num_samples"], batch["epoch"], batch["sha256"],
+            strict=True,
+        ):  # fmt: skip
             name, declared, epoch = str(name), int(declared), int(epoch)
             data, error = self._read(str(path))
             if error:
                 samples: list[tuple[str, int, np.ndarray]] = []
-                stats = ShardStats(name, declared, lost=declared, error=error)
+                stats = ShardStats(name, declared, lost=declared, error=error, read_failed=True)
                 stats.examples.append(BadSampleRecord(name, "", error))
             else:
+                # Final (ShardIntegrityError): not a bad sample to skip, the wrong dataset.
+                verify_shard(data, self.location.child(name).uri, str(sha256))
                 samples, stats = read_shard(
                     data,
                     name,
@@ -756,6 +928,7 @@ def build_train_stream(
             "path": by_name[name].path,
             "num_samples": by_name[name].num_samples,
             "epoch": epoch,
+            "sha256": by_name[name].sha256,
         }
         for epoch in range(start_epoch, start_epoch + num_epochs)
         for name in shard_order(list(by_name), cfg.seed, epoch, cfg.data.shuffle_shards)
@@ -765,6 +938,11 @@ def build_train_stream(
     if cfg.data.read_parallelism > 0:
         compute = ray.data.TaskPoolStrategy(size=cfg.data.read_parallelism)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per shard row
+    # A stage's own exception, not Ray Data's UserCodeException("UDF failed ...") wrapper:
+    # the wrapper keeps the original only as __cause__, which pickling drops, so a consumer
+    # in another process (a Ray Train worker) could not tell a final DatasetError (a shard
+    # that does not match its manifest) from any other failure.
+    ds.context.raise_original_map_exception = True
     if preserve_order:  # else the context's own setting (Ray Train sets its own anyway)
         ds.context.execution_options.preserve_order = True
     # Ray Data's default resource reservation stays on: beside a training worker, more

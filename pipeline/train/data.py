@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+from ray.train import UserCallback
 from torch import Tensor
 
 from pipeline.data.coupling import couple, noise_to_float, sample_generator
@@ -54,7 +55,10 @@ from pipeline.data.stream import (
     TooManyBadSamples,
     build_train_stream,
     decode_spec,
+    final_data_error,
+    fresh_error,
     read_shard,
+    verify_shard,
 )
 from pipeline.storage import read_whole
 
@@ -66,6 +70,7 @@ __all__ = [
     "InMemorySource",
     "RayDataSource",
     "SourceContext",
+    "StopOnDataErrors",
     "ValSet",
     "build_train_stream",
     "epochs_needed",
@@ -121,7 +126,9 @@ class RayDataSource:
     collate refuses str columns. ``tracker``: the stream's bad-sample counter
     (:func:`~pipeline.data.stream.bad_sample_tracker` of its first epoch); given, a stream
     that fails over ``data.max_bad_fraction`` raises :class:`TooManyBadSamples` with the
-    report, whatever Ray wrapped it in, and a stream read to its end is checked.
+    report, whatever Ray wrapped it in, and a stream read to its end is checked. A final
+    :class:`~pipeline.data.stream.DatasetError` from the stream (a shard that does not
+    match its manifest) is raised as itself, tracker or not.
     """
 
     def __init__(
@@ -181,11 +188,14 @@ class RayDataSource:
         try:
             for batch in batches:
                 yield self._train_batch(batch)
-        except Exception as exc:  # a stage's TooManyBadSamples arrives wrapped by Ray
+        except Exception as exc:  # a stage's DatasetError arrives wrapped by Ray
             if self.tracker is not None:
                 report = self.tracker.report()
                 if report.exceeded:
                     raise TooManyBadSamples(report.summary(), report) from exc
+            final = final_data_error(exc)
+            if final is not None:  # itself, one line, not Ray's wrapper around it
+                raise fresh_error(final) from exc
             raise
         if self.tracker is not None:
             self.tracker.check()
@@ -206,6 +216,32 @@ class RayDataSource:
         if self.keys:
             out["key"] = batch["key"]
         return out
+
+
+class StopOnDataErrors(UserCallback):
+    """Ray Train callback: end the run at the first worker error a retry cannot fix.
+
+    Ray Train V2 restarts the worker group on *every* worker error, up to
+    ``FailureConfig(max_failures)`` times (its ``DefaultFailurePolicy`` counts any
+    ``WorkerGroupError`` as retryable, and the policy cannot be replaced), so a shard that
+    does not match its manifest used to fail 1 + max_failures times, each after a full
+    worker start, before the run gave up. Ray Train calls ``after_exception`` on the
+    controller as soon as a health check finds a worker error, *before* its failure
+    decision; an exception raised from it becomes a ``ControllerError``, which the default
+    policy does not retry. So: when a worker's error holds a final
+    :class:`~pipeline.data.stream.DatasetError` (:func:`final_data_error`), raise it here,
+    and the run ends at once; ``fit()`` raises ``ControllerError`` with it as
+    ``controller_failure`` (``final_data_error`` on the driver gets it back). Any other
+    worker error (a killed worker, storage down) is left to ``FailureConfig``.
+
+    Use: ``RunConfig(callbacks=[StopOnDataErrors()], failure_config=...)``.
+    """
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for rank in sorted(worker_exceptions):
+            final = final_data_error(worker_exceptions[rank])
+            if final is not None:
+                raise fresh_error(final)
 
 
 # --------------------------------------------------------------------------- in memory
@@ -278,13 +314,17 @@ class ValSet:
 def load_val_set(cfg: Config, info: DatasetInfo, max_images: int) -> ValSet:
     """The first ``max_images`` val samples in key order, with fixed ``(x_0, t)`` draws.
 
-    Reads the shards in this process (no Ray); bad samples are skipped as in training.
-    ``x_0`` and then ``t ~ U[0, 1)`` come from ``sample_generator(seed, 0, key, "val")``.
+    Reads the shards in this process (no Ray); bad samples are skipped as in training, and
+    a shard that does not match its manifest's sha256 raises
+    :class:`~pipeline.data.stream.ShardIntegrityError`, as in training (here, before any
+    worker starts). ``x_0`` and then ``t ~ U[0, 1)`` come from
+    ``sample_generator(seed, 0, key, "val")``.
     """
     spec = decode_spec(cfg)
     samples: list[tuple[str, int, np.ndarray]] = []
     for shard in sorted(info.shards, key=lambda s: s.name):
         data = read_whole(info.filesystem, shard.path)
+        verify_shard(data, shard.uri, shard.sha256)
         got, _ = read_shard(data, shard.name, shard.num_samples, spec,
                             num_classes=info.manifest.num_classes)  # fmt: skip
         samples.extend(got)

@@ -212,9 +212,10 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
     micro_batch_size(cfg.data.batch_size, t.num_workers, t.grad_accum)
     if batch_source is not None:
         return _Inputs(data_shape=tuple(shape or data_shape_of(cfg)))
-    from pipeline.data.stream import DatasetError, open_dataset
+    from pipeline.data.stream import DatasetError, check_config_against_manifest, open_dataset
 
     info = open_dataset(cfg, "train")
+    check_config_against_manifest(cfg, info)
     labels = info.manifest.num_classes
     if cfg.model.num_classes and labels and cfg.model.num_classes != labels:
         raise ConfigError(
