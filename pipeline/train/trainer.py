@@ -36,11 +36,19 @@ from typing import Any
 
 from pipeline.checkpoint import TrainState, data_shape_of
 from pipeline.config import Config, ConfigError
+from pipeline.data.stream import final_data_error, fresh_error
 from pipeline.home import storage_path
 from pipeline.rayenv import ensure_ray
 from pipeline.redact import scrub
 from pipeline.storage import Location, check_access, resolve
-from pipeline.train.data import BatchSource, ValSet, build_train_stream, epochs_needed, load_val_set
+from pipeline.train.data import (
+    BatchSource,
+    StopOnDataErrors,
+    ValSet,
+    build_train_stream,
+    epochs_needed,
+    load_val_set,
+)
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.resume import check_resumable, describe, find_resume_point
 from pipeline.train.spec import (
@@ -212,7 +220,8 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
     micro_batch_size(cfg.data.batch_size, t.num_workers, t.grad_accum)
     if batch_source is not None:
         return _Inputs(data_shape=tuple(shape or data_shape_of(cfg)))
-    from pipeline.data.stream import DatasetError, check_config_against_manifest, open_dataset
+    from pipeline.data.manifest import MANIFEST_NAME
+    from pipeline.data.stream import check_config_against_manifest, open_dataset
 
     info = open_dataset(cfg, "train")
     check_config_against_manifest(cfg, info)
@@ -227,11 +236,11 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
             f"model.num_classes={cfg.model.num_classes} but dataset '{cfg.data.uri}' is "
             "unlabelled; set model.num_classes=0"
         )
-    try:
-        val_info = open_dataset(cfg, "val")
-    except DatasetError as exc:
-        val_info = None
-        log.warning("no validation loss: %s", exc)
+    val_info = None
+    if resolve(cfg.data.uri, cfg.storage).child("val", MANIFEST_NAME).exists():
+        val_info = open_dataset(cfg, "val")  # a damaged val split is an error, like train's
+    else:
+        log.warning("no validation loss: dataset '%s' has no val split", cfg.data.uri)
     return _Inputs(data_shape_of(cfg), info.manifest.content_hash(), info, val_info)
 
 
@@ -279,6 +288,7 @@ def _trainer(cfg: Config, spec: WorkerSpec, storage: Location, datasets: Any) ->
         storage_filesystem=storage.filesystem if storage.is_s3 else None,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        callbacks=[StopOnDataErrors()],  # a corrupt shard ends the run, once (not retried)
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -287,6 +297,17 @@ def _trainer(cfg: Config, spec: WorkerSpec, storage: Location, datasets: Any) ->
         run_config=run_config,
         datasets=datasets,
     )
+
+
+def _fit(trainer: Any) -> Any:
+    """``trainer.fit()``; a final data error inside Ray's wrappers is raised as itself."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        final = final_data_error(exc)
+        if final is not None:
+            raise fresh_error(final) from None
+        raise
 
 
 # --------------------------------------------------------------------------- train
@@ -344,7 +365,7 @@ def train(
                 val_set=val_set,
                 progress_queue=p.queue if p is not None else None,
             )  # fmt: skip
-            result = _trainer(cfg, WorkerSpec(cfg, context), storage, datasets).fit()
+            result = _fit(_trainer(cfg, WorkerSpec(cfg, context), storage, datasets))
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
