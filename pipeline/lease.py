@@ -1,7 +1,20 @@
 """Exclusive, renewable leases in object storage or on a local path: one holder at a time.
 
-Used where two fmpipe processes must not both do one thing: the retrain of a (model, alias)
-(:mod:`pipeline.retrain`, whose promotion is a compare-and-set under this lease).
+Used where two fmpipe processes must not both do one thing:
+
+- **One writer per run.** :func:`pipeline.train.trainer.train` holds the lease of its run,
+  ``<train.storage_path>/_locks/runs/<run_name>.lock`` (:func:`hold_run_lease`), for the whole
+  run. It is taken before the MLflow run is started or ``fmpipe_run.json`` written, so a
+  second ``fmpipe train`` with the same run name and storage path touches nothing: it fails
+  at once with :class:`LeaseHeldError`, one line naming the holder (``host:pid``, since when,
+  until when) and what to do. Without it both runs wrote the same checkpoints, and the one
+  that failed could leave the run pointer naming its MLflow run. After a run killed with
+  SIGKILL, a local lock is free at once (the kernel drops the ``flock``); an S3 lease expires
+  ``LEASE_TTL_S`` after its last renewal, the time the refusal names.
+- **One retrain per (model, alias)**, ``<train.storage_path>/_locks/<model>_<alias>.lock``
+  (:func:`open_lease`): :mod:`pipeline.retrain` promotes by a compare-and-set under it. Its
+  candidate is trained through ``train()``, so the candidate's run lease is a second lease
+  inside the retrain's: another file (run leases have their own folder), which composes.
 
 How a lease is exclusive
 ------------------------
@@ -31,6 +44,7 @@ NFS lock manager.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +52,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,8 +66,13 @@ __all__ = [
     "Heartbeat",
     "Lease",
     "LeaseError",
+    "LeaseHeldError",
     "S3Lease",
+    "describe_holder",
+    "hold_run_lease",
     "open_lease",
+    "open_run_lease",
+    "run_lease_location",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,9 +85,20 @@ class LeaseError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- leases
+class LeaseHeldError(LeaseError):
+    """The lease is held by another process; ``holder`` is its body (None when unreadable)."""
+
+    def __init__(self, message: str, uri: str, holder: dict[str, Any] | None) -> None:
+        super().__init__(message)
+        self.uri = uri
+        self.holder = holder
+
+
 class Lease(Protocol):
     """An exclusive, renewable lease. ``acquire`` never blocks."""
 
+    uri: str  # where the lease lives (s3://... or a path), for messages
+    ttl: float
     lost: bool
 
     def acquire(self) -> bool: ...
@@ -80,9 +111,19 @@ def _owner() -> str:
     return f"{socket.gethostname()} pid {os.getpid()} thread {threading.get_ident()}"
 
 
-def _lease_body(token: str, ttl: float) -> dict[str, Any]:
+def _lease_body(token: str, ttl: float, since: float | None = None) -> dict[str, Any]:
+    """The lease's content: who holds it (``owner``; ``host`` and ``pid`` for messages), since
+    when (``acquired_at``), and until when (``expires_at``)."""
     now = time.time()
-    return {"token": token, "owner": _owner(), "renewed_at": now, "expires_at": now + ttl}
+    return {
+        "token": token,
+        "owner": _owner(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "acquired_at": now if since is None else since,
+        "renewed_at": now,
+        "expires_at": now + ttl,
+    }
 
 
 class S3Lease:
@@ -100,6 +141,7 @@ class S3Lease:
         self.token = uuid.uuid4().hex
         self.lost = False
         self._etag: str | None = None
+        self._since: float | None = None  # when this lease was acquired (kept by renewals)
         self._client = boto3_client(storage)
 
     # ---- S3 calls
@@ -157,13 +199,17 @@ class S3Lease:
                 self._client.delete_object(Bucket=self.bucket, Key=key)
 
     # ---- the lease
+    def _body(self) -> dict[str, Any]:
+        return _lease_body(self.token, self.ttl, self._since)
+
     def acquire(self) -> bool:
         from botocore.exceptions import ClientError
 
         self._probe()
+        self._since = time.time()
         for _ in range(3):
             try:
-                self._etag = self._put(_lease_body(self.token, self.ttl), IfNoneMatch="*")
+                self._etag = self._put(self._body(), IfNoneMatch="*")
                 return self._confirm()
             except ClientError as exc:
                 if not self._refused(exc):
@@ -175,7 +221,7 @@ class S3Lease:
             if float(body.get("expires_at", 0.0)) > time.time():
                 return False
             try:  # expired: take it over, unless someone else changed it first
-                self._etag = self._put(_lease_body(self.token, self.ttl), IfMatch=etag)
+                self._etag = self._put(self._body(), IfMatch=etag)
             except ClientError as exc:
                 if not self._refused(exc):
                     raise
@@ -200,7 +246,7 @@ class S3Lease:
         if self._etag is None or self.lost:
             return False
         try:
-            self._etag = self._put(_lease_body(self.token, self.ttl), IfMatch=self._etag)
+            self._etag = self._put(self._body(), IfMatch=self._etag)
             return True
         except ClientError as exc:
             if not self._refused(exc):
@@ -294,10 +340,19 @@ def open_lease(cfg: Config, name: str, alias: str, ttl: float = LEASE_TTL_S) -> 
 
 
 class Heartbeat:
-    """Renews a lease every ``ttl / 4`` seconds in a daemon thread until stopped."""
+    """Renews a lease every ``ttl / 4`` seconds in a daemon thread until stopped.
 
-    def __init__(self, lease: Lease, ttl: float) -> None:
+    ``what`` names the lease and ``if_lost`` says what losing it means, in the log lines."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        ttl: float,
+        what: str = "the retrain lease",
+        if_lost: str = "this run will not promote",
+    ) -> None:
         self.lease = lease
+        self.what, self.if_lost = what, if_lost
         self.interval = max(0.05, ttl / 4)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fmpipe-lease", daemon=True)
@@ -306,10 +361,10 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             try:
                 if not self.lease.renew():
-                    log.error("the retrain lease was lost; this run will not promote")
+                    log.error("%s was lost; %s", self.what, self.if_lost)
                     return
             except Exception as exc:  # a network blip: try again at the next beat
-                log.warning("renewing the retrain lease failed: %s", exc)
+                log.warning("renewing %s failed: %s", self.what, exc)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -318,3 +373,115 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+# --------------------------------------------------------------------------- the run lease
+RUN_LOCKS = ("_locks", "runs")  # <storage_path>/_locks/runs/<run name>.lock
+
+
+def run_lease_name(run_name: str) -> str:
+    """The lock file name of ``run_name``: the name itself when it is a plain file name, else
+    a plain form plus a hash of the exact name, so two run names never share one lock.
+
+    Run leases sit in their own folder, ``_locks/runs/``: retrain's ``_locks/<model>_<alias>
+    .lock`` files cannot collide with them whatever the names (a model ``run-x`` with alias
+    ``y`` and a run ``x_y`` would, in one flat folder)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in run_name)
+    if safe != run_name or safe.startswith(".") or len(safe) > 120:
+        digest = hashlib.sha256(run_name.encode()).hexdigest()[:12]
+        safe = f"{safe.lstrip('.')[:120]}-{digest}"
+    return f"{safe}.lock"
+
+
+def run_lease_location(storage: Location, run_name: str) -> Location:
+    """Where the lease of run ``run_name`` under ``storage`` (``train.storage_path``) lives."""
+    return storage.child(*RUN_LOCKS, run_lease_name(run_name))
+
+
+def open_run_lease(cfg: Config, storage: Location | None = None, ttl: float = LEASE_TTL_S) -> Lease:
+    """The (not yet acquired) lease of run ``train.run_name`` in ``train.storage_path``
+    (``storage``: that path, already resolved)."""
+    from pipeline.config import ConfigError
+
+    if not cfg.train.run_name.strip():
+        raise ConfigError("train.run_name is empty; give the run a name (--run-name NAME)")
+    if storage is None:
+        from pipeline.home import storage_path
+        from pipeline.storage import resolve
+
+        storage = resolve(storage_path(cfg), cfg.storage)
+    where = run_lease_location(storage, cfg.train.run_name)
+    if where.is_s3:
+        return S3Lease(where, cfg.storage, ttl)
+    return FileLease(where.path, ttl)
+
+
+def _utc(stamp: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(stamp)))
+
+
+def describe_holder(holder: dict[str, Any] | None) -> str:
+    """``host:pid since <when> (<until when>)`` from a lease body, for a one-line message."""
+    if not holder:
+        return "another process (it may have just finished: try again)"
+    who = (
+        f"{holder['host']}:{holder['pid']}"
+        if holder.get("host") and holder.get("pid")
+        else str(holder.get("owner") or "an unknown owner")
+    )
+    since = holder.get("acquired_at") or holder.get("renewed_at")
+    text = who + (f" since {_utc(since)}" if since else "")
+    until = holder.get("expires_at")
+    if until is None:
+        return f"{text} (held until that process exits)"
+    return (
+        f"{text} (lease until {_utc(until)}, renewed while it runs; "
+        "a lease left by a process that died expires then)"
+    )
+
+
+def _refused_message(cfg: Config, lease: Lease, holder: dict[str, Any] | None) -> str:
+    return (
+        f"run '{cfg.train.run_name}' is already being trained by {describe_holder(holder)}; "
+        f"lock {lease.uri}. Wait for it to finish, or pick another run name "
+        "(--run-name / train.run_name)"
+    )
+
+
+@contextlib.contextmanager
+def hold_run_lease(
+    cfg: Config, storage: Location | None = None, ttl: float = LEASE_TTL_S
+) -> Iterator[Lease]:
+    """Hold the lease of run ``train.run_name`` for the ``with`` block: one writer per run.
+
+    ``fmpipe train`` takes it before it starts an MLflow run or writes ``fmpipe_run.json``,
+    so a second run with the same name and storage path touches nothing: it raises
+    :class:`LeaseHeldError` at once, naming the holder. A heartbeat renews it (S3) while the
+    block runs; it is released however the block ends (return, error, KeyboardInterrupt).
+    Other leases compose with it: retrain holds its (model, alias) lease, another file, while
+    its candidate trains under this one (``flock`` is per open file, so no self-deadlock)."""
+    lease = open_run_lease(cfg, storage, ttl)
+    try:
+        acquired = lease.acquire()
+    except LeaseError:
+        raise
+    except Exception as exc:  # no permission, S3 unreachable, ...: say which lock and why
+        raise LeaseError(
+            f"cannot take the lease of run '{cfg.train.run_name}' at {lease.uri}: {exc}"
+        ) from exc
+    if not acquired:
+        holder = lease.holder()
+        raise LeaseHeldError(_refused_message(cfg, lease, holder), lease.uri, holder)
+    try:
+        with Heartbeat(
+            lease,
+            lease.ttl,
+            what=f"the lease of run '{cfg.train.run_name}' ({lease.uri})",
+            if_lost="another fmpipe train with this run name may now write the run",
+        ):
+            yield lease
+    finally:
+        try:
+            lease.release()
+        except Exception as exc:  # never hide the block's own error behind this one
+            log.warning("could not release %s (it expires on its own): %s", lease.uri, exc)
