@@ -463,14 +463,19 @@ def hold_run_lease(
     lease = open_run_lease(cfg, storage, ttl)
     try:
         acquired = lease.acquire()
-    except LeaseError:
-        raise
-    except Exception as exc:  # no permission, S3 unreachable, ...: say which lock and why
+    except BaseException as exc:  # half taken (written, not confirmed)? drop what is ours
+        with contextlib.suppress(Exception):
+            lease.release()
+        if isinstance(exc, LeaseError) or not isinstance(exc, Exception):
+            raise  # the store's own refusal; Ctrl-C
+        # no permission, S3 unreachable, ...: say which lock and why
         raise LeaseError(
             f"cannot take the lease of run '{cfg.train.run_name}' at {lease.uri}: {exc}"
         ) from exc
     if not acquired:
-        holder = lease.holder()
+        holder = None
+        with contextlib.suppress(Exception):  # the refusal matters, not who, if unreadable
+            holder = lease.holder()
         raise LeaseHeldError(_refused_message(cfg, lease, holder), lease.uri, holder)
     try:
         with Heartbeat(
