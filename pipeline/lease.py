@@ -73,6 +73,7 @@ __all__ = [
     "open_lease",
     "open_run_lease",
     "run_lease_location",
+    "run_lease_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -417,7 +418,10 @@ def open_run_lease(cfg: Config, storage: Location | None = None, ttl: float = LE
 
 
 def _utc(stamp: Any) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(stamp)))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(stamp)))
+    except (TypeError, ValueError, OverflowError, OSError):  # a body not written by us
+        return str(stamp)
 
 
 def describe_holder(holder: dict[str, Any] | None) -> str:
