@@ -433,8 +433,8 @@ def describe_holder(holder: dict[str, Any] | None) -> str:
         if holder.get("host") and holder.get("pid")
         else str(holder.get("owner") or "an unknown owner")
     )
-    since = holder.get("acquired_at") or holder.get("renewed_at")
-    text = who + (f" since {_utc(since)}" if since else "")
+    since = holder.get("acquired_at", holder.get("renewed_at"))
+    text = who + (f" since {_utc(since)}" if since is not None else "")
     until = holder.get("expires_at")
     if until is None:
         return f"{text} (held until that process exits)"

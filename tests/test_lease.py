@@ -186,3 +186,19 @@ def test_an_empty_run_name_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match=r"train\.run_name"):
         open_run_lease(run_cfg(str(tmp_path), " "))
+
+
+def test_describe_holder_reads_old_and_odd_bodies():
+    """Leases written before host/pid were recorded name their owner string; an unreadable
+    time or a vanished holder still gives a sentence."""
+    from pipeline.lease import describe_holder
+
+    old = {"owner": "h1 pid 7 thread 9", "renewed_at": 0, "expires_at": 60}
+    assert describe_holder(old).startswith(
+        "h1 pid 7 thread 9 since 1970-01-01 00:00:00 UTC (lease until 1970-01-01 00:01:00 UTC"
+    )
+    new = {"host": "h2", "pid": 8, "acquired_at": 0, "renewed_at": 30, "expires_at": None}
+    expected = "h2:8 since 1970-01-01 00:00:00 UTC (held until that process exits)"
+    assert describe_holder(new) == expected
+    assert "until soon" in describe_holder({"host": "h", "pid": 1, "expires_at": "soon"})
+    assert "try again" in describe_holder(None)
