@@ -161,6 +161,7 @@ def test_two_trains_with_one_name_one_trains_the_other_is_refused_at_once(
     assert [r.info.run_id for r in runs] == [won.mlflow_run_id]
     assert runs[0].info.status == "FINISHED"
     assert run_info(storage, name)["mlflow_run_id"] == won.mlflow_run_id
+    monkeypatch.undo()  # the real open_run_lease again, without the barrier
     assert_run_lease_free(cfg)  # released at the end of the winning run
 
 
