@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         from ray.train import TrainingFailedError
 
         from pipeline.data.stream import DatasetError
+        from pipeline.lease import LeaseError
         from pipeline.storage import StorageError
         from pipeline.train.trainer import train
 
@@ -132,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             (DatasetError, StorageError),
             "run the same command again to resume",
             failures={
+                LeaseError: lambda exc: f"error: {exc}",  # the run is held: one line, exit 1
                 TrainingFailedError: lambda exc: (
                     f"training failed: {exc}\n"
                     "(worker logs: /tmp/ray/session_latest/logs; run the same command to "
                     "resume from the last checkpoint)"
-                )
+                ),
             },
         )
 

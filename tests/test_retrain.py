@@ -1,5 +1,6 @@
 """Scheduled retraining against the real MLflow server and SeaweedFS: promotion, no-op ticks,
-rejection, and the lease + compare-and-set that keeps concurrent runs from both promoting.
+rejection, and the lease + compare-and-set that keeps concurrent runs from both promoting
+(the leases themselves: tests/test_lease.py).
 
 Digits at 8x8 (written by the real `prepare` into S3), a tiny U-Net, a few hundred images
 per candidate, one local Ray for the module (the tests that train are marked slow; the lease
@@ -11,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -270,7 +270,8 @@ def register_versions(uri: str, name: str, n: int) -> list[str]:
 
 def test_promotion_is_a_compare_and_set(env, s3_bucket):
     """The alias moves only from the version compared against, and only under the lease."""
-    from pipeline.retrain import S3Lease, promote_if_unchanged
+    from pipeline.lease import S3Lease
+    from pipeline.retrain import promote_if_unchanged
     from pipeline.storage import resolve
 
     name = f"cas-{uuid.uuid4().hex[:8]}"
@@ -301,67 +302,3 @@ def test_promotion_is_a_compare_and_set(env, s3_bucket):
     assert status == "lease_lost" and stale.lost
     assert champion(c, name) == v2
     thief.release()
-
-
-# --------------------------------------------------------------------------- leases
-def contend(make, n: int) -> list:
-    """``n`` leases from ``make()`` acquiring at the same instant; returns the winners."""
-    leases = [make() for _ in range(n)]
-    barrier = threading.Barrier(n)
-    won: list = []
-    lock = threading.Lock()
-
-    def go(lease) -> None:
-        barrier.wait()
-        if lease.acquire():
-            with lock:
-                won.append(lease)
-
-    threads = [threading.Thread(target=go, args=(lease,)) for lease in leases]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return won
-
-
-def test_s3_lease_is_exclusive_renewable_and_expires(s3_bucket):
-    from pipeline.retrain import S3Lease
-    from pipeline.storage import resolve
-
-    where = resolve(f"{s3_bucket}/_locks/m@champion.lock")
-    won = contend(lambda: S3Lease(where, ttl=30), 8)
-    assert len(won) == 1
-    holder = won[0]
-    assert holder.renew() and not holder.lost
-    other = S3Lease(where, ttl=30)
-    assert not other.acquire()
-    assert other.holder()["token"] == holder.token
-    holder.release()
-    assert other.acquire()  # released: free again
-    other.release()
-
-    # an expired lease (its holder died: no renewals) is taken over by exactly one run
-    dead = S3Lease(where, ttl=0.3)
-    assert dead.acquire()
-    time.sleep(0.5)
-    won = contend(lambda: S3Lease(where, ttl=30), 6)
-    assert len(won) == 1
-    assert not dead.renew() and dead.lost  # the old holder finds out
-    dead.release()  # and does not delete the new holder's lease
-    assert won[0].renew()
-    won[0].release()
-
-
-def test_file_lease_is_exclusive(tmp_path: Path):
-    from pipeline.retrain import FileLease
-
-    path = tmp_path / "locks" / "m@champion.lock"
-    won = contend(lambda: FileLease(path), 6)
-    assert len(won) == 1
-    assert not FileLease(path).acquire()
-    assert FileLease(path).holder()["token"] == won[0].token
-    won[0].release()
-    again = FileLease(path)
-    assert again.acquire()
-    again.release()

@@ -38,6 +38,7 @@ from pipeline.checkpoint import TrainState, data_shape_of
 from pipeline.config import Config, ConfigError
 from pipeline.data.stream import final_data_error, fresh_error
 from pipeline.home import storage_path
+from pipeline.lease import hold_run_lease
 from pipeline.rayenv import ensure_ray
 from pipeline.redact import scrub
 from pipeline.storage import Location, check_access, resolve
@@ -329,11 +330,24 @@ def train(
     ``track=False`` skips MLflow.
     """
     started = time.perf_counter()
-    t = cfg.train
     inputs = _check_inputs(cfg, batch_source, data_shape)
     storage = storage_location(cfg)
     if storage.is_s3:
         check_access(storage, must_exist=False)
+    # One writer per run: refused (LeaseError naming the holder) before anything is written.
+    with hold_run_lease(cfg, storage):
+        return _train_leased(
+            cfg, inputs, storage, started, init, batch_source, val_set, print_fn, track
+        )
+
+
+def _train_leased(
+    cfg: Config, inputs: _Inputs, storage: Location, started: float, init: InitWeights | None,
+    batch_source: BatchSource | None, val_set: ValSet | None,
+    print_fn: Callable[[str], None] | None, track: bool,
+) -> TrainResult:  # fmt: skip
+    """:func:`train` from the run's previous state on, under the run's lease."""
+    t = cfg.train
     run_dir = storage.child(t.run_name)
     resume = find_resume_point(run_dir)
     if resume is not None:
