@@ -192,24 +192,34 @@ def describe_failure(
         line = f"fmpipe {job}: interrupted; {interrupt_hint or 're-run the same command to resume'}"
         return Ending(code, scrub(line))
     cause = root_cause(exc)
-    line = f"fmpipe {job}: error: {_where(exc, cause)}{_message(cause)}"
+    line = _one_line(f"fmpipe {job}: error: {_where(exc, cause)}{_message(cause)}")
     if code != EXIT_BAD_INPUT and retry_hint:
         line = line.rstrip(". ") + f"; {retry_hint}"
-    line = _one_line(line)
     if log_path is not None:
         line += f" (details: {log_path})"
     return Ending(code, scrub(line))
 
 
 # --------------------------------------------------------------------------- the log file
-def _logs_dir() -> Path:
-    """``$FMPIPE_HOME/logs``, else a temporary directory (a log never fails a job)."""
-    for candidate in (fmpipe_home() / "logs", Path(tempfile.gettempdir()) / "fmpipe-logs"):
+def _writable_dir(preferred: Path) -> Path:
+    """``preferred`` (created), else a temporary directory: a log file never fails a job."""
+    for candidate in (preferred, Path(tempfile.gettempdir()) / "fmpipe-logs"):
         with contextlib.suppress(OSError):
             candidate.mkdir(parents=True, exist_ok=True)
             if os.access(candidate, os.W_OK):
                 return candidate
     return Path(tempfile.gettempdir())
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """A FileHandler that creates its directory (or moves to a temporary one) only when the
+    first record comes: a job that logs nothing leaves no directory behind."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        path = Path(self.baseFilename)
+        directory = _writable_dir(path.parent)
+        self.baseFilename = str(directory / path.name)
+        return super()._open()
 
 
 class _ScrubFormatter(logging.Formatter):
@@ -230,12 +240,17 @@ class JobLog:
 
     def __init__(self, job: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        self.path = _logs_dir() / f"{job or 'job'}-{stamp}-{os.getpid()}.log"
-        self.handler = logging.FileHandler(self.path, delay=True, encoding="utf-8")
+        name = f"{job or 'job'}-{stamp}-{os.getpid()}.log"
+        self.handler = _LazyFileHandler(fmpipe_home() / "logs" / name, delay=True, encoding="utf-8")
         self.handler.setLevel(logging.INFO)
         self.handler.setFormatter(
             _ScrubFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
+
+    @property
+    def path(self) -> Path:
+        """Where the log is (or will be) written."""
+        return Path(self.handler.baseFilename)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[JobLog]:
@@ -267,7 +282,13 @@ class JobLog:
         if cause is not exc:
             text += "\nroot cause:\n" + "".join(traceback.format_exception(cause))
         try:
-            self.handler.flush()
+            self.handler.acquire()
+            try:
+                if self.handler.stream is None:  # nothing logged yet: make the file now
+                    self.handler.stream = self.handler._open()
+                self.handler.flush()
+            finally:
+                self.handler.release()
             with open(self.path, "a", encoding="utf-8") as out:
                 out.write(f"fmpipe {job} failed: {type(exc).__name__}\n{scrub(text)}\n")
         except OSError:

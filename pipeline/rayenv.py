@@ -180,16 +180,21 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         if _will_start_local_ray():
             from ray._private import ray_constants
 
-            # Read by ray._private.services at call time; the children read the variable.
+            # Read by ray._private.services at call time (the children read the variable);
+            # once the node is up, the driver asks it for its address instead.
+            saved = ray_constants.ENABLE_RAY_CLUSTER
             ray_constants.ENABLE_RAY_CLUSTER = False
-            with scoped_environ(_loopback_environ()):
-                ray.init(
-                    num_cpus=num_cpus,
-                    log_to_driver=False,
-                    logging_level=logging.WARNING,
-                    include_dashboard=False,
-                    _node_ip_address="127.0.0.1",
-                )
+            try:
+                with scoped_environ(_loopback_environ()):
+                    ray.init(
+                        num_cpus=num_cpus,
+                        log_to_driver=False,
+                        logging_level=logging.WARNING,
+                        include_dashboard=False,
+                        _node_ip_address="127.0.0.1",
+                    )
+            finally:
+                ray_constants.ENABLE_RAY_CLUSTER = saved
         else:
             ray.init(
                 num_cpus=num_cpus,
