@@ -417,12 +417,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000000000064")
 
 
-# 40 shards of one compute block each (50 samples on the CPU), 100 Euler steps: the job is
-# still running when the fault comes, and a re-run finishes in seconds.
-SAMPLES, SHARD = 2000, 50
+# 20 shards of one compute block each (50 samples on the CPU), 4 Euler steps: the job is
+# still running when the fault comes (a shard took ~2 s on the loaded 2-core machine), and a
+# re-run finishes in a minute.
+SAMPLES, SHARD = 1000, 50
 
 
-def _sample_argv(model: Path, out: str, steps: int = 100) -> list[str]:
+def _sample_argv(model: Path, out: str, steps: int = 4) -> list[str]:
     return [
         "jobs.sample", "--model", str(model), "--out", out, "--num-samples", str(SAMPLES),
         "--steps", str(steps), "--actors", "1", f"sample.shard_size={SHARD}",
