@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -107,6 +108,30 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+# In a worker's traceback text: "pkg.mod.Error: message" just before Python's "direct cause"
+# line. Ray Data re-raises a map function's error as UserCodeException(...) from it, and only
+# the text of that chain reaches the driver (the __cause__ object does not travel).
+_CHAINED = re.compile(
+    r"^([A-Za-z_][\w.]*): (.*)\n\nThe above exception was the direct cause", re.MULTILINE
+)
+
+
+def remote_cause(exc: BaseException) -> tuple[str, str] | None:
+    """``(qualified class name, message)`` of the error a Ray wrapper's traceback text shows
+    as the direct cause of what was raised in the worker, or None."""
+    for _ in range(_UNWRAP_LIMIT):
+        text = getattr(exc, "traceback_str", None)
+        if isinstance(text, str):
+            found = _CHAINED.findall(text)
+            if found:
+                return found[0][0], found[0][1].strip()
+        inner = _inner(exc)
+        if inner is None or inner is exc:
+            return None
+        exc = inner
+    return None
+
+
 def _is_bad_input(exc: BaseException) -> bool:
     code = getattr(type(exc), "exit_code", None)
     if isinstance(code, int):
@@ -127,6 +152,9 @@ def exit_code_of(exc: BaseException, bad_input: tuple[type[BaseException], ...] 
     if isinstance(code, int):
         return code
     if _is_bad_input(cause) or _is_bad_input(exc) or isinstance(cause, bad_input):
+        return EXIT_BAD_INPUT
+    remote = remote_cause(exc)
+    if remote is not None and remote[0] in BAD_INPUT_ERRORS:
         return EXIT_BAD_INPUT
     return EXIT_FAILED
 
@@ -192,7 +220,12 @@ def describe_failure(
         line = f"fmpipe {job}: interrupted; {interrupt_hint or 're-run the same command to resume'}"
         return Ending(code, scrub(line))
     cause = root_cause(exc)
-    line = _one_line(f"fmpipe {job}: error: {_where(exc, cause)}{_message(cause)}")
+    message = _message(cause)
+    remote = remote_cause(exc) if cause is not exc else None
+    if remote is not None and any(n.endswith("UserCodeException") for n in _class_names(cause)):
+        name, text = remote
+        message = text if name.startswith("pipeline.") else f"{name.rsplit('.', 1)[-1]}: {text}"
+    line = _one_line(f"fmpipe {job}: error: {_where(exc, cause)}{message}")
     if code != EXIT_BAD_INPUT and retry_hint:
         line = line.rstrip(". ") + f"; {retry_hint}"
     if log_path is not None:

@@ -224,6 +224,36 @@ def test_ray_wrappers_come_off_for_the_line() -> None:
     )
 
 
+def test_ray_data_error_is_named_by_its_cause_from_the_worker_traceback() -> None:
+    """Ray Data re-raises a map function's error as UserCodeException "from" it; only the
+    traceback text of that chain reaches the driver: the line names the real error."""
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    text = (
+        "Traceback (most recent call last):\n  File ...\n"
+        "pipeline.storage.StorageError: cannot write /d/out/shard-000003.tar: OSError: "
+        "[Errno 28] No space left on device\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "Traceback (most recent call last):\n  ...\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+    )
+    error = RayTaskError(
+        "MapWorker.submit", text, UserCodeException("UDF failed to process a data block.")
+    ).as_instanceof_cause()
+    ending = describe_failure("sample", error, retry_hint="re-run")
+    assert ending.code == EXIT_FAILED
+    assert ending.line == (
+        "fmpipe sample: error: in a Ray worker: cannot write /d/out/shard-000003.tar: OSError: "
+        "[Errno 28] No space left on device; re-run"
+    )
+    bad = RayTaskError(
+        "MapWorker.submit",
+        text.replace("pipeline.storage.StorageError", "pipeline.data.stream.DatasetError"),
+        UserCodeException("UDF failed to process a data block."),
+    ).as_instanceof_cause()
+    assert exit_code_of(bad) == EXIT_BAD_INPUT
+
+
 def test_unexpected_error_is_one_line_and_the_traceback_goes_to_the_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -465,7 +495,7 @@ def test_ctrl_c_in_sample_keeps_the_shards_and_exits_130(checkpoint: Path, tmp_p
     try:
         job.wait_for("[sample] 1 / ", timeout=400)
         job.interrupt()
-        code, err = job.finish(timeout=120)
+        code, err = job.finish(timeout=300)
     finally:
         job.kill()
     line = assert_one_line(err, "sample")
