@@ -120,7 +120,8 @@ def remote_cause(exc: BaseException) -> tuple[str, str] | None:
     """``(qualified class name, message)`` of the error a Ray wrapper's traceback text shows
     as the direct cause of what was raised in the worker, or None."""
     for _ in range(_UNWRAP_LIMIT):
-        text = getattr(exc, "traceback_str", None)
+        # RayTaskError keeps the text in traceback_str; its per-cause subclasses only in str()
+        text = getattr(exc, "traceback_str", None) or str(exc)
         if isinstance(text, str):
             found = _CHAINED.findall(text)
             if found:
