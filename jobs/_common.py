@@ -15,15 +15,17 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from jobs._failures import EXIT_BAD_INPUT, JobLog, run_ending
 from pipeline.config import Config, ConfigError, load_config, merge_trees, parse_override
 from pipeline.rayenv import quiet_library_loggers
-from pipeline.redact import redacted_console, scrub
+from pipeline.redact import redacted_console
 
 # ``seed=3``, ``train.lr=1e-3``: a dotted key of identifiers, then ``=``. A token of this form
 # that argparse did not take as a flag's value is an override, wherever it stands.
@@ -131,43 +133,89 @@ def resolve_config(
     return load_config(path, [*flags, *overrides], defaults=base)
 
 
+def check_batch_split(cfg: Config) -> None:
+    """``data.batch_size`` must split evenly over the workers and micro-batches: a config
+    error (exit 2) before any work, not a traceback from inside the trainer."""
+    t = cfg.train
+    parts = t.num_workers * t.grad_accum
+    if parts < 1 or cfg.data.batch_size % parts:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} (the global batch) must be divisible by "
+            f"train.num_workers * train.grad_accum = {t.num_workers} * {t.grad_accum} = "
+            f"{parts}; change --workers, train.grad_accum or data.batch_size"
+        )
+
+
+@dataclass
+class _Hints:
+    """What the current job's failure line tells the user to do (set by :func:`run_guarded`)."""
+
+    retry: Callable[[], str] = lambda: ""
+    interrupt: Callable[[], str] = lambda: ""
+    bad_input: tuple[type[BaseException], ...] = ()
+
+
+_hints = _Hints()
+
+
+def _as_hint(hint: str | Callable[[], str]) -> Callable[[], str]:
+    return hint if callable(hint) else (lambda: hint)
+
+
 def run_guarded(
     job: str,
     action: Callable[[], object],
-    user_errors: tuple[type[BaseException], ...],
-    resume_hint: str,
-    failures: Mapping[type[BaseException], Callable[[BaseException], str]] | None = None,
+    resume_hint: str | Callable[[], str],
+    *,
+    retry_hint: str | Callable[[], str] | None = None,
+    bad_input: tuple[type[BaseException], ...] = (),
 ) -> int:
-    """Run a job's main action: a user error is one scrubbed line and exit 1, Ctrl-C says how
-    to resume and exits 130; config errors pass through to :func:`run_job` (exit 2).
+    """Run a job's main action (inside :func:`run_job`), saying what a failure line advises.
 
-    ``failures`` words other exception types itself: ``fmpipe <job>: <message>``, scrubbed,
-    exit 1 (the first type in the mapping that matches)."""
-    failures = failures or {}
-    try:
-        action()
-    except ConfigError:
-        raise
-    except user_errors as exc:
-        print(f"fmpipe {job}: error: {scrub(str(exc))}", file=sys.stderr)
-        return 1
-    except tuple(failures) as exc:
-        message = next(word for kind, word in failures.items() if isinstance(exc, kind))
-        print(f"fmpipe {job}: {scrub(message(exc))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"fmpipe {job}: interrupted; {resume_hint}", file=sys.stderr)
-        return 130
+    ``resume_hint`` follows "interrupted;" after Ctrl-C (exit 130): how to resume, e.g.
+    "re-run the same command to resume from checkpoint_... (N images)"; a callable is asked at
+    the end, so it can name what is there then. ``retry_hint`` ends the line of a failure that
+    running again may cure (exit 1); default: ``resume_hint``. A bad-input error (exit 2)
+    says itself what to fix; ``bad_input`` adds classes that mean bad input for this job
+    (exit 2; fmpipe's own input errors are known already). How each error becomes its line
+    and exit code: :mod:`jobs._failures`.
+    """
+    _hints.interrupt = _as_hint(resume_hint)
+    _hints.retry = _as_hint(resume_hint if retry_hint is None else retry_hint)
+    _hints.bad_input = tuple(bad_input)
+    del job  # the line names the job run_job was given
+    action()
     return 0
 
 
-def run_job(body: Callable[[], int]) -> int:
-    """Run a job body; turn config errors into one clear line and exit status 2."""
+def run_job(body: Callable[[], int], job: str | None = None) -> int:
+    """Run a job body: every failure ends in one clear line on stderr and an exit code.
+
+    2: a config error (``config error: ...``) or other bad input; 130: interrupted; 1: any
+    other failure, with its traceback (Ray's too) in ``$FMPIPE_HOME/logs/<job>-<time>.log``,
+    which the line names (see :mod:`jobs._failures`). Every line printed or logged is
+    scrubbed.
+    """
+    name = job or "job"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_library_loggers()  # their detail stays in Ray's log files (pipeline.rayenv)
-    with redacted_console():  # every line the job prints or logs is scrubbed
+    fresh = _Hints()
+    _hints.retry, _hints.interrupt, _hints.bad_input = fresh.retry, fresh.interrupt, ()
+    log = JobLog(name)
+
+    def guarded() -> int:
         try:
             return body()
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
+
+    with log.installed(), redacted_console():  # every line the job prints or logs is scrubbed
+        return run_ending(
+            name,
+            guarded,
+            log,
+            lambda: _hints.retry(),
+            lambda: _hints.interrupt(),
+            lambda: _hints.bad_input,
+        )

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         return 0
 
-    return run_job(body)
+    return run_job(body, "bench")
 
 
 if __name__ == "__main__":

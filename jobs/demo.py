@@ -12,7 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import add_config_arguments, parse_job_args, resolve_config, run_job
+from jobs._common import (
+    add_config_arguments,
+    check_batch_split,
+    parse_job_args,
+    resolve_config,
+    run_guarded,
+    run_job,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +40,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
+        check_batch_split(cfg)
         from pipeline.demo import demo_summary, run_demo
+        from pipeline.rayenv import interrupts_as_keyboard_interrupt
 
-        result = run_demo(cfg)
-        print("\n".join(demo_summary(result, cfg)))
-        return 0
+        def run() -> None:
+            with interrupts_as_keyboard_interrupt():
+                result = run_demo(cfg)
+            print("\n".join(demo_summary(result, cfg)))
 
-    return run_job(body)
+        return run_guarded("demo", run, "re-run `fmpipe demo` to resume")
+
+    return run_job(body, "demo")
 
 
 if __name__ == "__main__":

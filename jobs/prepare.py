@@ -99,16 +99,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Imported here: `fmpipe prepare --help` stays fast.
         from pipeline.data.prepare import prepare_dataset
-        from pipeline.storage import StorageError
 
         return run_guarded(
             "prepare",
             lambda: prepare_dataset(cfg),
-            (StorageError, ValueError, OSError),
-            "run the same command again to resume",
+            "run the same command again to resume (the shards in place are kept)",
+            bad_input=(ValueError,),  # the sources refuse a bad spec or folder with it
         )
 
-    return run_job(body)
+    return run_job(body, "prepare")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ Examples:
   fmpipe retrain --config my.yaml retrain.promote_margin=0.002 retrain.from_scratch=true
   fmpipe submit retrain --data s3://data/digits --storage s3://runs   # on a Ray cluster
 
-Exit status: 0 for every outcome above (promoted, rejected, no new data, busy); 1 when the
-dataset, storage or registry cannot be used; 2 for a config error.
+Exit status: 0 for every outcome above (promoted, rejected, no new data, busy); 2 for bad
+input (a config error, a missing dataset or model); 130 when interrupted; 1 for any other
+failure (storage or registry unreachable, a worker that kept failing), with the traceback in
+$FMPIPE_HOME/logs/.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import sys
 
 from jobs._common import (
     add_config_arguments,
+    check_batch_split,
     overrides_from,
     parse_job_args,
     resolve_config,
@@ -101,20 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
+        check_batch_split(cfg)
         # Imported here: `fmpipe retrain --help` does not import Ray, torch or MLflow.
-        from pipeline.data.stream import DatasetError
-        from pipeline.registry import ModelNotFound
-        from pipeline.retrain import LeaseError, retrain
-        from pipeline.storage import StorageError
+        from pipeline.rayenv import interrupts_as_keyboard_interrupt
+        from pipeline.retrain import retrain
 
-        return run_guarded(
-            "retrain",
-            lambda: retrain(cfg),
-            (DatasetError, StorageError, LeaseError, ModelNotFound),
-            "the next run resumes the candidate",
-        )
+        def run() -> None:
+            with interrupts_as_keyboard_interrupt():
+                retrain(cfg)
 
-    return run_job(body)
+        return run_guarded("retrain", run, "the next run resumes the candidate")
+
+    return run_job(body, "retrain")
 
 
 if __name__ == "__main__":

@@ -136,19 +136,17 @@ def main(argv: list[str] | None = None) -> int:
                 "models:/<name>/<version> or a checkpoint directory"
             )
         # Imported here: `fmpipe sample --help` stays fast.
-        from pipeline.checkpoint import CheckpointError
-        from pipeline.registry import ModelNotFound
-        from pipeline.sample import SampleJobError, generate
-        from pipeline.storage import StorageError
+        from pipeline.sample import generate
 
         return run_guarded(
             "sample",
             lambda: generate(cfg),
-            (ModelNotFound, CheckpointError, SampleJobError, StorageError, ValueError, OSError),
-            "re-run the same command to finish the missing shards",
+            "re-run the same command to write the missing shards (the complete ones are kept)",
+            # a malformed models:/ URI or an empty model: the input (SampleJobError is one too)
+            bad_input=(ValueError,),
         )
 
-    return run_job(body)
+    return run_job(body, "sample")
 
 
 if __name__ == "__main__":

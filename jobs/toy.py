@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    return run_job(body)
+    return run_job(body, "toy")
 
 
 if __name__ == "__main__":

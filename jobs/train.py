@@ -29,6 +29,7 @@ import sys
 
 from jobs._common import (
     add_config_arguments,
+    check_batch_split,
     overrides_from,
     parse_job_args,
     resolve_config,
@@ -36,6 +37,7 @@ from jobs._common import (
     run_job,
     shortcut_values,
 )
+from pipeline.config import Config
 from pipeline.home import data_uri
 
 
@@ -101,6 +103,17 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return overrides_from(shortcut_values(args, SHORTCUTS))
 
 
+def last_checkpoint(cfg: Config) -> str:
+    """The newest complete checkpoint of the run, as the resume line names it."""
+    from pipeline.train.trainer import find_latest_state, storage_location
+
+    run_dir = storage_location(cfg).child(cfg.train.run_name)
+    state, name = find_latest_state(run_dir)
+    if state is None or name is None:
+        return f"the start (no checkpoint yet in {run_dir.uri})"
+    return f"{name} ({state.images_seen:,} images) in {run_dir.uri}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_job_args(build_parser(), argv)
 
@@ -110,12 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
+        check_batch_split(cfg)
         # Imported here: `fmpipe train --help` does not import Ray or torch.
-        from ray.train import TrainingFailedError
-
-        from pipeline.data.stream import DatasetError
-        from pipeline.lease import LeaseError
-        from pipeline.storage import StorageError
+        from pipeline.rayenv import interrupts_as_keyboard_interrupt
         from pipeline.train.trainer import train
 
         print(
@@ -124,25 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         def run() -> None:
-            result = train(cfg)
+            with interrupts_as_keyboard_interrupt():
+                result = train(cfg)
             print("\n" + result.summary())
 
         return run_guarded(
             "train",
             run,
-            (DatasetError, StorageError),
-            "run the same command again to resume",
-            failures={
-                LeaseError: lambda exc: f"error: {exc}",  # the run is held: one line, exit 1
-                TrainingFailedError: lambda exc: (
-                    f"training failed: {exc}\n"
-                    "(worker logs: /tmp/ray/session_latest/logs; run the same command to "
-                    "resume from the last checkpoint)"
-                ),
-            },
+            lambda: f"re-run the same command to resume from {last_checkpoint(cfg)}",
+            retry_hint="run the same command to resume from the last checkpoint",
         )
 
-    return run_job(body)
+    return run_job(body, "train")
 
 
 if __name__ == "__main__":

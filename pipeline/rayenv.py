@@ -6,7 +6,13 @@ the module that needs it, and remove one when the test shows it no longer earns 
 
 - :func:`ensure_ray`: a local Ray with ``log_to_driver=False``, so Ray's own chatter stays
   in its log files under the session directory; without it every worker's log lines reach
-  the job's console.
+  the job's console. Its metrics ports on 127.0.0.1 (without
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` they answer on 0.0.0.0 without the token), and
+  Ray's error records off the console (a job reports the error as one line) and in the
+  job's log file.
+- :func:`interrupts_as_keyboard_interrupt`: Ray Train's own SIGINT handler turns Ctrl-C into
+  ``sys.exit(0)`` inside ``fit()`` (exit 1, nothing said); inside the block Ctrl-C stops the
+  run and raises ``KeyboardInterrupt``, which the jobs report as "interrupted" (exit 130).
 - :func:`quiet_ray_console` / :func:`quiet_library_loggers`: Ray, Ray Data, MLflow, boto
   and alembic log INFO lines (execution plans, token notices, DB migrations, uploads) to the
   console; jobs show fmpipe's own progress lines and summary instead.
@@ -36,6 +42,7 @@ __all__ = [
     "MMAP_THRESHOLD",
     "TRIM_THRESHOLD",
     "ensure_ray",
+    "interrupts_as_keyboard_interrupt",
     "keep_freed_memory",
     "quiet_cpp_notices",
     "quiet_library_loggers",
@@ -91,8 +98,76 @@ def quiet_ray_console() -> None:
     context.print_on_execution_start = False
 
 
+class _NoErrorsOnConsole(logging.Filter):
+    """Keeps Ray's ERROR records (and any with a traceback) off the console: the error itself
+    reaches the caller as an exception, which a job turns into one line; the record stays in
+    Ray's log files and in the job's log file (see :func:`ensure_ray`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and not record.exc_info
+
+
+def _ray_logs_to_root_files() -> None:
+    """Ray's loggers stop at their own handlers (they do not propagate to the root): give
+    them the root logger's file handlers too (a job's log file), and keep their errors off
+    the console."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logger = logging.getLogger(name)
+        for handler in _console_handlers(name):
+            if not any(isinstance(f, _NoErrorsOnConsole) for f in handler.filters):
+                handler.addFilter(_NoErrorsOnConsole())
+        if not logger.propagate:
+            for handler in files:
+                if handler not in logger.handlers:
+                    logger.addHandler(handler)
+
+
+def _loopback_environ() -> dict[str, str]:
+    """What a local Ray needs to keep its unauthenticated ports on loopback (Ray 2.60).
+
+    ``ray.init`` takes the machine's address as the node's unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` says the cluster is this machine alone; with the
+    machine's address the metrics export port (reporter agent) and the autoscaler's
+    Prometheus server bind 0.0.0.0 and answer without the token. With it, they bind
+    127.0.0.1 (``reporter_agent`` and ``monitor.py`` bind ``get_localhost_ip()`` for a
+    loopback node). The autoscaler's and dashboard's metrics ports default to fixed 44217 /
+    44227, which a second local Ray on the machine cannot have: free ones are picked.
+    Ray's children read these variables when they start; the driver read the first at
+    ``import ray``, so :func:`ensure_ray` also sets Ray's constant itself.
+    """
+    import socket
+
+    def free_port() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            return int(probe.getsockname()[1])
+
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "AUTOSCALER_METRIC_PORT": os.environ.get("AUTOSCALER_METRIC_PORT") or str(free_port()),
+        "DASHBOARD_METRIC_PORT": os.environ.get("DASHBOARD_METRIC_PORT") or str(free_port()),
+    }
+
+
+def _will_start_local_ray() -> bool:
+    """Whether ``ray.init()`` would start a new local Ray (no RAY_ADDRESS, no cluster that
+    ``ray start`` left on this machine) rather than connect to one."""
+    from ray._private import services
+
+    try:
+        return services.canonicalize_bootstrap_address(None) is None
+    except Exception:  # an address that cannot be resolved: ray.init will say so itself
+        return False
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Start a quiet local Ray unless one is running (or ``ray job submit`` connected us).
+
+    A Ray this starts listens on 127.0.0.1 only where it has no token to check (the metrics
+    ports; see :func:`_loopback_environ`), runs with token authentication (Ray's default for
+    a new cluster) and no dashboard. Ray's error records stay off the console and go to the
+    root logger's file handlers (a job's log file) as well as to Ray's own logs.
 
     Returns True when this call started Ray (so the caller should shut it down).
     """
@@ -102,14 +177,34 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     for handler in _console_handlers("ray"):
         handler.addFilter(_MuteRayNotices())
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=num_cpus,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            include_dashboard=False,
-        )
+        if _will_start_local_ray():
+            from ray._private import ray_constants
+
+            # Read by ray._private.services at call time (the children read the variable);
+            # once the node is up, the driver asks it for its address instead.
+            saved = ray_constants.ENABLE_RAY_CLUSTER
+            ray_constants.ENABLE_RAY_CLUSTER = False
+            try:
+                with scoped_environ(_loopback_environ()):
+                    ray.init(
+                        num_cpus=num_cpus,
+                        log_to_driver=False,
+                        logging_level=logging.WARNING,
+                        include_dashboard=False,
+                        _node_ip_address="127.0.0.1",
+                    )
+            finally:
+                ray_constants.ENABLE_RAY_CLUSTER = saved
+        else:
+            ray.init(
+                num_cpus=num_cpus,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                include_dashboard=False,
+            )
         started = True
     quiet_ray_console()
+    _ray_logs_to_root_files()
     return started
 
 
@@ -298,3 +393,58 @@ def _apply_mallopt() -> bool:
         "malloc: mmap threshold %d, trim threshold %d: %s", MMAP_THRESHOLD, TRIM_THRESHOLD, done
     )
     return done
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+ABORT_TIMEOUT_S = 30.0  # how long Ctrl-C waits for Ray Train to stop its workers
+
+
+@contextlib.contextmanager
+def interrupts_as_keyboard_interrupt() -> Iterator[None]:
+    """Ctrl-C in Ray Train's ``fit()`` stops the run and raises ``KeyboardInterrupt``.
+
+    Ray Train V2 (2.60, ``DataParallelTrainer._register_sigint_handler``) replaces the
+    process's SIGINT handler inside ``fit()`` with its own: it aborts the controller and then
+    calls ``sys.exit(0)`` from inside the handler, which surfaces in the driver as
+    ``SystemExit`` or ``RayActorError`` (exit 1 in about 5 s, nothing printed) instead of the
+    ``KeyboardInterrupt`` that the driver and the job turn into "interrupted; re-run the same
+    command to resume" and exit 130. Inside this block the handler it registers does Ray's
+    graceful part (abort the controller, which stops the workers, waiting up to
+    ``ABORT_TIMEOUT_S``) and then raises ``KeyboardInterrupt`` in the driver, where ``fit()``
+    was waiting; a second Ctrl-C meanwhile raises it at once. The SIGINT handler from before
+    the block is put back afterwards (Ray leaves its own installed after ``fit()``).
+    """
+    import signal
+
+    try:
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    except ImportError:  # no Ray Train V2: nothing replaces the handler
+        yield
+        return
+    original = DataParallelTrainer.__dict__.get("_register_sigint_handler")
+    if original is None:  # Ray changed: tests/test_failures.py's SIGINT test says so
+        log.warning("Ray Train has no _register_sigint_handler: Ctrl-C is Ray's own")
+        yield
+        return
+    before = signal.getsignal(signal.SIGINT)
+
+    def register(self: object, controller: object) -> None:
+        del self
+
+        def handler(signum: int, frame: object) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # 2nd Ctrl-C: at once
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)  # type: ignore[attr-defined]
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+
+    DataParallelTrainer._register_sigint_handler = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DataParallelTrainer._register_sigint_handler = original  # type: ignore[method-assign]
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before if before is not None else signal.SIG_DFL)

@@ -598,7 +598,8 @@ def test_cli_errors_are_one_clear_line(case: str, message: str, tmp_path: Path, 
     elif case == "label-range":
         extra = ["--label", "7"]
     code, _, err = run_cli(capsys, "--model", model, "--out", out, "--num-samples", "4", *extra)
-    assert code == 1
+    # issue 17: bad input (model, checkpoint, settings) exits 2; storage that cannot be used, 1
+    assert code == (1 if case == "unwritable" else 2)
     lines = [line for line in err.splitlines() if line.startswith("fmpipe sample:")]
     assert len(lines) == 1 and lines[0].startswith("fmpipe sample: error: "), err
     assert message in lines[0] and "Traceback" not in err
