@@ -22,10 +22,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/fmpipe demo
 
-# Two pytest workers, one test file each at a time (module fixtures stay in one process):
-# most of the suite waits on Ray start-up and servers, so two files overlap well on 2 cores.
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

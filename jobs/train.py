@@ -105,13 +105,14 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def last_checkpoint(cfg: Config) -> str:
     """The newest complete checkpoint of the run, as the resume line names it."""
-    from pipeline.train.trainer import find_latest_state, storage_location
+    from pipeline.train.resume import describe, find_resume_point
+    from pipeline.train.trainer import storage_location
 
     run_dir = storage_location(cfg).child(cfg.train.run_name)
-    state, name = find_latest_state(run_dir)
-    if state is None or name is None:
+    point = find_resume_point(run_dir)
+    if point is None:
         return f"the start (no checkpoint yet in {run_dir.uri})"
-    return f"{name} ({state.images_seen:,} images) in {run_dir.uri}"
+    return f"{describe(point)} in {run_dir.uri}"
 
 
 def main(argv: list[str] | None = None) -> int:
