@@ -109,7 +109,8 @@ def _checkpoint_to_restore(ctx: RunContext, reported: Any) -> Iterator[tuple[str
     """``(local directory, where)`` of the checkpoint this worker restores, or None.
 
     The driver's resume point (the newest complete checkpoint, which the data stream starts
-    from), unless Ray Train hands this worker a newer one: a worker restarted within this
+    from), unless Ray Train hands this worker the same one (already downloaded: used as is,
+    not fetched a second time) or a newer one: a worker restarted within this
     invocation after it reported a checkpoint. Never an older one: Ray resumes from the
     newest checkpoint it *registered*, which an interrupted upload can leave behind.
     """
@@ -123,7 +124,7 @@ def _checkpoint_to_restore(ctx: RunContext, reported: Any) -> Iterator[tuple[str
             problem = incomplete(state, present)
             if problem:
                 log.warning("not resuming from %s: incomplete (%s)", reported.path, problem)
-            elif ctx.resume is None or state.images_seen > ctx.resume.images_seen:
+            elif ctx.resume is None or state.images_seen >= ctx.resume.images_seen:
                 yield directory, reported.path
                 return
     if ctx.resume is None:
