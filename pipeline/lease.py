@@ -452,6 +452,26 @@ def _refused_message(cfg: Config, lease: Lease, holder: dict[str, Any] | None) -
     )
 
 
+HOLDER_WAIT_S = 2.0  # how long a refused run waits for the holder to write who it is
+
+
+def _read_holder(lease: Lease, wait_s: float = HOLDER_WAIT_S) -> dict[str, Any] | None:
+    """The holder's body, for the refusal; None when it cannot be read.
+
+    A local lease is granted (``flock``) a moment before its holder writes who it is, so a
+    run refused in that moment reads an empty file: wait briefly for the body rather than
+    name "another process". An empty file after ``wait_s`` means the holder just released."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(Exception):  # the refusal matters, not who, if unreadable
+            holder = lease.holder()
+            if holder:
+                return holder
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def hold_run_lease(
     cfg: Config, storage: Location | None = None, ttl: float = LEASE_TTL_S
@@ -477,9 +497,7 @@ def hold_run_lease(
             f"cannot take the lease of run '{cfg.train.run_name}' at {lease.uri}: {exc}"
         ) from exc
     if not acquired:
-        holder = None
-        with contextlib.suppress(Exception):  # the refusal matters, not who, if unreadable
-            holder = lease.holder()
+        holder = _read_holder(lease)
         raise LeaseHeldError(_refused_message(cfg, lease, holder), lease.uri, holder)
     try:
         with Heartbeat(

@@ -80,6 +80,31 @@ def test_file_lease_is_exclusive(tmp_path: Path):
     again.release()
 
 
+def test_a_run_refused_while_the_holder_is_still_writing_its_name_still_names_it(tmp_path: Path):
+    """A local lease is granted (flock) a moment before its holder writes who it is; a run
+    refused in that moment waits for the body instead of naming "another process"."""
+    import fcntl
+    import os
+    import threading
+
+    from pipeline.lease import FileLease, _read_holder
+
+    path = tmp_path / "run.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # granted, body not yet written
+    late = threading.Timer(0.3, lambda: os.pwrite(fd, b'{"host": "h", "pid": 7}', 0))
+    late.start()
+    try:
+        refused = FileLease(path)
+        assert not refused.acquire()
+        assert refused.holder() is None  # what the refused run read before the fix
+        assert _read_holder(refused) == {"host": "h", "pid": 7}
+    finally:
+        late.join()
+        os.close(fd)
+    assert _read_holder(FileLease(tmp_path / "never-written.lock"), wait_s=0.1) is None
+
+
 @pytest.mark.parametrize("kind", ["s3", "local"])
 def test_a_lease_names_its_holder_and_keeps_its_start_across_renewals(kind, request, tmp_path):
     """The body says who (host, pid) and since when; renewing moves only the expiry."""
