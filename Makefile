@@ -22,8 +22,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/fmpipe demo
 
+# The suite in two parts. Most of it waits on Ray start-up and servers, so two pytest workers,
+# one test file each at a time (module fixtures stay in one process), overlap well on 2 cores;
+# the tests marked `serial` (their own multi-node Ray clusters, side-by-side timings) then run
+# alone. Both parts always run; the target fails if either does.
 test: setup
-	$(PY) -m pytest
+	@status=0; \
+	$(PY) -m pytest -n 2 --dist loadfile -m "not serial" || status=$$?; \
+	$(PY) -m pytest -m serial || status=$$?; \
+	exit $$status
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -61,6 +61,7 @@ BAD_INPUT_ERRORS = frozenset(
         "pipeline.registry.ModelNotFound",
         "pipeline.checkpoint.CheckpointError",
         "pipeline.sample.plan.SampleJobError",
+        "pipeline.storage.StorageInputError",  # its exit_code says so too; this, for remote text
     }
 )
 

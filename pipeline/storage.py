@@ -46,6 +46,7 @@ __all__ = [
     "MULTIPART_THRESHOLD",
     "Location",
     "StorageError",
+    "StorageInputError",
     "boto3_client",
     "check_access",
     "read_whole",
@@ -89,17 +90,30 @@ def _chain_secrets() -> None:
 
 class StorageError(RuntimeError):
     """A storage URI is invalid or cannot be used. The message names the URI and the problem
-    (and the endpoint, for S3), never a credential: it is scrubbed on construction."""
+    (and the endpoint, for S3), never a credential: it is scrubbed on construction.
+
+    This class itself means the store failed in a way that running again may cure (S3
+    unreachable, disk full, an unexpected answer): jobs exit 1. :class:`StorageInputError`
+    means the input is wrong."""
 
     def __init__(self, message: object) -> None:
         super().__init__(scrub(str(message)))
 
 
-def _fail(message: str) -> NoReturn:
-    """Raise StorageError(message) with no exception chained to it (from inside an ``except``
-    block): the wrapped exception may hold a secret, so it must not travel along."""
+class StorageInputError(StorageError):
+    """The URI, bucket, object, permissions or credentials are wrong: the same command fails
+    the same way until they are fixed, so jobs exit 2 (bad input) and a scheduler does not
+    retry (``exit_code``, read by jobs/_failures.py)."""
+
+    exit_code = 2
+
+
+def _fail(message: str, *, bad_input: bool = False) -> NoReturn:
+    """Raise StorageError(message) (StorageInputError with ``bad_input``) with no exception
+    chained to it (from inside an ``except`` block): the wrapped exception may hold a secret,
+    so it must not travel along."""
     try:
-        raise StorageError(message)
+        raise (StorageInputError if bad_input else StorageError)(message)
     except StorageError as raised:
         raised.__cause__ = None
         raised.__context__ = None
@@ -138,12 +152,14 @@ def _split_endpoint(endpoint: str) -> tuple[str, str]:
     """``"http://host:9000"`` -> ("http", "host:9000"), or StorageError."""
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise StorageError(
+        raise StorageInputError(
             f"S3 endpoint '{endpoint}' is not a URL like http://host:port or https://host "
             "(from AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or storage.endpoint_url)"
         )
     if parts.username or parts.password:
-        raise StorageError("S3 endpoint must not carry credentials; use the AWS credential chain")
+        raise StorageInputError(
+            "S3 endpoint must not carry credentials; use the AWS credential chain"
+        )
     return parts.scheme, parts.netloc + parts.path.rstrip("/")
 
 
@@ -303,9 +319,11 @@ class Location:
         for name in names:
             pieces = [p for p in str(name).split("/") if p not in ("", ".")]
             if not pieces:
-                raise StorageError(f"empty child name {name!r} under {self.uri}")
+                raise StorageInputError(f"empty child name {name!r} under {self.uri}")
             if ".." in pieces:
-                raise StorageError(f"child name {name!r} under {self.uri} must not contain '..'")
+                raise StorageInputError(
+                    f"child name {name!r} under {self.uri} must not contain '..'"
+                )
             parts.extend(pieces)
         if not parts:
             return self
@@ -335,9 +353,9 @@ class Location:
         """Size in bytes of the file here."""
         info = self._info()
         if info.type == pafs.FileType.NotFound:
-            raise StorageError(f"{self.uri} does not exist{self._at()}")
+            raise StorageInputError(f"{self.uri} does not exist{self._at()}")
         if info.type != pafs.FileType.File:
-            raise StorageError(f"{self.uri} is a directory, not a file{self._at()}")
+            raise StorageInputError(f"{self.uri} is a directory, not a file{self._at()}")
         return int(info.size)
 
     def list_names(self, suffix: str | None = None) -> list[str]:
@@ -377,7 +395,7 @@ class Location:
         """Copy a local file here atomically and streamed (never read whole into memory)."""
         source = Path(local_path)
         if not source.is_file():
-            raise StorageError(f"cannot upload '{source}' to {self.uri}: not a file")
+            raise StorageInputError(f"cannot upload '{source}' to {self.uri}: not a file")
         if self.is_s3:
             self._s3_upload("upload_file", str(source), multipart_threshold)
         else:
@@ -414,7 +432,7 @@ class Location:
                 else:
                     self.filesystem.delete_dir(self.path)
             elif not missing_ok:
-                raise StorageError(f"{self.uri} does not exist{self._at()}")
+                raise StorageInputError(f"{self.uri} does not exist{self._at()}")
 
     # ---- internals
 
@@ -428,17 +446,20 @@ class Location:
         except StorageError:
             raise
         except FileNotFoundError:
-            _fail(f"{self.uri} does not exist{self._at()}")
+            _fail(f"{self.uri} does not exist{self._at()}", bad_input=True)
         except Exception as exc:
             if self.is_s3:
                 _chain_secrets()
-            _fail(f"cannot {action} {self.uri}{self._at()}: {type(exc).__name__}: {exc}")
+            _fail(
+                f"cannot {action} {self.uri}{self._at()}: {type(exc).__name__}: {exc}",
+                bad_input=_refused(exc),
+            )
 
     def _local_atomic_write(self, fill: Callable[[BinaryIO], object]) -> None:
         final = Path(self.path)
         with self._errors("write"):
             if final.is_dir():
-                raise StorageError(f"cannot write {self.uri}: it is a directory")
+                raise StorageInputError(f"cannot write {self.uri}: it is a directory")
             final.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f"{_TMP_PREFIX}{final.name}.")
             try:
@@ -459,7 +480,7 @@ class Location:
 
         bucket, _, key = self.path.partition("/")
         if not key:
-            raise StorageError(f"cannot write {self.uri}: a bucket root is not an object")
+            raise StorageInputError(f"cannot write {self.uri}: a bucket root is not an object")
         threshold = int(multipart_threshold or MULTIPART_THRESHOLD)
         config = TransferConfig(
             multipart_threshold=max(threshold, 1),
@@ -519,23 +540,25 @@ def _check_bucket(bucket: str, uri: str) -> None:
             ipaddress.IPv4Address(bucket)
             problem = "must not be formatted as an IP address"
     if problem:
-        raise StorageError(f"invalid S3 bucket name '{bucket}' in {uri}: a bucket name {problem}")
+        raise StorageInputError(
+            f"invalid S3 bucket name '{bucket}' in {uri}: a bucket name {problem}"
+        )
 
 
 def _resolve_s3(text: str, storage: StorageConfig | None) -> Location:
     rest = text.split("://", 1)[1]
     bucket, _, key = rest.partition("/")
     if "@" in bucket:
-        raise StorageError(
+        raise StorageInputError(
             f"S3 URI s3://{bucket.rsplit('@', 1)[-1]}/... must not carry credentials; "
             "they come from the AWS credential chain (environment, profile, instance role)"
         )
     if not bucket:
-        raise StorageError(f"S3 URI '{text}' names no bucket; expected s3://bucket/prefix")
+        raise StorageInputError(f"S3 URI '{text}' names no bucket; expected s3://bucket/prefix")
     _check_bucket(bucket, text)
     parts = [p for p in key.split("/") if p]
     if any(p in (".", "..") for p in parts):
-        raise StorageError(f"S3 URI '{text}' must not contain '.' or '..' path components")
+        raise StorageInputError(f"S3 URI '{text}' must not contain '.' or '..' path components")
     key = "/".join(parts)
     endpoint = s3_endpoint(storage)
     region = s3_region(storage)
@@ -580,10 +603,10 @@ def _local_filesystem() -> pafs.LocalFileSystem:
 def resolve(uri: str | os.PathLike[str], storage: StorageConfig | None = None) -> Location:
     """``s3://bucket/prefix``, ``file:///abs/path`` or a local path -> :class:`Location`."""
     if not isinstance(uri, (str, os.PathLike)):
-        raise StorageError(f"storage URI must be a string, got {type(uri).__name__}")
+        raise StorageInputError(f"storage URI must be a string, got {type(uri).__name__}")
     text = os.fspath(uri).strip()
     if not text:
-        raise StorageError("empty storage URI; expected s3://bucket/prefix or a local path")
+        raise StorageInputError("empty storage URI; expected s3://bucket/prefix or a local path")
     match = _SCHEME_RE.match(text)
     if match:
         scheme = match.group(1).lower()
@@ -592,19 +615,19 @@ def resolve(uri: str | os.PathLike[str], storage: StorageConfig | None = None) -
         if scheme == "file":
             parts = urlsplit(text)
             if parts.netloc not in ("", "localhost"):
-                raise StorageError(
+                raise StorageInputError(
                     f"file URI '{text}' names host '{parts.netloc}'; use file:///abs/path"
                 )
             if not parts.path:
-                raise StorageError(f"file URI '{text}' has no path; use file:///abs/path")
+                raise StorageInputError(f"file URI '{text}' has no path; use file:///abs/path")
             return _resolve_local(unquote(parts.path))
-        raise StorageError(
+        raise StorageInputError(
             f"unsupported storage URI scheme '{scheme}://' in '{scrub(text)}'; "
             "use s3://bucket/prefix or a local path"
         )
     bare = _BARE_SCHEME_RE.match(text)
     if bare and bare.group(1).lower() in ("s3", "file", "gs", "gcs", "http", "https", "az", "hdfs"):
-        raise StorageError(
+        raise StorageInputError(
             f"malformed storage URI '{text}'; expected s3://bucket/prefix or a local path"
         )
     return _resolve_local(text)
@@ -627,17 +650,19 @@ def _check_local(location: Location, *, must_exist: bool) -> None:
     path = Path(location.path)
     if path.exists():
         if not must_exist and not os.access(path if path.is_dir() else path.parent, os.W_OK):
-            raise StorageError(f"{location.uri} is not writable")
+            raise StorageInputError(f"{location.uri} is not writable")
         return
     if must_exist:
-        raise StorageError(f"{location.uri} does not exist")
+        raise StorageInputError(f"{location.uri} does not exist")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise StorageError(f"cannot create {location.uri}: '{ancestor}' is a file, not a directory")
+        raise StorageInputError(
+            f"cannot create {location.uri}: '{ancestor}' is a file, not a directory"
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise StorageError(f"cannot create {location.uri}: '{ancestor}' is not writable")
+        raise StorageInputError(f"cannot create {location.uri}: '{ancestor}' is not writable")
 
 
 def _check_s3(location: Location, *, must_exist: bool) -> None:
@@ -666,14 +691,18 @@ def _check_s3(location: Location, *, must_exist: bool) -> None:
                 client.head_object(Bucket=bucket, Key=key)
             except ClientError as exc:
                 if _status(exc) == 404 or _code(exc) in ("NoSuchKey", "NotFound", "404"):
-                    _fail(f"prefix '{key}' does not exist in bucket '{bucket}' ({uri}, {at})")
+                    _fail(
+                        f"prefix '{key}' does not exist in bucket '{bucket}' ({uri}, {at})",
+                        bad_input=True,
+                    )
                 raise
     except StorageError:
         raise
     except (NoCredentialsError, PartialCredentialsError):
         _fail(
             f"no S3 credentials for {uri} ({at}): set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, or an AWS profile / instance role"
+            "AWS_SECRET_ACCESS_KEY, or an AWS profile / instance role",
+            bad_input=True,
         )
     except (
         EndpointConnectionError,
@@ -689,21 +718,24 @@ def _check_s3(location: Location, *, must_exist: bool) -> None:
         _chain_secrets()
         code, status = _code(exc), _status(exc)
         if code == "NoSuchBucket" or (status == 404 and code in ("404", "NotFound", "")):
-            _fail(f"bucket '{bucket}' does not exist ({uri}, {at})")
+            _fail(f"bucket '{bucket}' does not exist ({uri}, {at})", bad_input=True)
         if code == "InvalidAccessKeyId":
             _fail(
                 f"S3 rejected the access key id for {uri} ({at}): InvalidAccessKeyId; check the "
-                "credentials in the AWS chain (AWS_ACCESS_KEY_ID / profile)"
+                "credentials in the AWS chain (AWS_ACCESS_KEY_ID / profile)",
+                bad_input=True,
             )
         if code == "SignatureDoesNotMatch":
             _fail(
                 f"S3 rejected the credentials for {uri} ({at}): SignatureDoesNotMatch (wrong "
-                "secret key?); check AWS_SECRET_ACCESS_KEY / the AWS profile"
+                "secret key?); check AWS_SECRET_ACCESS_KEY / the AWS profile",
+                bad_input=True,
             )
         if status == 403 or code in ("AccessDenied", "403", "Forbidden"):
             _fail(
                 f"access denied to {uri} ({at}): {code or status}; the credentials are invalid "
-                "or lack permission on the bucket"
+                "or lack permission on the bucket",
+                bad_input=True,
             )
         _fail(f"S3 error for {uri} ({at}): {code or status}: {exc}")
     except Exception as exc:
@@ -712,6 +744,26 @@ def _check_s3(location: Location, *, must_exist: bool) -> None:
     # The pyarrow filesystem resolves credentials on its own: make sure it agrees.
     with location._errors("access"):
         location.filesystem.get_file_info(location.path)
+
+
+# What pyarrow's S3 filesystem says (in an OSError's text) when the store refuses the request
+# itself, rather than failing to answer: the same request fails again until the input changes.
+_REFUSALS = (
+    "ACCESS_DENIED",
+    "AccessDenied",
+    "NoSuchBucket",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NO_SUCH_BUCKET",
+)
+
+
+def _refused(exc: BaseException) -> bool:
+    """True when ``exc`` says the input is wrong (permission, bucket, credentials), not that
+    the store failed: a local PermissionError, or one of S3's refusals."""
+    if isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    return any(word in str(exc) for word in _REFUSALS)
 
 
 def _code(exc: Any) -> str:

@@ -53,7 +53,7 @@ def ray_local():
         ray.shutdown()
     patch = pytest.MonkeyPatch()
     # Ray Train collects reports at its health checks (default every 2 s): check more often.
-    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
     yield
     ray.shutdown()

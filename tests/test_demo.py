@@ -17,7 +17,7 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     overrides = [
         "train.total_images=1024",
         "train.warmup_images=256",

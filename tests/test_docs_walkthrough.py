@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.serial  # its own stack (Ray head, servers): alone, not beside another file
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "operations.md"
 MARK = "<!-- walkthrough"

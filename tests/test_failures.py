@@ -39,7 +39,7 @@ from pipeline.config import ConfigError
 from pipeline.data.stream import DatasetError
 from pipeline.registry import ModelNotFound
 from pipeline.sample.plan import SampleJobError
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, StorageInputError
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-" + uuid.uuid4().hex  # must never reach a line or a log file
@@ -62,7 +62,7 @@ def job_env(home: Path, **extra: str) -> dict[str, str]:
     env.update(
         PYTHONPATH=str(REPO),
         FMPIPE_HOME=str(home),
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",  # checkpoints are registered promptly
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",  # checkpoints are registered promptly
         RAY_USAGE_STATS_ENABLED="0",
         PYTHONUNBUFFERED="1",
     )
@@ -185,6 +185,7 @@ def _ray_task_error(cause: BaseException) -> BaseException:
         (CheckpointError("checkpoint x: state.json is missing"), EXIT_BAD_INPUT),
         (SampleJobError("sample.label=7 is not a class"), EXIT_BAD_INPUT),
         (StorageError("cannot reach S3 at http://127.0.0.1:1"), EXIT_FAILED),
+        (StorageInputError("bucket 'nope' does not exist (s3://nope/x)"), EXIT_BAD_INPUT),
         (OSError(28, "No space left on device"), EXIT_FAILED),
         (RuntimeError("boom"), EXIT_FAILED),
         (KeyboardInterrupt(), EXIT_INTERRUPTED),

@@ -210,7 +210,7 @@ def ray_local(s3_server):
     if ray.is_initialized():
         ray.shutdown()
     patch = pytest.MonkeyPatch()
-    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
@@ -314,6 +314,7 @@ def fit_stream(cfg, tmp_path: Path, name: str, callbacks: list, max_failures: in
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # compares two runs' times: alone, so load does not skew one
 def test_truncated_shard_fails_once_fast_with_the_shard_named(ray_local, tmp_path):
     """``FailureConfig(max_failures=2)`` runs a failing loop 3 times (the control, first,
     which also warms Ray Train up); with :class:`StopOnDataErrors` a truncated shard ends

@@ -577,10 +577,13 @@ def test_cli_samples_a_checkpoint_and_logs_a_run(tmp_path: Path, home: Path, cap
         ("missing-alias", "registered model 'nope' does not exist"),
         ("bad-fit", "does not fit the network"),
         ("unwritable", "cannot create"),
+        ("missing-bucket", "bucket 'no-such-bucket-fmpipe' does not exist"),
         ("label-range", "is not a class of model"),
     ],
 )
-def test_cli_errors_are_one_clear_line(case: str, message: str, tmp_path: Path, capsys) -> None:
+def test_cli_errors_are_one_clear_line(
+    case: str, message: str, tmp_path: Path, capsys, request
+) -> None:
     ckpt = unet_checkpoint(tmp_path / "ckpt")
     out = str(tmp_path / "out")
     model = str(ckpt)
@@ -595,11 +598,14 @@ def test_cli_errors_are_one_clear_line(case: str, message: str, tmp_path: Path, 
     elif case == "unwritable":
         (tmp_path / "a-file").write_text("x")
         out = str(tmp_path / "a-file" / "out")
+    elif case == "missing-bucket":
+        request.getfixturevalue("s3_server")
+        out = "s3://no-such-bucket-fmpipe/out"
     elif case == "label-range":
         extra = ["--label", "7"]
     code, _, err = run_cli(capsys, "--model", model, "--out", out, "--num-samples", "4", *extra)
-    # issue 17: bad input (model, checkpoint, settings) exits 2; storage that cannot be used, 1
-    assert code == (1 if case == "unwritable" else 2)
+    # issue 17: bad input (model, checkpoint, settings, an --out under a file) exits 2
+    assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("fmpipe sample:")]
     assert len(lines) == 1 and lines[0].startswith("fmpipe sample: error: "), err
     assert message in lines[0] and "Traceback" not in err

@@ -71,7 +71,7 @@ def secret_env(s3_server, tmp_path_factory) -> dict[str, str]:
     env.update(GENERIC)
     env.update(
         FMPIPE_HOME=str(home),
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
         RAY_USAGE_STATS_ENABLED="0",
         HOME=str(home.parent / "user"),  # no ~/.ray/auth_token of the machine's user
     )

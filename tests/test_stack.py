@@ -206,6 +206,7 @@ def test_status_of_a_stack_never_started(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # its own Ray head and servers: alone
 def test_stack_up_down_up_keeps_data(stack_home: Path, tmp_path: Path) -> None:
     began = time.monotonic()
     # ---- up: three live services on 127.0.0.1, secrets only in private files

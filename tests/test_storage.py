@@ -24,6 +24,7 @@ from pipeline.stack.procs import free_port
 from pipeline.storage import (
     Location,
     StorageError,
+    StorageInputError,
     boto3_client,
     check_access,
     read_whole,
@@ -347,6 +348,7 @@ def test_missing_bucket(s3_server) -> None:
         message = str(info.value)
         assert "bucket 'no-such-bucket-here' does not exist" in message
         assert uri in message and s3_server.endpoint in message
+        assert isinstance(info.value, StorageInputError) and info.value.exit_code == 2
 
 
 def test_missing_prefix(s3_bucket: str) -> None:
@@ -354,7 +356,7 @@ def test_missing_prefix(s3_bucket: str) -> None:
     uri = f"{s3_bucket}/data"
     with pytest.raises(StorageError, match="prefix 'data' does not exist") as info:
         check_access(resolve(uri), must_exist=True)
-    assert uri in str(info.value)
+    assert uri in str(info.value) and isinstance(info.value, StorageInputError)
     check_access(resolve(uri), must_exist=False)
 
 
@@ -367,6 +369,7 @@ def test_wrong_endpoint_fails_fast(s3_bucket: str, monkeypatch: pytest.MonkeyPat
         check_access(location, must_exist=False)
     assert time.monotonic() - began < 5.0
     assert location.uri in str(info.value) and closed in str(info.value)
+    assert not isinstance(info.value, StorageInputError)  # unreachable: a re-run may work
 
 
 @pytest.mark.parametrize("which", ["secret", "access_key"])
@@ -384,13 +387,14 @@ def test_bad_credentials(
     message = str(info.value)
     assert location.uri in message and s3_server.endpoint in message
     expected = "SignatureDoesNotMatch" if which == "secret" else "InvalidAccessKeyId"
-    assert expected in message
+    assert expected in message and isinstance(info.value, StorageInputError)
     _assert_no_secrets(info.value, wrong_secret, wrong_key, s3_server.secret_key)
     _assert_no_secrets(info.value, s3_server.access_key)
     # Plain operations report the failure the same way: URI named, no secret.
     with pytest.raises(StorageError) as info:
         location.child("x.bin").write_bytes(b"x")
     assert location.uri in str(info.value)
+    assert isinstance(info.value, StorageInputError), info.value  # refused, not unreachable
     _assert_no_secrets(info.value, wrong_secret, wrong_key, s3_server.secret_key)
     with pytest.raises(StorageError) as info:
         location.list_names()

@@ -24,6 +24,8 @@ from cluster import LocalRayCluster
 
 from pipeline.config import build_config
 
+pytestmark = pytest.mark.serial  # its own Ray cluster: alone, not beside another file
+
 REPO = Path(__file__).resolve().parent.parent
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 TINY = [

@@ -40,7 +40,7 @@ def ray_local(s3_server):
     if ray.is_initialized():
         ray.shutdown()
     patch = pytest.MonkeyPatch()
-    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # reports collected sooner
+    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # reports collected sooner
     ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
     yield
     ray.shutdown()

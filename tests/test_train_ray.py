@@ -38,7 +38,7 @@ def ray_local(s3_server):
     patch = pytest.MonkeyPatch()
     # Ray Train's controller collects reports at its health checks (default every 2 s);
     # checking more often keeps each checkpoint and each run's end from waiting for one.
-    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
     yield
     ray.shutdown()
