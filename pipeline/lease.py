@@ -25,7 +25,8 @@ A lease is one object (or file) under ``<train.storage_path>/_locks/``.
   The body holds a random token, the owner and an expiry (``LEASE_TTL_S``); a heartbeat
   thread (:class:`Heartbeat`) extends it every ``LEASE_TTL_S / 4`` with ``If-Match: <our
   ETag>``, which succeeds only while the object is still the one we wrote. A lease left by a
-  dead process is taken over after it expires, again with ``If-Match: <the expired object's
+  dead process is taken over after it expires (at once when that process ran on this host
+  and is gone: :func:`_holder_is_gone`), again with ``If-Match: <the expired object's
   ETag>``, so of several runs that see the same expired lease exactly one wins. Before using
   the lease the store is probed once (a second ``If-None-Match`` PUT of a probe object must
   fail), so a store that ignores the header is refused (:class:`LeaseError`) rather than
@@ -127,6 +128,24 @@ def _lease_body(token: str, ttl: float, since: float | None = None) -> dict[str,
     }
 
 
+def _holder_is_gone(body: dict[str, Any]) -> bool:
+    """True when the lease's holder ran on this host and that process no longer exists.
+
+    A run that died while S3 was unreachable could not release its lease; waiting out the
+    TTL would refuse the re-run for minutes although the holder is known dead. Only a holder
+    on this very host can be checked (``os.kill(pid, 0)``); a recycled pid only makes this
+    answer False (wait for the expiry), never wrongly True."""
+    if body.get("host") != socket.gethostname() or not isinstance(body.get("pid"), int):
+        return False
+    try:
+        os.kill(int(body["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
 class S3Lease:
     """An exclusive lease as one S3 object, by conditional writes (see the module doc)."""
 
@@ -219,16 +238,19 @@ class S3Lease:
             if current is None:  # released in between: try again
                 continue
             body, etag = current
-            if float(body.get("expires_at", 0.0)) > time.time():
+            if float(body.get("expires_at", 0.0)) > time.time() and not _holder_is_gone(body):
                 return False
-            try:  # expired: take it over, unless someone else changed it first
+            try:  # expired, or its holder died on this host: take it over, unless someone
+                # else changed it first
                 self._etag = self._put(self._body(), IfMatch=etag)
             except ClientError as exc:
                 if not self._refused(exc):
                     raise
                 return False
             log.warning(
-                "took over the expired lease %s of %s", self.uri, body.get("owner", "unknown")
+                "took over the lease %s of %s (expired, or that process is gone)",
+                self.uri,
+                body.get("owner", "unknown"),
             )
             return self._confirm()
         return False

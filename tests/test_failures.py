@@ -419,6 +419,71 @@ def test_ctrl_c_in_train_says_how_to_resume_and_exits_130(digits8: Path, tmp_pat
     assert code == EXIT_INTERRUPTED and len(fmpipe_lines(err, "train")) == 1, err[-3000:]
 
 
+def test_s3_killed_while_checkpoints_upload_then_a_rerun_resumes_from_the_newest_complete(
+    own_s3: object, digits8: Path, tmp_path: Path
+) -> None:
+    """Item 1, live: checkpoints go to SeaweedFS every 4 steps; the server is SIGKILLed
+    right after a checkpoint line (while the next ones upload), the run fails in one line
+    (exit 1), the server restarts on its port and data, and the re-run finds the newest
+    complete checkpoint, resumes at exactly its images (weights, optimizer and data epoch
+    from that one checkpoint) and finishes; its summary names the same point."""
+    import boto3
+
+    from pipeline.stack.servers import SeaweedFS
+    from pipeline.storage import resolve
+    from pipeline.train.resume import find_resume_point
+
+    env = own_s3.env()  # type: ignore[attr-defined]
+    bucket = "runs-" + uuid.uuid4().hex[:12]
+    boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
+    home, storage = tmp_path / "home", f"s3://{bucket}/runs"
+    argv = [*_train_argv(digits8, Path("unused")), "train.max_failures=0"]
+    argv[argv.index("--storage") + 1] = storage
+    job = Job(argv, _s3_env(own_s3, home), tmp_path / "train-s3-1.log")
+    try:
+        job.wait_for("images  checkpoint", timeout=400)
+        os.kill(own_s3.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        code, err = job.finish(timeout=400)
+    finally:
+        job.kill()
+    line = assert_one_line(err, "train")
+    assert code == EXIT_FAILED, job.output()[-4000:]
+    assert env["AWS_SECRET_ACCESS_KEY"] not in err + job.output()
+
+    port = int(env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
+    restarted = SeaweedFS(tmp_path / "weed", s3_port=port)
+    restarted.start()
+    try:
+        renv = _s3_env(restarted, home)
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in restarted.env().items():
+                patch.setenv(key, value)
+            point = find_resume_point(resolve(f"{storage}/ctrl-c"))
+        assert point is not None, line  # the checkpoint the line announced is complete
+        seen = point.images_seen
+        total = seen + 64
+        again_argv = list(argv)
+        again_argv[again_argv.index("--images") + 1] = str(total)
+        done = subprocess.run(
+            [sys.executable, "-m", *again_argv], cwd=REPO, env=renv, capture_output=True,
+            text=True, timeout=600,
+        )  # fmt: skip
+        (tmp_path / "train-s3-2.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    finally:
+        restarted.stop()
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    assert f"found {point.name} ({seen:,} images)" in out, out[-3000:]
+    assert f"resuming at {seen:,} images" in out, out[-3000:]
+    assert f"trained to {total:,} images" in out and f"(resumed at {seen:,})" in out, out[-3000:]
+
+
 # --------------------------------------------------------------------------- sample failures
 def _tiny_checkpoint(directory: Path) -> Path:
     """A real checkpoint of an 8x8 class-conditional tiny U-Net."""

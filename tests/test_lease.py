@@ -105,6 +105,26 @@ def test_a_run_refused_while_the_holder_is_still_writing_its_name_still_names_it
     assert _read_holder(FileLease(tmp_path / "never-written.lock"), wait_s=0.1) is None
 
 
+def test_only_a_holder_known_dead_on_this_host_is_gone():
+    """The early takeover of an unexpired S3 lease: only for a holder on this host whose
+    process no longer exists; another host's, a live one or an unreadable body waits."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.lease import _holder_is_gone
+
+    here = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert _holder_is_gone({"host": here, "pid": dead.pid})
+    assert not _holder_is_gone({"host": here, "pid": os.getpid()})  # alive
+    assert not _holder_is_gone({"host": here + "-elsewhere", "pid": dead.pid})
+    assert not _holder_is_gone({"host": here})  # no pid
+    assert not _holder_is_gone({})
+
+
 @pytest.mark.parametrize("kind", ["s3", "local"])
 def test_a_lease_names_its_holder_and_keeps_its_start_across_renewals(kind, request, tmp_path):
     """The body says who (host, pid) and since when; renewing moves only the expiry."""

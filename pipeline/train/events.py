@@ -242,12 +242,13 @@ class Events:
             )  # fmt: skip
             if final and self.tracker.enabled:
                 metrics.update(self._publish(tmp))
-            self.progress.send(kind="checkpoint", images_seen=state.images_seen, final=final)
         try:
             report(metrics, tmp, checkpoint_dir_name(state.images_seen))
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+        if self.chief:  # after report(): the line means the checkpoint is in storage
+            self.progress.send(kind="checkpoint", images_seen=state.images_seen, final=final)
         return metrics
 
     def _publish(self, directory: str) -> dict[str, Any]:
