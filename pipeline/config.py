@@ -143,6 +143,7 @@ class TrainConfig(Section):
     torch_threads: int = Field(0, ge=0)  # torch threads per worker; 0: cores it may use
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(2, ge=0)  # worker restarts through FailureConfig
+    retry_backoff_s: float = Field(2.0, ge=0.0)  # wait before restart n: this * 2**(n-1), <= 60 s
     checkpoint_every_images: int = Field(50_000, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every_steps: int = Field(20, ge=1)

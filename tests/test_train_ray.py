@@ -180,8 +180,14 @@ def test_killed_worker_is_restarted_and_finishes_the_run(reference, tmp_path, ml
     source = KillOnce(in_memory(), str(marker), after_batches=3)  # during step 4 of 6
     cfg = tiny_cfg(tmp_path, "killed", max_failures=1)
     cfg.tracking.uri, cfg.tracking.experiment = mlflow_server.uri, "killed-test"
+    cfg.train.retry_backoff_s = 0.5
     result = run(cfg, batch_source=source, track=True)
     assert marker.exists(), "the worker was never killed"
+    retries = [line for line in result.extra["lines"] if "restarting from" in line]
+    assert len(retries) == 1, result.extra["lines"]  # the transient failure, reported once
+    assert retries[0].startswith("[train] worker 0 failed: ") and retries[0].endswith(
+        "restarting from the last checkpoint in 0.5 s (attempt 2 of 2)"
+    ), retries
     assert any("resuming at 16 images" in line for line in result.extra["lines"]), result.extra[
         "lines"
     ]

@@ -317,3 +317,41 @@ def test_an_incomplete_checkpoint_is_skipped_for_the_newest_complete_one(tmp_pat
     (run_dir / "checkpoint_000000000024" / "config.yaml").unlink()
     point = find_resume_point(resolve(str(run_dir)))
     assert point is not None and point.name == "checkpoint_000000000016"
+
+
+def test_transient_worker_errors_back_off_and_are_reported(monkeypatch):
+    """StopOnDataErrors on the controller: before restart n it waits backoff * 2**(n-1)
+    (capped), sends a one-line, scrubbed retry event, and stays quiet once Ray Train gives
+    up; a final data error is raised at once instead (never retried)."""
+    import pipeline.train.data as data_module
+    from pipeline.data.stream import DatasetError
+    from pipeline.train.data import StopOnDataErrors
+
+    slept: list[float] = []
+    monkeypatch.setattr(data_module.time, "sleep", slept.append)
+    monkeypatch.setenv("FMPIPE_TEST_SECRET", "hunter2-very-secret")
+
+    class ListQueue:
+        def __init__(self):
+            self.events = []
+
+        def put_nowait(self, event):
+            self.events.append(event)
+
+    queue = ListQueue()
+    callback = StopOnDataErrors(max_failures=3, backoff_s=25.0, queue=queue)
+    for _ in range(4):
+        callback.after_exception(
+            None, {1: OSError("S3 down\nhunter2-very-secret"), 0: OSError("x")}
+        )
+    assert slept == [25.0, 50.0, 60.0]  # doubled, capped at MAX_BACKOFF_S; none after giving up
+    assert [e["attempt"] for e in queue.events] == [2, 3, 4]
+    assert {e["attempts"] for e in queue.events} == {4} and {e["rank"] for e in queue.events} == {0}
+    assert queue.events[0]["error"] == "OSError: x"
+    one = StopOnDataErrors(max_failures=1, queue=queue)
+    one.after_exception(None, {0: OSError("S3 down\nhunter2-very-secret")})
+    assert queue.events[-1]["error"] == "OSError: S3 down"
+    bad = DatasetError("shard-000001.tar: sha256 mismatch")
+    with pytest.raises(DatasetError, match="sha256 mismatch"):
+        StopOnDataErrors(max_failures=3, queue=queue).after_exception(None, {0: bad})
+    assert len(queue.events) == 4  # the final error sent no retry line

@@ -36,7 +36,9 @@ progress, so the validation loss is a deterministic function of the weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -234,14 +236,60 @@ class StopOnDataErrors(UserCallback):
     ``controller_failure`` (``final_data_error`` on the driver gets it back). Any other
     worker error (a killed worker, storage down) is left to ``FailureConfig``.
 
-    Use: ``RunConfig(callbacks=[StopOnDataErrors()], failure_config=...)``.
+    A transient error (a killed worker, storage down) is retried with backoff and reported:
+    before the ``n``-th restart the controller waits ``backoff_s * 2**(n-1)`` seconds (at
+    most :data:`MAX_BACKOFF_S`: a store that is restarting gets time to come back) and sends
+    a ``retry`` event (the worker, its error in one line, the wait, the attempt) to the
+    driver's progress queue, which prints it. After ``max_failures`` restarts Ray Train gives
+    up and ``fit()`` raises the error.
+
+    Use: ``RunConfig(callbacks=[StopOnDataErrors(max_failures, backoff_s, queue)],
+    failure_config=FailureConfig(max_failures))``.
     """
+
+    MAX_BACKOFF_S = 60.0
+
+    def __init__(self, max_failures: int = 0, backoff_s: float = 0.0, queue: Any = None) -> None:
+        self.max_failures = int(max_failures)
+        self.backoff_s = float(backoff_s)
+        self.queue = queue  # ray.util.queue.Queue of the driver's progress printer, or None
+        self.failures = 0  # worker-group failures seen so far (the controller keeps this)
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         for rank in sorted(worker_exceptions):
             final = final_data_error(worker_exceptions[rank])
             if final is not None:
                 raise fresh_error(final)
+        self.failures += 1
+        if not worker_exceptions or self.failures > self.max_failures:
+            return  # Ray Train gives up now: fit() raises the error itself
+        delay = min(self.backoff_s * 2 ** (self.failures - 1), self.MAX_BACKOFF_S)
+        rank = min(worker_exceptions)
+        event = {
+            "kind": "retry",
+            "rank": rank,
+            "error": _one_line_error(worker_exceptions[rank]),
+            "delay_s": delay,
+            "attempt": self.failures + 1,
+            "attempts": self.max_failures + 1,
+        }
+        if self.queue is not None:
+            with contextlib.suppress(Exception):  # the report must never fail the run
+                self.queue.put_nowait(event)
+        time.sleep(delay)
+
+
+def _one_line_error(exc: BaseException) -> str:
+    """``Type: first line of the message`` of a worker's error (Ray's wrapper taken off),
+    scrubbed, at most 300 characters: what the retry line shows."""
+    from pipeline.redact import scrub
+
+    cause = getattr(exc, "cause", None)
+    inner = cause if isinstance(cause, BaseException) else exc
+    text = str(inner).strip().split("\n", 1)[0] or type(inner).__name__
+    line = f"{type(inner).__name__}: {text}" if type(inner).__name__ not in text else text
+    line = scrub(line)
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 # --------------------------------------------------------------------------- in memory

@@ -160,6 +160,12 @@ def _format_progress(event: Mapping[str, Any]) -> str | None:
         return f"[train] {seen:>10,} images  val_loss {event.get('val_loss', float('nan')):.5f}"
     if kind == "checkpoint":
         return f"[train] {seen:>10,} images  checkpoint{' (final)' if event.get('final') else ''}"
+    if kind == "retry":
+        return (
+            f"[train] worker {event.get('rank')} failed: {event.get('error')}; restarting from "
+            f"the last checkpoint in {float(event.get('delay_s', 0)):g} s (attempt "
+            f"{event.get('attempt')} of {event.get('attempts')})"
+        )
     return None
 
 
@@ -289,7 +295,10 @@ def _trainer(cfg: Config, spec: WorkerSpec, storage: Location, datasets: Any) ->
         storage_filesystem=storage.filesystem if storage.is_s3 else None,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-        callbacks=[StopOnDataErrors()],  # a corrupt shard ends the run, once (not retried)
+        # a corrupt shard ends the run, once (not retried); other errors: backoff + a line
+        callbacks=[
+            StopOnDataErrors(t.max_failures, t.retry_backoff_s, spec.context.progress_queue)
+        ],
     )
     return TorchTrainer(
         train_loop_per_worker,
