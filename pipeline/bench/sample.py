@@ -36,6 +36,7 @@ what a perfect model would score at this sample size. ``n = min(N, real images /
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -155,19 +156,12 @@ def training_data_uri(cfg: Config, uri: str) -> str:
 
 
 def _settings(cfg: Config, source: ModelSource, block: int, solver: str, steps: int | None):
-    s = cfg.sample
-    return SamplerSettings(
-        seed=s.seed,
-        solver=solver,
-        steps=steps or s.steps,
-        atol=s.atol,
-        rtol=s.rtol,
-        guidance_scale=s.guidance_scale,
-        label=s.label,
-        num_classes=source.num_classes,
-        data_shape=tuple(source.data_shape),
-        block_size=block,
-    )
+    """The sample job's own settings (:func:`pipeline.sample.plan.sampler_settings`) with
+    this row's solver and step count."""
+    from pipeline.sample.plan import sampler_settings
+
+    job = sampler_settings(cfg, source, None, block)
+    return dataclasses.replace(job, solver=solver, steps=steps or job.steps)
 
 
 # --------------------------------------------------------------------------- (a) torchdiffeq

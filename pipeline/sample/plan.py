@@ -133,14 +133,15 @@ def job_identity(cfg: Config, source: ModelSource, block_size: int) -> dict[str,
 
 
 def sampler_settings(
-    cfg: Config, source: ModelSource, out: Location, block: int
+    cfg: Config, source: ModelSource, out: Location | None, block: int
 ) -> SamplerSettings:
-    """The :class:`SamplerSettings` every actor gets (plain data, pickled)."""
+    """The :class:`SamplerSettings` every actor gets (plain data, pickled). ``out``: where
+    the shards go; None for settings that only integrate (``fmpipe bench sample``)."""
     from pipeline.storage import s3_endpoint
 
     s = cfg.sample
     storage = cfg.storage.model_dump()
-    if out.is_s3:  # actors use the endpoint the driver resolved
+    if out is not None and out.is_s3:  # actors use the endpoint the driver resolved
         storage["endpoint_url"] = s3_endpoint(cfg.storage) or ""
     return SamplerSettings(
         seed=s.seed,
@@ -156,7 +157,7 @@ def sampler_settings(
         chunk_size=s.batch_size,
         use_gpu=s.use_gpu,
         precision=s.precision,
-        out_uri=out.uri,
+        out_uri=out.uri if out is not None else "",
         storage=storage,
         meta={
             "model": source.uri,
