@@ -265,3 +265,23 @@ def test_fmpipe_index_end_to_end(tmp_path, capsys):
     assert "inside the dataset's own folder" in capsys.readouterr().err
     assert not (data / "i.json").exists()
     assert sorted(os.listdir(data)) == ["part-000000.tar", "part-000001.tar", "tail-000000.tar"]
+
+
+def test_unreadable_shards_fail_the_run_and_keep_the_rest(tmp_path, monkeypatch):
+    from pipeline.data import index as index_module
+    from pipeline.storage import StorageError
+
+    data = tmp_path / "shards"
+    _dataset(data)
+    real = index_module.list_shards
+    ghost = ShardEntry(str(data / "gone.tar"), 10, mtime_ns=1)  # listed, then deleted
+
+    monkeypatch.setattr(index_module, "list_shards", lambda a, s=None: [*real(a, s), ghost])
+    with pytest.raises(StorageError, match="1 of 4 shard"):
+        build_index(_cfg(str(data)))
+    monkeypatch.setattr(index_module, "list_shards", real)
+    stored = next((Path(os.environ["FMPIPE_HOME"]) / "indexes").glob("*.json"))
+    partial = DatasetIndex.from_json(stored.read_text())
+    assert not partial.complete and partial.unread == [ghost.uri] and len(partial.shards) == 3
+    again = build_index(_cfg(str(data)))
+    assert (again.read, again.reused) == (0, 3) and again.index.complete
