@@ -22,6 +22,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -80,8 +81,20 @@ class PrepareConfig(Section):
     parallel_threshold: int = Field(5_000, ge=1)  # more samples than this: one Ray task/shard
 
 
+def _address_text(value: Any) -> Any:
+    """A dataset address given as a YAML list -> one comma-separated string."""
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(item, str) for item in value):
+            raise ValueError("a dataset address list holds strings (URIs, paths, patterns)")
+        return ",".join(item.strip() for item in value if item.strip())
+    return value
+
+
+AddressText = Annotated[str, BeforeValidator(_address_text)]  # str, or a YAML list of them
+
+
 class DataConfig(Section):
-    uri: str = ""  # dataset root written by `fmpipe prepare` (s3://bucket/prefix or a path)
+    uri: AddressText = ""  # dataset root written by `fmpipe prepare`, or an address to index
     resolution: int = Field(16, ge=2, le=1024)  # images are resized + centre-cropped to this
     channels: Literal[1, 3] = 1  # images are converted to L (1) or RGB (3)
     hflip: bool = False  # random horizontal flip; off by default because it ruins digits
@@ -92,6 +105,13 @@ class DataConfig(Section):
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)  # stop when more samples are bad
     shuffle_shards: bool = True  # shard order shuffled per epoch from the seed
     read_parallelism: int = Field(-1, ge=-1)  # Ray Data read tasks; -1 lets Ray decide
+    # datasets fmpipe did not write (issue 14)
+    index_uri: str = ""  # where `fmpipe index` keeps the index; empty: $FMPIPE_HOME/indexes/
+    val_uri: AddressText = ""  # val shards of a foreign dataset (address); empty: val_fraction
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # whole shards carved out as val by seed
+    label_source: Literal["auto", "cls", "json", "txt", "none"] = "auto"  # where labels are
+    label_field: str = Field("label", pattern=r"^[^.]+(\.[^.]+)*$")  # dotted .json path
+    index_bad_examples: int = Field(20, ge=0)  # bad members listed per shard (all counted)
     prefetch_batches: int = Field(2, ge=0)  # batches prefetched by iter_torch_batches
 
 

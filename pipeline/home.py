@@ -10,6 +10,7 @@ says which. Layout::
     <home>/mlartifacts/           its artifacts
     <home>/samples/<out>-<hash>/  local copies of sample grids
     <home>/cache/models/<hash>/   registry downloads, reused while the version is unchanged
+    <home>/indexes/<hash>.json    `fmpipe index` of a dataset fmpipe did not write
     <home>/toy/                   the 2-D example's plot and model
     <home>/stack/                 `fmpipe stack`: S3 data, MLflow db, logs, state
 """
@@ -30,6 +31,7 @@ __all__ = [
     "data_uri",
     "embedded_tracking_uri",
     "fmpipe_home",
+    "index_uri",
     "model_cache_dir",
     "prepare_out",
     "sample_grid_path",
@@ -90,6 +92,16 @@ def embedded_tracking_uri() -> str:
     home = fmpipe_home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def index_uri(cfg: Config, address: str) -> str:
+    """``data.index_uri``, else ``<home>/indexes/<sha256(address)[:16]>.json``.
+
+    ``address``: the dataset address in its canonical form
+    (:func:`pipeline.data.address.address_text`), so one dataset has one index.
+    """
+    digest = hashlib.sha256(address.encode()).hexdigest()[:16]
+    return cfg.data.index_uri.strip() or str(fmpipe_home() / "indexes" / f"{digest}.json")
 
 
 def model_cache_dir(digest: str) -> Path:

@@ -34,6 +34,10 @@ JOBS: dict[str, Job] = {
             "write WebDataset shards + manifests from digits, a folder or synthetic shapes",
         ),
         Job(
+            "index",
+            "index WebDataset shards fmpipe did not write (in place): samples, labels, bad members",
+        ),
+        Job(
             "train", "train a flow-matching U-Net on Ray Train (DDP, checkpoints, MLflow; resumes)"
         ),
         Job(

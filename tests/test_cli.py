@@ -79,6 +79,24 @@ CASES = {
             "prepare.num_samples": 7,
         },
     ),
+    "index": (
+        [
+            "index",
+            "data.label_source=json",
+            "--data",
+            "s3://b/train-{000..009}.tar",
+            "data.val_fraction=0.1",
+            "--index",
+            "./i.json",
+            "--print-config",
+        ],
+        {
+            "data.label_source": "json",
+            "data.uri": "s3://b/train-{000..009}.tar",
+            "data.val_fraction": 0.1,
+            "data.index_uri": "./i.json",
+        },
+    ),
     "retrain": (
         [
             "retrain",
