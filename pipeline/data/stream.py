@@ -100,6 +100,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.coupling import PairingStage, noise_to_float, sample_seed
 from pipeline.data.decode import IMAGE_EXTENSIONS, BadSample, DecodeSpec, decode_image
 from pipeline.data.decode import to_model_range as _to_model_range
+from pipeline.data.labels import LabelSpec, label_id
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
 from pipeline.storage import Location, StorageError, check_access, read_whole, resolve
 
@@ -379,6 +380,24 @@ class BadSampleTracker:
         return report
 
 
+def reasons_of(report: BadSampleReport) -> dict[str, int]:
+    """Skipped samples by reason (``"undecodable .jpg"``, ``"missing image"``, ``"lost"``
+    ...): each shard's bad samples split as its recorded examples are, its lost ones under
+    its tar error (the examples are capped per shard, so large counts are extrapolated)."""
+    counts: dict[str, int] = {}
+    for shard in report.shards.values():
+        examples = [r for r in shard.examples if r.key]
+        if shard.bad:
+            kinds = [r.reason.split(":", 1)[0].split(" (", 1)[0] for r in examples] or ["bad"]
+            for i, kind in enumerate(kinds):  # spread shard.bad over the examples' kinds
+                share = shard.bad // len(kinds) + (1 if i < shard.bad % len(kinds) else 0)
+                counts[kind] = counts.get(kind, 0) + share
+        if shard.lost:
+            kind = "lost: " + (shard.error.split(":", 1)[0] if shard.error else "unread")
+            counts[kind] = counts.get(kind, 0) + shard.lost
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 # Handles held for this process's lifetime: a named (non-detached) actor dies as soon as
 # no handle to it is left, which would lose the counts between two streams of a run.
 _COUNTERS: dict[str, Any] = {}
@@ -396,11 +415,19 @@ class ShardRef:
 
 @dataclass
 class DatasetInfo:
-    uri: str  # dataset root as configured
+    uri: str  # dataset root (or, for another tool's shards, the address) as configured
     split: str
-    location: Location  # the split directory
+    location: Location  # the split directory (foreign: the shards' common folder)
     manifest: Manifest
     shards: list[ShardRef]
+    # Another tool's shards (pipeline.data.foreign): the index's {raw label: id}, applied
+    # with data.label_source / label_field; None for a prepared split (.cls holds the id).
+    class_to_id: dict[str, int] | None = None
+    usable_samples: int = 0  # foreign: the samples the index found usable (0: unknown)
+
+    @property
+    def foreign(self) -> bool:
+        return self.class_to_id is not None
 
     @property
     def filesystem(self) -> Any:
@@ -415,8 +442,12 @@ class DatasetInfo:
         return self.manifest.num_classes > 0
 
 
-def open_dataset(cfg: Config, split: str) -> DatasetInfo:
+def open_dataset(cfg: Config, split: str, *, fresh: bool = True) -> DatasetInfo:
     """Read and validate ``<data.uri>/<split>/_manifest.json``; no Ray work happens here.
+
+    When ``data.uri`` is not a prepared root but another tool's WebDataset shards, the split
+    comes from the dataset's index instead (:func:`pipeline.data.foreign.open_foreign`, which
+    builds or refreshes it in Ray tasks; ``fresh=False`` reuses this process's last build).
 
     Raises:
         DatasetError: ``data.uri`` unset, no manifest (missing dataset or split), an
@@ -429,9 +460,13 @@ def open_dataset(cfg: Config, split: str) -> DatasetInfo:
     uri = cfg.data.uri
     if not uri:
         raise DatasetError(
-            "data.uri is empty: set it to a dataset root written by `fmpipe prepare` "
-            "(s3://bucket/prefix or a local path)"
+            "data.uri is empty: set it to a dataset root written by `fmpipe prepare` or to "
+            "WebDataset shards (a folder or prefix of .tar files, a brace pattern, a list)"
         )
+    from pipeline.data.foreign import is_prepared, open_foreign
+
+    if not is_prepared(cfg):  # another tool's shards: read through an index, never written
+        return open_foreign(cfg, split, fresh=fresh)
     root = resolve(uri, cfg.storage)
     if root.is_s3:
         check_access(root, must_exist=False)  # bucket, endpoint, credentials: clear errors
@@ -494,6 +529,15 @@ def check_config_against_manifest(cfg: Config, info: DatasetInfo) -> None:
             and the setting to use.
     """
     manifest, uri = info.manifest, info.uri
+    if info.foreign:  # images of any size: the decoder sizes them by data.resize
+        if cfg.data.channels != manifest.channels:
+            kind = "grey (every image L or 1)" if manifest.channels == 1 else "colour"
+            raise ConfigMismatch(
+                f"data.channels={cfg.data.channels} but dataset '{uri}' is {kind} by its "
+                f"index ({manifest.source.removeprefix('index:')}): set "
+                f"data.channels={manifest.channels}"
+            )
+        return
     problems = []
     if cfg.data.channels != manifest.channels:
         kind = {1: "grey (1 channel)", 3: "RGB (3 channels)"}.get(
@@ -541,6 +585,17 @@ def decode_spec(cfg: Config) -> DecodeSpec:
     and the benchmarks read images exactly alike.
     """
     return DecodeSpec(resolution=cfg.data.resolution, channels=cfg.data.channels)
+
+
+LabelRule = tuple[LabelSpec, dict[str, int]]  # how a foreign sample's label becomes its id
+
+
+def label_rule(cfg: Config, info: DatasetInfo) -> LabelRule | None:
+    """The label settings and ``{raw label: id}`` of another tool's split; None when the
+    split was written by ``fmpipe prepare`` (its ``.cls`` holds the id)."""
+    if info.class_to_id is None:
+        return None
+    return LabelSpec.from_config(cfg), dict(info.class_to_id)
 
 
 def bad_sample_tracker(cfg: Config, info: DatasetInfo, epoch: int) -> BadSampleTracker:
@@ -722,8 +777,12 @@ def read_shard(
     epoch: int = 0,
     hflip: bool = False,
     shuffle: bool = False,
+    labels: LabelRule | None = None,
 ) -> tuple[list[tuple[str, int, np.ndarray]], ShardStats]:
     """Decode one shard's bytes: ``([(key, label, uint8 HWC), ...], stats)``.
+
+    ``labels``: another tool's label settings and ``{raw label: id}`` (:func:`label_rule`);
+    None reads a prepared shard's ``.cls`` id (checked against ``num_classes``).
 
     Bad samples are skipped and described in ``stats``; samples the tar's damage hid are
     counted in ``stats.lost`` (``declared`` minus those read).
@@ -745,7 +804,11 @@ def read_shard(
             if ext is None:
                 has = ", ".join(sorted(sample.members)) or "nothing"
                 raise BadSample(f"missing image (sample has: {has})")
-            label = _label_of(sample, num_classes)
+            label = (
+                _label_of(sample, num_classes)
+                if labels is None
+                else label_id(sample.members, labels[0], labels[1])
+            )
             flip = hflip and bool(sample_seed(seed, epoch, sample.key, stream="flip") & 1)
             image = decode_image(sample.members[ext], ext, spec, flip=flip)
         except BadSample as exc:
@@ -781,6 +844,7 @@ class ShardDecoder:
         hflip: bool,
         shuffle: bool,
         tracker: BadSampleTracker | None,
+        labels: LabelRule | None = None,
     ) -> None:
         # The dataset's Location, not its filesystem object: a Location unpickles to the
         # worker process's cached filesystem (pipeline.storage.Location.__reduce__), so the
@@ -788,6 +852,7 @@ class ShardDecoder:
         self.location = location
         self.spec = spec
         self.num_classes = num_classes
+        self.labels = labels
         self.seed = seed
         self.hflip, self.shuffle = hflip, shuffle
         self.tracker = tracker
@@ -827,6 +892,7 @@ class ShardDecoder:
                     declared,
                     self.spec,
                     num_classes=self.num_classes,
+                    labels=self.labels,
                     seed=self.seed,
                     epoch=epoch,
                     hflip=self.hflip,
@@ -872,6 +938,7 @@ class TrainStreamStage:
             hflip=cfg.data.hflip,
             shuffle=cfg.data.shuffle_shards,
             tracker=tracker,
+            labels=label_rule(cfg, info),
         )
         self.pairing = PairingStage.from_config(cfg, 0)  # epoch 0 unused: rows carry theirs
         self.columns = COLUMNS if keys else tuple(c for c in COLUMNS if c != "key")

@@ -59,6 +59,7 @@ from pipeline.data.stream import (
     decode_spec,
     final_data_error,
     fresh_error,
+    label_rule,
     read_shard,
     verify_shard,
 )
@@ -374,7 +375,8 @@ def load_val_set(cfg: Config, info: DatasetInfo, max_images: int) -> ValSet:
         data = read_whole(info.filesystem, shard.path)
         verify_shard(data, shard.uri, shard.sha256)
         got, _ = read_shard(data, shard.name, shard.num_samples, spec,
-                            num_classes=info.manifest.num_classes)  # fmt: skip
+                            num_classes=info.manifest.num_classes,
+                            labels=label_rule(cfg, info))  # fmt: skip
         samples.extend(got)
     samples.sort(key=lambda s: s[0])
     samples = samples[:max_images]

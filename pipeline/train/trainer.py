@@ -244,8 +244,14 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
             "unlabelled; set model.num_classes=0"
         )
     val_info = None
-    if resolve(cfg.data.uri, cfg.storage).child("val", MANIFEST_NAME).exists():
-        val_info = open_dataset(cfg, "val")  # a damaged val split is an error, like train's
+    if info.foreign:  # the index says whether it has a val split (data.val_uri/val_fraction)
+        from pipeline.data.foreign import refresh_index
+
+        has_val = bool(refresh_index(cfg, fresh=False).index.split_shards("val"))
+    else:
+        has_val = resolve(cfg.data.uri, cfg.storage).child("val", MANIFEST_NAME).exists()
+    if has_val:  # a damaged val split is an error, like train's
+        val_info = open_dataset(cfg, "val", fresh=False)
     else:
         log.warning("no validation loss: dataset '%s' has no val split", cfg.data.uri)
     return _Inputs(data_shape_of(cfg), info.manifest.content_hash(), info, val_info)
@@ -272,6 +278,44 @@ def _start_tracking(cfg: Config, run_dir: Location, previous: TrainState | None)
         run_dir.child(RUN_INFO_FILE).write_bytes((json.dumps(body, indent=1) + "\n").encode())
     handle = TrackingHandle(uri, str(tracker.run_id), cfg.tracking.experiment, t.run_name)
     return tracker, handle
+
+
+def _report_bad_samples(
+    cfg: Config, info: Any, epochs: range, say: Callable[[str], None], handle: Any
+) -> None:
+    """Bad samples the stream skipped, per data epoch: a console line each (count, fraction
+    and reasons), and in MLflow a ``data/bad_samples`` metric per epoch plus
+    ``data/bad_samples.json`` listing every recorded ``{epoch, shard, key, reason}``."""
+    from pipeline.data.stream import bad_sample_tracker, reasons_of
+
+    records, per_epoch = [], {}
+    for epoch in epochs:
+        try:
+            report = bad_sample_tracker(cfg, info, epoch).report()
+        except Exception as exc:  # the report must never fail a finished run
+            log.warning("no bad-sample report for epoch %d: %s", epoch, exc)
+            return
+        if not report.shards:
+            continue  # this epoch was not read (a resume started after it)
+        per_epoch[epoch] = report.skipped
+        reasons = reasons_of(report)
+        shown = ", ".join(f"{kind} {n:,}" for kind, n in list(reasons.items())[:4])
+        say(
+            f"[data] epoch {epoch}: {report.skipped:,} of {report.total:,} samples skipped "
+            f"as bad ({report.fraction:.2%})" + (f": {shown}" if shown else "")
+        )
+        records += [
+            {"epoch": epoch, "shard": r.shard, "key": r.key, "reason": r.reason}
+            for r in report.records
+        ]
+    if handle is None or not per_epoch:
+        return
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker.attach(handle.uri, handle.run_id)
+    for epoch, skipped in per_epoch.items():
+        tracker.log_metrics({"data/bad_samples": skipped}, step=epoch)
+    tracker.log_text(json.dumps(records, indent=1) + "\n", "data/bad_samples.json")
 
 
 def _trainer(cfg: Config, spec: WorkerSpec, storage: Location, datasets: Any) -> Any:
@@ -398,6 +442,9 @@ def _train_leased(
             tracker.end(status)
 
     metrics = dict(result.metrics or {})
+    if inputs.info is not None:
+        data_epoch = int(metrics.get("data_epoch", start_epoch) or 0)
+        _report_bad_samples(cfg, inputs.info, range(start_epoch, data_epoch + 1), say, handle)
     return TrainResult(
         metrics=metrics,
         images_seen=int(metrics.get("images_seen", 0)),
