@@ -82,7 +82,7 @@ class PrepareConfig(Section):
 
 class DataConfig(Section):
     uri: str = ""  # dataset root written by `fmpipe prepare` (s3://bucket/prefix or a path)
-    resolution: int = Field(16, ge=2, le=1024)  # images are resized + centre-cropped to this
+    resolution: int = Field(16, ge=2, le=1024)  # images are sized to this (data.resize)
     channels: Literal[1, 3] = 1  # images are converted to L (1) or RGB (3)
     hflip: bool = False  # random horizontal flip; off by default because it ruins digits
     batch_size: int = Field(128, ge=1)  # global batch, split evenly across workers
@@ -93,6 +93,10 @@ class DataConfig(Section):
     shuffle_shards: bool = True  # shard order shuffled per epoch from the seed
     read_parallelism: int = Field(-1, ge=-1)  # Ray Data read tasks; -1 lets Ray decide
     prefetch_batches: int = Field(2, ge=0)  # batches prefetched by iter_torch_batches
+    # decoding of foreign images (issue 14)
+    resize: Literal["center_crop", "random_crop", "pad"] = "center_crop"  # to R x R: see decode
+    alpha_background: Literal["black", "white"] = "black"  # alpha and pad fill colour
+    max_pixels: int = Field(64 * 1024 * 1024, ge=1, le=128 * 1024 * 1024)  # more: bomb, bad
 
 
 class ModelConfig(Section):
