@@ -95,7 +95,7 @@ AddressText = Annotated[str, BeforeValidator(_address_text)]  # str, or a YAML l
 
 class DataConfig(Section):
     uri: AddressText = ""  # dataset root written by `fmpipe prepare`, or an address to index
-    resolution: int = Field(16, ge=2, le=1024)  # images are resized + centre-cropped to this
+    resolution: int = Field(16, ge=2, le=1024)  # images are sized to this (data.resize)
     channels: Literal[1, 3] = 1  # images are converted to L (1) or RGB (3)
     hflip: bool = False  # random horizontal flip; off by default because it ruins digits
     batch_size: int = Field(128, ge=1)  # global batch, split evenly across workers
@@ -113,6 +113,10 @@ class DataConfig(Section):
     label_field: str = Field("label", pattern=r"^[^.]+(\.[^.]+)*$")  # dotted .json path
     index_bad_examples: int = Field(20, ge=0)  # bad members listed per shard (all counted)
     prefetch_batches: int = Field(2, ge=0)  # batches prefetched by iter_torch_batches
+    # decoding of foreign images (issue 14)
+    resize: Literal["center_crop", "random_crop", "pad"] = "center_crop"  # to R x R: see decode
+    alpha_background: Literal["black", "white"] = "black"  # alpha and pad fill colour
+    max_pixels: int = Field(64 * 1024 * 1024, ge=1, le=128 * 1024 * 1024)  # more: bomb, bad
 
 
 class ModelConfig(Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -220,16 +221,32 @@ def test_decode_formats_modes_and_sizes():
     [
         (b"not an image at all", "png", "undecodable"),
         (_encode(np.zeros((8, 8), np.uint8))[:40], "png", "undecodable"),
-        (_encode(np.zeros((8, 8), np.uint16)), "png", "unexpected image mode"),
-        (_encode(np.zeros((1, 1), np.uint8)), "png", "unexpected image size"),
-        (_encode(np.zeros((8, 64), np.uint8)), "png", "aspect ratio"),
         (b"\x80\x04K\x01.", "pkl", "unsupported image type"),
-        (_encode(np.zeros((8, 8), np.uint8), "GIF"), "png", "undecodable"),
+        # a format Pillow reads but the extension table does not name
+        (_encode(np.zeros((8, 8), np.uint8), "TGA"), "png", "undecodable"),
+        (_encode(np.zeros((9, 9), np.uint8), "PNG"), "png", "decompression bomb: 9x9 = 81"),
     ],
 )
 def test_decode_bad_input_raises_bad_sample(data, ext, reason):
     with pytest.raises(BadSample, match=reason):
-        decode_image(data, ext, DecodeSpec(8, 1))
+        decode_image(data, ext, DecodeSpec(8, 1, max_pixels=80))
+
+
+@pytest.mark.parametrize(
+    ("array", "fmt", "value"),
+    [
+        (np.full((8, 8), 100 * 257, np.uint16), "PNG", 100),  # 16-bit: round(v / 257)
+        (np.full((1, 1), 77, np.uint8), "PNG", 77),  # a 1x1 image
+        (np.full((8, 64), 77, np.uint8), "PNG", 77),  # aspect ratio 8
+        (np.full((8, 8), 77, np.uint8), "GIF", 77),  # a GIF, even stored as .png
+    ],
+)
+def test_decode_uses_what_was_refused_before(array, fmt, value):
+    """Issue 14: 16-bit modes, GIFs, tiny sides and extreme aspect ratios are used, not
+    skipped as bad samples (these cases used to raise BadSample)."""
+    out = decode_image(_encode(array, fmt), "png", DecodeSpec(8, 1))
+    assert out.shape == (8, 8, 1)
+    assert (np.abs(out.astype(int) - value) <= 1).all()
 
 
 def test_read_shard_truncated_and_missing_image():
@@ -335,6 +352,36 @@ def test_read_shard_flip_is_seeded_per_key():
     assert 5 < len(flipped(0)) < 35
     plain, _ = read_shard(data, "s", 40, DecodeSpec(RES, 1), seed=0)
     assert all(np.array_equal(image[:, :, 0], images[k]) for k, _, image in plain)
+
+
+def test_read_shard_random_crop_is_seeded_per_key():
+    # 8 x 24 pictures whose columns hold their index: the crop's offset is readable
+    columns = np.tile((np.arange(3 * RES) * 10).astype(np.uint8), (RES, 1))
+    keys = [f"{i:08d}" for i in range(40)]
+    data = _tar((k, {"png": _encode(columns)}) for k in keys)
+    spec = DecodeSpec(RES, 1, resize="random_crop")
+
+    def offsets(seed: int, epoch: int = 0) -> dict[str, float]:
+        out, stats = read_shard(data, "s", 40, spec, seed=seed, epoch=epoch)
+        assert stats.ok == 40
+        # the first column of the crop is the offset * 10 (bicubic between whole columns)
+        return {key: image[0, 0, 0] / 10.0 for key, _, image in out}
+
+    first = offsets(0)
+    assert first == offsets(0)  # reproducible
+    assert first != offsets(1) and first != offsets(0, epoch=1)
+    assert len({round(v) for v in first.values()}) > 5  # spread along 0..16
+    assert all(0 <= v <= 2 * RES for v in first.values())
+    centred, _ = read_shard(data, "s", 40, DecodeSpec(RES, 1), seed=0)
+    assert all(image[0, 0, 0] == 80 for _, _, image in centred)  # offset 8: column 8
+    # the stream's draw is decode_image's crop_at from sample_seed(..., stream="crop")
+    from pipeline.data.coupling import sample_seed
+
+    got = dict((k, image) for k, _, image in read_shard(data, "s", 40, spec, seed=3)[0])
+    for key in keys[:5]:
+        crop_at = (sample_seed(3, 0, key, stream="crop") >> 10) / 2.0**53
+        expected = decode_image(_encode(columns), "png", spec, crop_at=crop_at)
+        np.testing.assert_array_equal(got[key], expected)
 
 
 # --------------------------------------------------------------------------- round trips
@@ -521,6 +568,8 @@ def test_stream_rows_need_their_epoch(digits_root):
     with pytest.raises(ValueError, match="'epoch' column"):
         next(stage(row))
     assert decode_spec(cfg) == DecodeSpec(RES, 1)
+    cfg = build_config({"data": {"resize": "pad", "alpha_background": "white", "max_pixels": 1000}})
+    assert decode_spec(cfg) == DecodeSpec(16, 1, resize="pad", background="white", max_pixels=1000)
 
 
 def test_bench_data_times_the_training_path(digits_root):
@@ -560,6 +609,21 @@ def test_ot_coupling_in_the_loop_and_in_the_stream(digits_root):
 
 
 # --------------------------------------------------------------------------- bad input
+def _lab_tiff() -> bytes:
+    """A TIFF in a mode the decoder refuses (no faithful conversion to L/RGB)."""
+    buf = io.BytesIO()
+    Image.new("LAB", (RES, RES)).save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR (CRC fixed) claims ``width`` x ``height``: a decompression bomb."""
+    data = bytearray(_encode(np.zeros((4, 4), np.uint8)))
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
 def _bad_dataset(root: str) -> dict[str, str]:
     """Shard 0: 5 good + 4 bad samples; shard 1 truncated; shard 2 good. Expected reasons."""
     rng = np.random.default_rng(9)
@@ -571,8 +635,8 @@ def _bad_dataset(root: str) -> dict[str, str]:
     shard0 = [good(i) for i in range(5)] + [
         ("00000005", {"png": b"\x89PNG\r\n\x1a\n garbage", "cls": b"1"}),
         ("00000006", {"cls": b"1", "json": b"{}"}),
-        ("00000007", {"png": _encode(np.zeros((8, 8), np.uint16)), "cls": b"1"}),
-        ("00000008", {"png": _encode(np.zeros((1, 1), np.uint8)), "cls": b"1"}),
+        ("00000007", {"tiff": _lab_tiff(), "cls": b"1"}),
+        ("00000008", {"png": _png_claiming(30000, 30000), "cls": b"1"}),
     ]
     full = _tar([good(i) for i in range(10, 20)])
     truncated = full[: 512 * 9 + 100]  # 4 blocks a sample: inside the 3rd one's image
@@ -581,8 +645,8 @@ def _bad_dataset(root: str) -> dict[str, str]:
     return {
         "00000005": "undecodable",
         "00000006": "missing image",
-        "00000007": "unexpected image mode",
-        "00000008": "unexpected image size",
+        "00000007": "unexpected image mode 'LAB'",
+        "00000008": "decompression bomb: 900,000,000 pixels",
     }
 
 

@@ -33,14 +33,16 @@ into the filesystem object.
 
 Order and reproducibility. With ``data.shuffle_shards`` the shard list is permuted per
 epoch from ``(seed, epoch)`` and the samples inside each shard from
-``(seed, epoch, shard)``; shards are started in that order. ``x_0``, ``t`` and the flip
-come from ``(seed, epoch, key)`` (see :mod:`pipeline.data.coupling`), so what a sample
+``(seed, epoch, shard)``; shards are started in that order. ``x_0``, ``t``, the flip and
+the ``random_crop`` offset come from ``(seed, epoch, key)`` (each on its own stream of
+:func:`~pipeline.data.coupling.sample_seed`), so what a sample
 gets never depends on the order in which parallel shards finish, nor on how many epochs
 the stream holds or which one it starts at; pass ``preserve_order=True`` to also fix the
 row order.
 
 Bad input (accounting design). The decode stage skips a sample whose image is undecodable,
-missing, or of an unexpected mode or size, whose label is unreadable, or whose key repeats;
+missing, of an unexpected mode or a decompression bomb (:mod:`pipeline.data.decode`; no
+size or aspect ratio is unexpected), whose label is unreadable, or whose key repeats;
 a truncated or corrupt tar loses the samples after the damage (counted against the
 manifest's count for that shard). After each shard the stage sends one record
 ``(shard, declared, ok, bad, lost, examples)`` to a small named Ray actor
@@ -136,7 +138,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("x_1", "x_0", "t", "label", "epoch", "key")  # "key" only with keys=True
-_IMAGE_PREFERENCE = tuple(IMAGE_EXTENSIONS)  # png, jpg, jpeg, webp
+_IMAGE_PREFERENCE = tuple(IMAGE_EXTENSIONS)  # png, jpg, jpeg, webp, then ppm, ..., gif
 _MAX_EXAMPLES_PER_SHARD = 20  # bad (key, reason) pairs kept per shard; all are counted
 _CHUNK_BYTES = 8 * 1024 * 1024  # target size of one decoded output block
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_ext
@@ -579,12 +581,19 @@ def shard_order(names: list[str], seed: int, epoch: int, shuffle: bool = True) -
 
 
 def decode_spec(cfg: Config) -> DecodeSpec:
-    """What every reader of a split decodes to: ``data.resolution`` x ``data.channels``.
+    """What every reader of a split decodes to: ``data.resolution`` x ``data.channels``,
+    sized by ``data.resize`` on ``data.alpha_background``, at most ``data.max_pixels``.
 
     The one place the config becomes a :class:`DecodeSpec`: the stream, the validation set
     and the benchmarks read images exactly alike.
     """
-    return DecodeSpec(resolution=cfg.data.resolution, channels=cfg.data.channels)
+    return DecodeSpec(
+        resolution=cfg.data.resolution,
+        channels=cfg.data.channels,
+        resize=cfg.data.resize,
+        background=cfg.data.alpha_background,
+        max_pixels=cfg.data.max_pixels,
+    )
 
 
 LabelRule = tuple[LabelSpec, dict[str, int]]  # how a foreign sample's label becomes its id
@@ -612,6 +621,7 @@ def bad_sample_tracker(cfg: Config, info: DatasetInfo, epoch: int) -> BadSampleT
             cfg.data.resolution,
             cfg.data.channels,
             cfg.data.max_bad_fraction,
+            cfg.data.max_pixels,
         )
     )
     name = "fmpipe-bad-samples-" + hashlib.sha256(ident.encode()).hexdigest()[:20]
@@ -785,7 +795,9 @@ def read_shard(
     None reads a prepared shard's ``.cls`` id (checked against ``num_classes``).
 
     Bad samples are skipped and described in ``stats``; samples the tar's damage hid are
-    counted in ``stats.lost`` (``declared`` minus those read).
+    counted in ``stats.lost`` (``declared`` minus those read). With ``hflip`` each sample's
+    flip, and with ``spec.resize == "random_crop"`` its crop offset, is drawn from
+    ``(seed, epoch, key)``.
     """
     stats = ShardStats(shard=shard, declared=declared)
     raw = list(_iter_tar(data, stats))
@@ -810,7 +822,10 @@ def read_shard(
                 else label_id(sample.members, labels[0], labels[1])
             )
             flip = hflip and bool(sample_seed(seed, epoch, sample.key, stream="flip") & 1)
-            image = decode_image(sample.members[ext], ext, spec, flip=flip)
+            crop_at = None
+            if spec.resize == "random_crop":  # uniform in [0, 1) from 53 bits of the seed
+                crop_at = (sample_seed(seed, epoch, sample.key, stream="crop") >> 10) / 2.0**53
+            image = decode_image(sample.members[ext], ext, spec, flip=flip, crop_at=crop_at)
         except BadSample as exc:
             stats.bad += 1
             if len(stats.examples) < _MAX_EXAMPLES_PER_SHARD:

@@ -40,7 +40,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -367,9 +367,12 @@ def load_val_set(cfg: Config, info: DatasetInfo, max_images: int) -> ValSet:
     a shard that does not match its manifest's sha256 raises
     :class:`~pipeline.data.stream.ShardIntegrityError`, as in training (here, before any
     worker starts). ``x_0`` and then ``t ~ U[0, 1)`` come from
-    ``sample_generator(seed, 0, key, "val")``.
+    ``sample_generator(seed, 0, key, "val")``. Like the flip, ``data.resize=random_crop``
+    is training augmentation: the val set reads the centred square.
     """
     spec = decode_spec(cfg)
+    if spec.resize == "random_crop":
+        spec = replace(spec, resize="center_crop")
     samples: list[tuple[str, int, np.ndarray]] = []
     for shard in sorted(info.shards, key=lambda s: s.name):
         data = read_whole(info.filesystem, shard.path)
