@@ -152,3 +152,36 @@ def test_a_val_split_carved_by_seed_and_a_missing_one_named(tmp_path):
     assert len(names) + len(val_split.shards) == 10
     again = open_dataset(cfg, "val")
     assert [s.name for s in again.shards] == [s.name for s in val_split.shards]  # by seed
+
+
+@pytest.mark.slow
+def test_retrain_sees_new_shards_of_a_growing_foreign_dataset(tmp_path, mlflow_server, monkeypatch):
+    """A bucket that grows: retrain trains and promotes a first model, does nothing while
+    the shards stay the same, and once a shard is added the index reads only that one, the
+    content hash changes and retrain trains a candidate on it."""
+    from pipeline.data.foreign import refresh_index
+    from pipeline.retrain import retrain
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    train_dir, val_dir = tmp_path / "shards", tmp_path / "val"
+    _write(train_dir, _samples(0, 32), maxcount=16)
+    _write(val_dir, _samples(100, 16), maxcount=16)
+
+    def cfg():
+        c = _cfg(str(train_dir), tmp_path, registered_model_name="grows", val_max_images=16)
+        c.data.val_uri = str(val_dir)
+        c.tracking.experiment = "foreign-retrain"
+        c.retrain.images, c.retrain.promote_margin = 32, 0.0
+        return c
+
+    first = retrain(cfg(), print_fn=None)
+    assert first.outcome == "promoted"
+    hash_1 = refresh_index(cfg()).index.content_hash
+    assert retrain(cfg(), print_fn=None).outcome == "no_new_data"
+
+    _write(train_dir, _samples(32, 8), maxcount=16, name="more")
+    grown = refresh_index(cfg())
+    assert (grown.read, grown.reused) == (1, 3)  # only the new shard is read
+    assert grown.index.content_hash != hash_1
+    third = retrain(cfg(), print_fn=None)
+    assert third.outcome in ("promoted", "rejected") and third.candidate_version == "2"
