@@ -75,6 +75,7 @@ class TrainState:
     val_loss: float | None = None  # last validation loss (EMA weights, fixed draws)
     data_shape: list[int] = field(default_factory=list)  # (C, H, W) of one sample
     world_size: int = 1  # workers that trained up to here (RNG states are per rank)
+    class_names: list[str] = field(default_factory=list)  # label id -> the dataset's name
     # name -> size of the other files of the checkpoint, written after them: a directory
     # whose files do not match is an interrupted upload (pipeline.train.resume)
     files: dict[str, int] = field(default_factory=dict)

@@ -123,6 +123,17 @@ def test_a_short_run_on_foreign_shards_reports_its_bad_samples(tmp_path, mlflow_
     records = json.loads(Path(path).read_text())
     keys = {r["key"] for r in records if r["epoch"] == 0}
     assert {"a.b/c/000900", "a.b/c/000901", "a.b/c/000902"} <= keys
+    # the dataset's class names travel with the model, so its samples can carry them
+    from pipeline.checkpoint import read_state
+    from pipeline.sample.sampler import SamplerSettings
+
+    assert read_state(Path(result.checkpoint_uri)).class_names == ["0", "1", "2"]
+    named = SamplerSettings(
+        seed=0, solver="euler", steps=2, atol=1e-5, rtol=1e-5, guidance_scale=1.0, label=None,
+        num_classes=2, data_shape=(3, 8, 8), block_size=4, class_names=("cat", "dog"),
+    )  # fmt: skip
+    assert named.sample_meta(7, 1)["class_name"] == "dog"
+    assert "class_name" not in named.sample_meta(7, None)
 
 
 def test_config_that_disagrees_with_the_index_fails_before_any_worker(tmp_path):

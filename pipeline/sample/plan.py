@@ -158,6 +158,7 @@ def sampler_settings(
         use_gpu=s.use_gpu,
         precision=s.precision,
         out_uri=out.uri if out is not None else "",
+        class_names=tuple(source.class_names),
         storage=storage,
         meta={
             "model": source.uri,

@@ -63,6 +63,7 @@ class SamplerSettings:
     out_uri: str = ""
     storage: dict[str, Any] = field(default_factory=dict)  # StorageConfig fields
     meta: dict[str, Any] = field(default_factory=dict)  # model_uri, model_version, ... per sample
+    class_names: tuple[str, ...] = ()  # label id -> name, as the model was trained
 
     @property
     def fixed_steps(self) -> int | None:
@@ -85,6 +86,8 @@ class SamplerSettings:
             meta.update(atol=tolerances[0], rtol=tolerances[1])
         if self.precision != "fp32":
             meta["precision"] = self.precision
+        if label is not None and 0 <= label < len(self.class_names):
+            meta["class_name"] = self.class_names[label]  # what the dataset called it
         return meta
 
 

@@ -92,6 +92,7 @@ class ModelSource:
     digest: str = ""  # weights_digest of the weights used (identifies the model on resume)
     checkpoint: str = ""  # where the checkpoint was read from (local directory or URI)
     tags: dict[str, str] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()  # label id -> name, from the checkpoint's state
 
     @property
     def label(self) -> str:
@@ -157,7 +158,7 @@ def _download_checkpoint(uri: str, cfg: Config, into: Path) -> Path:
 
 def _from_checkpoint_dir(
     directory: Path, use_ema: bool
-) -> tuple[CheckpointBuilder, int, str, str | None]:
+) -> tuple[CheckpointBuilder, int, str, str | None, tuple[str, ...]]:
     network, ckpt_cfg = load_for_inference(directory, use_ema=use_ema)  # checks the fit
     state = read_state(directory)
     shape = tuple(int(s) for s in state.data_shape) or (
@@ -169,7 +170,9 @@ def _from_checkpoint_dir(
     builder = CheckpointBuilder(
         model=ckpt_cfg.model.model_dump(mode="json"), data_shape=shape, weights=weights
     )
-    return builder, int(ckpt_cfg.model.num_classes), weights_digest(weights), state.mlflow_run_id
+    names = tuple(state.class_names)
+    digest = weights_digest(weights)
+    return builder, int(ckpt_cfg.model.num_classes), digest, state.mlflow_run_id, names
 
 
 def load_model_source(cfg: Config, uri: str | None = None) -> ModelSource:
@@ -193,7 +196,7 @@ def load_model_source(cfg: Config, uri: str | None = None) -> ModelSource:
 
         resolved = resolve_model_uri(uri, cfg)
         directory = Path(resolved.checkpoint_uri)
-        builder, classes, digest, ckpt_run = _from_checkpoint_dir(directory, use_ema)
+        builder, classes, digest, ckpt_run, names = _from_checkpoint_dir(directory, use_ema)
         return ModelSource(
             factory=builder,
             data_shape=builder.data_shape,
@@ -206,11 +209,12 @@ def load_model_source(cfg: Config, uri: str | None = None) -> ModelSource:
             digest=digest,
             checkpoint=resolved.source or str(directory),
             tags=dict(resolved.tags),
+            class_names=names,
         )
     if uri.startswith("s3://"):
         with tempfile.TemporaryDirectory(prefix="fmpipe-ckpt-") as tmp:
             directory = _download_checkpoint(uri, cfg, Path(tmp))
-            builder, classes, digest, ckpt_run = _from_checkpoint_dir(directory, use_ema)
+            builder, classes, digest, ckpt_run, names = _from_checkpoint_dir(directory, use_ema)
     else:
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         directory = Path(path).expanduser()
@@ -219,7 +223,7 @@ def load_model_source(cfg: Config, uri: str | None = None) -> ModelSource:
                 f"model '{uri}' is neither models:/<name>@<alias>, models:/<name>/<version> nor "
                 "an existing checkpoint directory"
             )
-        builder, classes, digest, ckpt_run = _from_checkpoint_dir(directory, use_ema)
+        builder, classes, digest, ckpt_run, names = _from_checkpoint_dir(directory, use_ema)
     return ModelSource(
         factory=builder,
         data_shape=builder.data_shape,
@@ -228,4 +232,5 @@ def load_model_source(cfg: Config, uri: str | None = None) -> ModelSource:
         train_run_id=ckpt_run,
         digest=digest,
         checkpoint=uri,
+        class_names=names,
     )

@@ -178,8 +178,9 @@ def build_parts(
     net = to_device_layout(build_model(cfg.model, ctx.data_shape), device)  # NHWC on the CPU
     ema = EMA(net, t.ema_halflife_images, t.ema_warmup_ratio)
     state = TrainState(
-        manifest_hash=ctx.manifest_hash, data_shape=list(ctx.data_shape), world_size=world
-    )
+        manifest_hash=ctx.manifest_hash, data_shape=list(ctx.data_shape), world_size=world,
+        class_names=list(ctx.class_names),
+    )  # fmt: skip
     optimizer_state, rng_saved, where = _restore(net, ema, state, ctx, reported, world)
     if not where and ctx.init is not None:
         load_state_into(net, ctx.init.model, ctx.init.source, "model")

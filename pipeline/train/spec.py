@@ -98,6 +98,7 @@ class RunContext:
 
     data_shape: tuple[int, ...]  # (C, H, W) of one training image
     manifest_hash: str = ""  # training split's Manifest.content_hash(), saved and tagged
+    class_names: tuple[str, ...] = ()  # label id -> name (the dataset's), saved with the model
     tracking: TrackingHandle | None = None  # None: no MLflow
     resume: ResumePoint | None = None  # the newest complete checkpoint of this run
     init: InitWeights | None = None  # weights of a fresh start; None: seeded init

@@ -430,6 +430,7 @@ def _train_leased(
                 data_shape=inputs.data_shape, manifest_hash=inputs.manifest_hash,
                 tracking=handle, resume=resume, init=init, batch_source=batch_source,
                 val_set=val_set,
+                class_names=tuple(inputs.info.manifest.class_names) if inputs.info else (),
                 progress_queue=p.queue if p is not None else None,
             )  # fmt: skip
             result = _fit(_trainer(cfg, WorkerSpec(cfg, context), storage, datasets))
