@@ -136,7 +136,7 @@ def test_a_short_run_on_foreign_shards_reports_its_bad_samples(tmp_path, mlflow_
     assert "class_name" not in named.sample_meta(7, None)
 
 
-def test_config_that_disagrees_with_the_index_fails_before_any_worker(tmp_path):
+def test_config_that_disagrees_with_the_index_fails_before_any_worker(tmp_path, caplog):
     from pipeline.train.trainer import train
 
     _dataset(tmp_path / "shards")
@@ -144,6 +144,12 @@ def test_config_that_disagrees_with_the_index_fails_before_any_worker(tmp_path):
     grey.data.channels = 1
     with pytest.raises(ConfigMismatch, match=r"data\.channels=1 but dataset .* is colour"):
         check_config_against_manifest(grey, open_dataset(grey, "train"))
+    upsampled = _cfg(str(tmp_path / "shards"), tmp_path)
+    upsampled.data.resolution = 16  # the images are at most 12 px
+    with caplog.at_level("WARNING", logger="pipeline.data.stream"):
+        check_config_against_manifest(upsampled, open_dataset(upsampled, "train"))
+    assert any("largest image" in r.getMessage() and "12 px" in r.getMessage()
+               for r in caplog.records), caplog.records  # fmt: skip
     classes = _cfg(str(tmp_path / "shards"), tmp_path)
     classes.model.num_classes = 5
     with pytest.raises(ConfigError, match=r"model\.num_classes=5 but dataset .* has 3 classes"):

@@ -143,7 +143,11 @@ def open_foreign(cfg: Config, split: str, *, fresh: bool = True) -> DatasetInfo:
         class_names=list(index.class_names),
         shards=infos,
         source=f"index:{result.uri}",
-        extra={"address": index.address, "content_hash": index.content_hash},
+        extra={
+            "address": index.address,
+            "content_hash": index.content_hash,
+            "image_sizes": dict(index.resolution),  # width/height min/max over the images
+        },
         format=FOREIGN_FORMAT,
     )
     return DatasetInfo(

@@ -539,6 +539,14 @@ def check_config_against_manifest(cfg: Config, info: DatasetInfo) -> None:
                 f"index ({manifest.source.removeprefix('index:')}): set "
                 f"data.channels={manifest.channels}"
             )
+        sizes = manifest.extra.get("image_sizes") or {}
+        largest = max(int(sizes.get("width_max", 0)), int(sizes.get("height_max", 0)))
+        if largest and cfg.data.resolution > largest:
+            logger.warning(
+                "data.resolution=%d but the largest image of dataset '%s' is %d px: every "
+                "image is upsampled (set data.resolution=%d or less to train at its size)",
+                cfg.data.resolution, uri, largest, largest,
+            )  # fmt: skip
         return
     problems = []
     if cfg.data.channels != manifest.channels:
