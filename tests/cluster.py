@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localray import TRAIN_POLL_S
+
 from pipeline.stack.procs import alive, find_executable, free_port, process_tree, start_time
 
 HOST = "127.0.0.1"
@@ -109,7 +111,7 @@ class LocalRayCluster:
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # no Serve to drain: stop at once
-        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"  # reports collected sooner
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = TRAIN_POLL_S  # reports collected sooner
         return env
 
     def _headers(self) -> dict[str, str]:

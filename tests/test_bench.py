@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from localray import local_ray
 from tiny import tiny_unet_overrides
 
 from jobs import bench
@@ -47,17 +48,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    patch = pytest.MonkeyPatch()
-    # Ray Train collects reports at its health checks (default every 2 s): check more often.
-    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
-    patch.undo()
+    """Local Ray for this module (tests/localray.py), after the S3 env is set."""
+    with local_ray(num_cpus=2):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from localray import TRAIN_POLL_S
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +18,7 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
     overrides = [
         "train.total_images=1024",
         "train.warmup_images=256",

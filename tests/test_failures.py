@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from localray import TRAIN_POLL_S
 from netcheck import _listeners, exposed
 from tiny import TINY_UNET, tiny_unet_overrides
 
@@ -62,7 +63,7 @@ def job_env(home: Path, **extra: str) -> dict[str, str]:
     env.update(
         PYTHONPATH=str(REPO),
         FMPIPE_HOME=str(home),
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",  # checkpoints are registered promptly
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=TRAIN_POLL_S,  # checkpoints are registered promptly
         RAY_USAGE_STATS_ENABLED="0",
         PYTHONUNBUFFERED="1",
     )

@@ -15,8 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import ray
 from foreign_data import _dataset, _samples, _write
+from localray import local_ray
 from tiny import TINY_UNET
 
 from pipeline.config import ConfigError, build_config
@@ -34,13 +34,9 @@ GOOD, BAD = 24, 3
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local(s3_server):
-    """Local Ray started after the S3 env is set, so workers inherit it."""
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    """Local Ray for this module (tests/localray.py), after the S3 env is set."""
+    with local_ray():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from localray import local_ray
 from tiny import TINY_UNET
 
 from pipeline.config import ConfigError, build_config
@@ -202,20 +203,9 @@ def test_final_data_error_looks_through_wrappers():
 # --------------------------------------------------------------------------- with Ray
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
-    """Local Ray started after the S3 env is set, so workers inherit it."""
-    import ray
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers get the loops
-    if ray.is_initialized():
-        ray.shutdown()
-    patch = pytest.MonkeyPatch()
-    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-    patch.undo()
+    """Local Ray for this module (tests/localray.py), after the S3 env is set."""
+    with local_ray(num_cpus=4, by_value=sys.modules[__name__]):
+        yield
 
 
 def tamper(uri: str, other_uri: str, split: str = "train", index: int = 0) -> tuple[str, str]:

@@ -14,6 +14,7 @@ import time
 import uuid
 
 import pytest
+from localray import local_ray
 
 from pipeline.config import build_config
 from pipeline.storage import resolve
@@ -32,17 +33,9 @@ TINY_MODEL = {
 
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
-    """Local Ray started after the S3 env is set, so workers inherit it."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    patch = pytest.MonkeyPatch()
-    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # reports collected sooner
-    ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
-    patch.undo()
+    """Local Ray for this module (tests/localray.py), after the S3 env is set."""
+    with local_ray():
+        yield
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from localray import TRAIN_POLL_S
 from tiny import tiny_unet_overrides
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def secret_env(s3_server, tmp_path_factory) -> dict[str, str]:
     env.update(GENERIC)
     env.update(
         FMPIPE_HOME=str(home),
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=TRAIN_POLL_S,
         RAY_USAGE_STATS_ENABLED="0",
         HOME=str(home.parent / "user"),  # no ~/.ray/auth_token of the machine's user
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from localray import local_ray
 from tiny import TINY_UNET
 
 from pipeline.checkpoint import load_checkpoint
@@ -28,21 +29,9 @@ TOTAL = 44  # 5 full steps of 8 and a partial last step of 4 images
 
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
-    """Local Ray started after the S3 env is set, so workers inherit it."""
-    import ray
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers get KillOnce
-    if ray.is_initialized():
-        ray.shutdown()
-    patch = pytest.MonkeyPatch()
-    # Ray Train's controller collects reports at its health checks (default every 2 s);
-    # checking more often keeps each checkpoint and each run's end from waiting for one.
-    patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
-    patch.undo()
+    """Local Ray for this module (tests/localray.py), after the S3 env is set."""
+    with local_ray(num_cpus=4, by_value=sys.modules[__name__]):
+        yield
 
 
 def tiny_cfg(tmp_path: Path, name: str, **train) -> object:
