@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -377,3 +378,37 @@ def merge_trees(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def dataset_name(address: str) -> str:
+    """An MLflow-safe name for the dataset at ``address`` (``data.uri``): the last component
+    of its folder; for a brace pattern, a ``.tar`` or a list, of the shards' common folder.
+    ``""`` when nothing usable is left (e.g. a bare bucket root)."""
+    import posixpath
+
+    parts, depth, current = [], 0, ""
+    for char in address:
+        depth += (char == "{") - (char == "}")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    folders = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        if "{" in part:
+            part = part.split("{", 1)[0].rsplit("/", 1)[0]
+        elif part.endswith(".tar"):
+            part = part.rsplit("/", 1)[0]
+        folders.append(part.rstrip("/").replace("://", ":/"))
+    if not folders:
+        return ""
+    common = posixpath.commonpath(folders) if len(folders) > 1 else folders[0]
+    last = common.rstrip("/").rsplit("/", 1)[-1]
+    if last.endswith(":") or not last:
+        return ""  # s3://bucket would name the bucket's scheme
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-._")
+    return name[:100]
