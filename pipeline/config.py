@@ -412,3 +412,19 @@ def dataset_name(address: str) -> str:
         return ""  # s3://bucket would name the bucket's scheme
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-._")
     return name[:100]
+
+
+NO_REGISTRATION = "none"  # train.registered_model_name=none: `fmpipe train` registers nothing
+
+
+def default_model_name(cfg: Config) -> None:
+    """What ``fmpipe train`` / ``fmpipe retrain`` register as when the config leaves
+    ``train.registered_model_name`` empty: the dataset's name (:func:`dataset_name` of
+    ``data.uri``; ``digits`` for the demo's dataset, whose folder is ``digits``), else
+    ``dataset``. ``none`` means do not register. The job configs name ``digits`` outright;
+    programmatic configs (the library default, ``""``) keep registering nothing."""
+    name = cfg.train.registered_model_name.strip()
+    if name.lower() == NO_REGISTRATION:
+        cfg.train.registered_model_name = ""
+    elif not name:
+        cfg.train.registered_model_name = dataset_name(cfg.data.uri) or "dataset"
