@@ -71,7 +71,7 @@ class Section(BaseModel):
 class PrepareConfig(Section):
     """`fmpipe prepare`: turn an image source into WebDataset shards + _manifest.json."""
 
-    source: str = "digits"  # digits | folder:PATH | synthetic:shapes
+    source: str = "digits"  # digits | folder:PATH | synthetic:shapes | webdataset:ADDRESS
     out: str = ""  # dataset root (s3://bucket/prefix or a path); empty: $FMPIPE_HOME/store/<name>
     resolution: int = Field(16, ge=2, le=1024)  # stored image size (square)
     channels: Literal[1, 3] = 1  # stored as L (1) or RGB (3)

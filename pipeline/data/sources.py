@@ -2,14 +2,17 @@
 
 A :class:`Source` is a small, picklable description of a dataset, not the images: a Ray
 task that builds one shard receives the source once and loads only the indices of its own
-shard, so images are never shipped between processes. Three kinds exist, chosen by a spec
+shard, so images are never shipped between processes. Four kinds exist, chosen by a spec
 string (``build_source``):
 
 - ``digits``: scikit-learn's bundled UCI handwritten digits (1,797 labelled 8x8 images,
   shipped inside the package, no download); grey levels 0..16 become 0..255, mode ``L``.
 - ``folder:PATH``: one subfolder per class (classes sorted by name, files found
   recursively), any format Pillow reads; a folder with images and no subfolders is an
-  unlabelled dataset. The folder must be visible at the same path to every Ray worker.
+  unlabelled dataset; ``x.cls`` beside ``x.png`` overrides the subfolder (see
+  :class:`FolderSource`); ``s3://`` prefixes work. A local folder must be visible at the
+  same path to every Ray worker.
+- ``webdataset:ADDRESS``: another tool's WebDataset shards (:class:`WebDatasetSource`).
 - ``synthetic:shapes``: procedurally drawn coloured shapes on random backgrounds, label =
   shape kind. Image ``i`` depends only on ``(seed, i)``, so any index range can be made
   independently, in any process, in any order.
