@@ -4,6 +4,14 @@ Sources:
   digits            scikit-learn's bundled 8x8 handwritten digits (1,797, no download)
   folder:PATH       an image folder, one subfolder per class, any format Pillow reads
   synthetic:shapes  coloured shapes drawn from the seed (--num-samples of them)
+  webdataset:ADDR   another tool's WebDataset shards (folder/prefix, brace pattern, list;
+                    s3:// or local), re-encoded at --resolution (data.resize, data.label_*)
+
+folder: an x.cls beside x.png (an int: the class id, or a class name) overrides x's
+subfolder; s3:// folders work. Files that are not images, and samples without an image
+or a readable label, are skipped and counted with their reasons in the summary.
+--out must be empty or fmpipe's own earlier output: a folder holding other files
+(another tool's shards) is refused, exit 2.
 
 Output: s3://bucket/prefix or a local path (default $FMPIPE_HOME/store/<source>), holding
 train/ and val/, each with shard-NNNNNN.tar files and a _manifest.json. Re-running the
@@ -13,6 +21,8 @@ Examples:
   fmpipe prepare --source digits --out s3://data/digits --resolution 16
   fmpipe prepare --source synthetic:shapes --num-samples 1000000 --channels 3 --out ./shapes
   fmpipe prepare --source folder:./pets --out s3://data/pets prepare.image_format=jpg
+  fmpipe prepare --source 'webdataset:s3://b/laion/{000000..000099}.tar' --out s3://data/laion64 \
+      --resolution 64 --channels 3
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--source",
         metavar="SPEC",
-        help="digits | folder:PATH | synthetic:shapes (prepare.source; default digits)",
+        help="digits | folder:PATH | synthetic:shapes | webdataset:ADDRESS "
+        "(prepare.source; default digits)",
     )
     parser.add_argument(
         "--out", metavar="URI", help="s3://bucket/prefix or a local path (prepare.out)"

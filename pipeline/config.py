@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -70,7 +71,7 @@ class Section(BaseModel):
 class PrepareConfig(Section):
     """`fmpipe prepare`: turn an image source into WebDataset shards + _manifest.json."""
 
-    source: str = "digits"  # digits | folder:PATH | synthetic:shapes
+    source: str = "digits"  # digits | folder:PATH | synthetic:shapes | webdataset:ADDRESS
     out: str = ""  # dataset root (s3://bucket/prefix or a path); empty: $FMPIPE_HOME/store/<name>
     resolution: int = Field(16, ge=2, le=1024)  # stored image size (square)
     channels: Literal[1, 3] = 1  # stored as L (1) or RGB (3)
@@ -377,3 +378,53 @@ def merge_trees(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def dataset_name(address: str) -> str:
+    """An MLflow-safe name for the dataset at ``address`` (``data.uri``): the last component
+    of its folder; for a brace pattern, a ``.tar`` or a list, of the shards' common folder.
+    ``""`` when nothing usable is left (e.g. a bare bucket root)."""
+    import posixpath
+
+    parts, depth, current = [], 0, ""
+    for char in address:
+        depth += (char == "{") - (char == "}")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    folders = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        if "{" in part:
+            part = part.split("{", 1)[0].rsplit("/", 1)[0]
+        elif part.endswith(".tar"):
+            part = part.rsplit("/", 1)[0]
+        folders.append(part.rstrip("/").replace("://", ":/"))
+    if not folders:
+        return ""
+    common = posixpath.commonpath(folders) if len(folders) > 1 else folders[0]
+    last = common.rstrip("/").rsplit("/", 1)[-1]
+    if last.endswith(":") or not last:
+        return ""  # s3://bucket would name the bucket's scheme
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-._")
+    return name[:100]
+
+
+NO_REGISTRATION = "none"  # train.registered_model_name=none: `fmpipe train` registers nothing
+
+
+def default_model_name(cfg: Config) -> None:
+    """What ``fmpipe train`` / ``fmpipe retrain`` register as when the config leaves
+    ``train.registered_model_name`` empty: the dataset's name (:func:`dataset_name` of
+    ``data.uri``; ``digits`` for the demo's dataset, whose folder is ``digits``), else
+    ``dataset``. ``none`` means do not register. The job configs name ``digits`` outright;
+    programmatic configs (the library default, ``""``) keep registering nothing."""
+    name = cfg.train.registered_model_name.strip()
+    if name.lower() == NO_REGISTRATION:
+        cfg.train.registered_model_name = ""
+    elif not name:
+        cfg.train.registered_model_name = dataset_name(cfg.data.uri) or "dataset"

@@ -58,7 +58,14 @@ from pipeline.data.shards import (
 from pipeline.data.sources import Source, build_source, default_dataset_name, parse_source_spec
 from pipeline.home import prepare_out
 from pipeline.rayenv import ensure_ray
-from pipeline.storage import MULTIPART_THRESHOLD, Location, StorageError, check_access, resolve
+from pipeline.storage import (
+    MULTIPART_THRESHOLD,
+    Location,
+    StorageError,
+    StorageInputError,
+    check_access,
+    resolve,
+)
 
 PREPARE_VERSION = 1  # bump when the shard contents change for the same recipe
 # Shards that may exceed this are built in a local temp file and streamed up from there
@@ -97,6 +104,7 @@ class PrepareResult:
     parallel: bool  # shards built by Ray tasks
     source_samples: int  # samples the source offered
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file, why) left out
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (what, why): source's own
 
     @property
     def num_samples(self) -> int:
@@ -126,8 +134,27 @@ class PrepareResult:
                 f"at {split.uri}"
             )
         if self.unreadable:
-            lines.append(f"  {len(self.unreadable):,} unreadable files left out")
+            lines.append(
+                f"  {len(self.unreadable):,} unreadable files left out "
+                f"({_reasons(why for _, why in self.unreadable)})"
+            )
+        if self.skipped:
+            lines.append(
+                f"  {len(self.skipped):,} skipped by the source "
+                f"({_reasons(why for _, why in self.skipped)})"
+            )
         return "\n".join(lines)
+
+
+def _reasons(whys: Iterable[str]) -> str:
+    """``"3 undecodable .png, 1 not an image"``: reason kinds by count, most first."""
+    from collections import Counter
+
+    kinds = Counter()
+    for why in whys:
+        text = why.removeprefix("BadSample: ")
+        kinds[text.split(":", 1)[0].split(" (", 1)[0].strip() or text] += 1
+    return ", ".join(f"{n:,} {kind}" for kind, n in kinds.most_common())
 
 
 # -- split + recipes -------------------------------------------------------------------
@@ -482,6 +509,54 @@ def output_location(cfg: Config) -> Location:
     return resolve(prepare_out(cfg, default_dataset_name(cfg.prepare.source)), cfg.storage)
 
 
+def refuse_foreign_output(root: Location) -> None:
+    """Refuse an output root that holds files fmpipe's prepare did not write.
+
+    fmpipe's own output (re-run and repaired in place) is ``train/`` and ``val/`` with a
+    ``_manifest.json`` and ``shard-NNNNNN.tar`` files, and ``_prepare_progress.json``. A
+    root holding anything else (another tool's ``.tar`` shards, a split folder with shards
+    but no manifest, any other file) is someone else's data: StorageInputError, before
+    anything is written.
+    """
+    import re
+
+    from pyarrow import fs as pafs
+
+    selector = pafs.FileSelector(root.path, recursive=True, allow_not_found=True)
+    try:
+        infos = root.filesystem.get_file_info(selector)
+    except (OSError, ValueError):
+        return  # not a folder (or not listable): check_access and the writes say why
+    base = root.path.rstrip("/") + "/"
+    shard = re.compile(r"^shard-\d{6}\.tar$")
+    files = [
+        info.path[len(base) :]
+        for info in infos
+        if info.type == pafs.FileType.File and info.path.startswith(base)
+    ]
+    manifests = {split for split in SPLITS if f"{split}/{MANIFEST_NAME}" in files}
+    progress = PROGRESS_NAME in files
+    foreign = []
+    for rel in files:
+        head, _, name = rel.partition("/")
+        if rel == PROGRESS_NAME or name.startswith(".fmpipe-tmp") or head.startswith("."):
+            continue
+        if (
+            head in SPLITS
+            and "/" not in name
+            and (name == MANIFEST_NAME or (shard.match(name) and (head in manifests or progress)))
+        ):
+            continue
+        foreign.append(rel)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise StorageInputError(
+            f"prepare output '{root.uri}' holds {len(foreign):,} files fmpipe did not write "
+            f"({shown}): it will not write into another tool's data; choose another --out "
+            f"(to train on those shards as they are: fmpipe index --data {root.uri})"
+        )
+
+
 def prepare_dataset(cfg: Config, log: Log | None = print) -> PrepareResult:
     """Write the train/val shards and manifests of ``cfg.prepare`` (see the module docs).
 
@@ -494,11 +569,28 @@ def prepare_dataset(cfg: Config, log: Log | None = print) -> PrepareResult:
     parse_source_spec(pcfg.source)  # a bad spec fails before storage is touched
     root = output_location(cfg)
     check_access(root, must_exist=False)  # a missing bucket / bad credentials: fail now
-    source = build_source(pcfg.source, pcfg, cfg.seed)
+    refuse_foreign_output(root)  # never write into another tool's data
+    source = build_source(pcfg.source, pcfg, cfg.seed, cfg)
+    for uri in getattr(source, "shard_uris", [])[:1] and sorted(
+        {u.rpartition("/")[0] for u in source.shard_uris}  # type: ignore[attr-defined]
+    ):
+        if root.uri == uri or root.uri.startswith(uri + "/"):
+            raise StorageInputError(
+                f"prepare output '{root.uri}' is inside the source's shards folder '{uri}': "
+                "it will not write into another tool's data; choose another --out"
+            )
     n = len(source)
     ignored = getattr(source, "ignored_top_level", 0)
     if ignored:
         say(f"warning: {ignored} images beside the class folders of {source.name}: left out")
+    skipped: list[tuple[str, str]] = list(getattr(source, "skipped", []))
+    if skipped:
+        kinds = _reasons(why for _, why in skipped)
+        say(f"warning: {len(skipped):,} items of {source.name} skipped ({kinds}):")
+        for what, why in skipped[:20]:
+            say(f"  {what}: {why}")
+        if len(skipped) > 20:
+            say(f"  ... and {len(skipped) - 20:,} more")
     settings = ShardSettings(pcfg.resolution, pcfg.channels, pcfg.image_format, key_width(n))
     splits = split_indices(n, pcfg.val_fraction, cfg.seed)
     split_dirs = {split: root.child(split) for split in SPLITS}
@@ -562,6 +654,7 @@ def prepare_dataset(cfg: Config, log: Log | None = print) -> PrepareResult:
         parallel=parallel,
         source_samples=n,
         unreadable=unreadable,
+        skipped=skipped,
     )
     say(result.summary())
     return result

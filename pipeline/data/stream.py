@@ -482,7 +482,9 @@ def open_dataset(cfg: Config, split: str, *, fresh: bool = True) -> DatasetInfo:
             )
         raise DatasetError(
             f"dataset '{uri}' has no '{split}' split: {manifest_loc.uri} is missing "
-            f"(write it with `fmpipe prepare --out {uri}`)"
+            "(re-run the `fmpipe prepare` that wrote it; to train on another tool's shards "
+            "give data.uri their address, or re-encode them with `fmpipe prepare --source "
+            "webdataset:ADDRESS --out <another prefix>`)"
         )
     text = manifest_loc.read_bytes().decode("utf-8", errors="replace")
     manifest = Manifest.from_json(text, where=manifest_loc.uri)  # ValueError if invalid
