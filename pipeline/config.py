@@ -177,15 +177,17 @@ class TrainConfig(Section):
     val_batch_size: int = Field(256, ge=1)  # rows per forward pass of the validation loss
     grid_every_images: int = Field(100_000, ge=1)
     grid_steps: int = Field(32, ge=1)  # euler steps for the sample grid
-    registered_model_name: str = ""  # MLflow registry name; empty: do not register
+    # MLflow registry name; empty: the jobs name it after the dataset (default_model_name),
+    # a library train() registers nothing; "none": never register
+    registered_model_name: str = ""
     alias: str = ""  # registry alias pointed at the version this run registers; empty: none
 
     @model_validator(mode="after")
     def _check_alias(self) -> TrainConfig:
-        if self.alias and not self.registered_model_name:
+        if self.alias and self.registered_model_name.strip().lower() == "none":
             raise ValueError(
-                f"train.alias={self.alias!r} needs train.registered_model_name (the model "
-                "whose version the alias points at)"
+                f"train.alias={self.alias!r} needs a registered model, but "
+                "train.registered_model_name=none registers nothing"
             )
         return self
 

@@ -234,7 +234,8 @@ def test_train_job_is_listed_and_maps_flags_onto_config(capsys):
         "/tmp/x",
     )
     assert (cfg.train.num_workers, cfg.train.use_gpu, cfg.train.lr) == (2, True, 0.01)
-    assert cfg.model.num_classes == 10 and cfg.train.registered_model_name == "digits"
+    # no name in the job config: the dataset's (the last folder of --data)
+    assert cfg.model.num_classes == 10 and cfg.train.registered_model_name == "d"
     assert job.main(["train.nope=1"]) == 2
     assert "unknown config key 'train.nope'" in capsys.readouterr().err
 

@@ -225,6 +225,11 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
     """The batch split, the dataset and its classes (or the caller's in-memory data)."""
     t = cfg.train
     micro_batch_size(cfg.data.batch_size, t.num_workers, t.grad_accum)
+    if t.alias and not t.registered_model_name.strip():
+        raise ConfigError(
+            f"train.alias={t.alias!r} needs train.registered_model_name (the model whose "
+            "version the alias points at)"
+        )
     if batch_source is not None:
         return _Inputs(data_shape=tuple(shape or data_shape_of(cfg)))
     from pipeline.data.manifest import MANIFEST_NAME
