@@ -198,3 +198,21 @@ def test_retrain_sees_new_shards_of_a_growing_foreign_dataset(tmp_path, mlflow_s
     assert grown.index.content_hash != hash_1
     third = retrain(cfg(), print_fn=None)
     assert third.outcome in ("promoted", "rejected") and third.candidate_version == "2"
+
+
+def test_too_many_bad_samples_is_final_and_names_count_limit_and_keys(tmp_path):
+    """Over data.max_bad_fraction: the run ends once (not retried by FailureConfig) with
+    the count, the fraction, the limit and a bad key, whole, on the driver."""
+    from pipeline.data.stream import TooManyBadSamples
+    from pipeline.train.trainer import train
+
+    _dataset(tmp_path / "shards")
+    cfg = _cfg(str(tmp_path / "shards"), tmp_path, max_failures=2)
+    cfg.data.max_bad_fraction = 0.01
+    lines: list[str] = []
+    with pytest.raises(TooManyBadSamples) as info:
+        train(cfg, print_fn=lines.append, track=False)
+    message = str(info.value)
+    assert "data.max_bad_fraction=0.01" in message and "skipped as bad" in message, message
+    assert "tail-000000.tar" in message and "e.g. key a.b/c/0009" in message, message
+    assert not [line for line in lines if "restarting from" in line], lines  # never retried
