@@ -276,6 +276,7 @@ class ForeignFigures:
     first_index_s: float  # open_dataset's index build (Ray workers starting included)
     index: Throughput
     get: Throughput
+    batch: int = 128
 
     @property
     def vs_wds(self) -> float:
@@ -300,11 +301,20 @@ def run_foreign_benchmark(
     *,
     resolution: int = 64,
     per_shard: int = 128,
+    batch_size: int = 128,
     seed: int = 0,
     log=print,
 ) -> ForeignFigures:
-    """Write the shards, run (a), (b), (b'), (c) and the index vs GET figures; print them."""
+    """Write the shards, run (a), (b), (b'), (c) and the index vs GET figures; print them.
+
+    A tiny run (a test's) gets smaller shards (at least 2 per core) and batches (at most
+    the dataset, so the consumer's ``drop_last`` leaves it a batch)."""
     import ray
+
+    if images < 1:
+        raise ValueError(f"images must be >= 1, got {images}")
+    per_shard = max(1, min(per_shard, -(-images // (2 * cores))))
+    batch_size = min(batch_size, images)
 
     from pipeline.storage import boto3_client
 
@@ -328,7 +338,7 @@ def run_foreign_benchmark(
                         f"data.uri={uri}",
                         f"data.resolution={resolution}",
                         "data.channels=3",
-                        "data.batch_size=128",
+                        f"data.batch_size={batch_size}",
                         "data.resize=center_crop",
                     ]
                 )
@@ -364,14 +374,14 @@ def run_foreign_benchmark(
         finally:
             ray.shutdown()
     fig = ForeignFigures(images, len(keys), mean_jpeg, cores, loop, wds_rate, wds_same,
-                         rate.images_per_s, first_index, index, get)  # fmt: skip
+                         rate.images_per_s, first_index, index, get, batch_size)  # fmt: skip
     _print(fig, log)
     return fig
 
 
 def _print(fig: ForeignFigures, log) -> None:
     n = fig.cores
-    log("images/s (decode + resize + centre crop + scale + pair, batches of 128):")
+    log(f"images/s (decode + resize + centre crop + scale + pair, batches of {fig.batch}):")
     log(f"  (a)  plain loop, decode_image, 1 core        {fig.loop_per_core:>9,.0f}")
     log(f"  (a x {n}) the same x {n} cores                   {fig.loop_per_core * n:>9,.0f}")
     log(f"  (b)  webdataset decode('pil')+map, {n} workers {fig.wds:>9,.0f}")
