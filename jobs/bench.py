@@ -2,6 +2,7 @@
 
 fmpipe bench toy    2-D example: sliced W2 per solver vs two independent data draws
 fmpipe bench data   input pipeline vs a decode ceiling and webdataset + DataLoader
+                    (--foreign: JPEG ShardWriter shards in S3, read through the index)
 fmpipe bench train  fmpipe training (1 Ray Train worker + Ray Data) vs a plain PyTorch loop
 fmpipe bench sample sampler and Ray batch inference vs a torchdiffeq loop; quality vs NFE
 fmpipe bench gpu    U-Net training MFU and sampling samples/s on one GPU (no Ray needed)
@@ -46,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
         "start-up does not dominate)",
     )
     data.add_argument("--cores", type=int, default=2, help="Ray CPUs = DataLoader workers")
+    data.add_argument(
+        "--foreign",
+        action="store_true",
+        help="another tool's shards (issue 14): webdataset.ShardWriter shards of photo-like "
+        "JPEGs (128-512 px a side) in S3 (a SeaweedFS of its own, or AWS_ENDPOINT_URL_S3), "
+        "streamed at 64x64: (a) a plain decode_image loop on one core, (b) webdataset's "
+        "decode('pil') pipeline in a DataLoader, (c) the fmpipe stream via its index; "
+        "also build_index against raw GETs of the same shards",
+    )
+    data.add_argument(
+        "--images",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="with --foreign: images to write (128 a shard; default 2048)",
+    )
     train = sub.add_parser(
         "train",
         help="images/s of fmpipe training (1 worker, Ray Data) vs a plain PyTorch loop",
@@ -170,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             run_toy_benchmark(cfg, args.num_samples)
         elif args.bench == "data":
+            if args.foreign:
+                from pipeline.bench.foreign import run_foreign_benchmark
+
+                run_foreign_benchmark(args.images, args.cores)
+                return 0
             from pipeline.bench.data import run_data_benchmark
 
             run_data_benchmark(tuple(args.resolutions), args.num_samples, args.cores)

@@ -204,3 +204,29 @@ def test_bench_sample_without_the_demo_model_says_what_to_do(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "models:/digits@champion" in err and "make demo" in err and "--model" in err
+
+
+def test_bench_data_foreign_prints_the_table_and_ratios():
+    """`fmpipe bench data --foreign` tiny: its own SeaweedFS (or the session's, through the
+    environment) and Ray, so a subprocess, as the data benchmark above."""
+    argv = [sys.executable, "-m", "jobs.cli", "bench", "data", "--foreign", "--images", "40"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    rates = {}
+    for label in ("(a)", "(a x 2)", "(b)", "(b')", "(c)"):
+        row = re.search(rf"^\s+{re.escape(label)}\s.*?\s{NUMBER}\s*$", out, re.M)
+        assert row, (label, out)
+        rates[label] = number(row.group(1))
+        assert rates[label] > 0, (label, out)
+    assert rates["(a x 2)"] == pytest.approx(2 * rates["(a)"], rel=0.01, abs=1)
+    c_b = re.search(rf"ratio c/b: {NUMBER} \(goal >= 1.0: (met|NOT met)\)", out)
+    c_a = re.search(rf"ratio c/\(a\*cores\): {NUMBER} \(goal >= 0.8: (met|NOT met)\)", out)
+    index = re.search(rf"ratio index/GET: {NUMBER} \(goal >= 0.8: (met|NOT met)\)", out)
+    assert c_b and c_a and index, out
+    assert number(c_b.group(1)) == pytest.approx(rates["(c)"] / rates["(b)"], abs=0.02)
+    assert number(c_a.group(1)) == pytest.approx(rates["(c)"] / rates["(a x 2)"], abs=0.02)
+    for name in ("build_index", "raw GET x2"):
+        row = re.search(rf"^\s+{re.escape(name)}\s+{NUMBER} shards/s\s+{NUMBER} MB/s", out, re.M)
+        assert row and number(row.group(1)) > 0 and number(row.group(2)) > 0, (name, out)
+    assert "40 photo-like JPEGs (128-512 px a side" in out
