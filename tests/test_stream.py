@@ -300,7 +300,10 @@ def test_fast_tar_walk_matches_tarfile_or_defers_to_it(fmt):
         assert fast is not None  # the prefix field is parsed, not deferred
     if fmt != tarfile.USTAR_FORMAT:  # a name ustar cannot hold: pax or GNU long-name header
         long_name = archive(["x" * 150 + ".png"])
-        assert _plain_tar_members(long_name) is None
+        if fmt == tarfile.GNU_FORMAT:  # a GNU long-name header: tarfile's job
+            assert _plain_tar_members(long_name) is None
+        else:  # a pax "path" record: read by the fast walk too, exactly as tarfile reads it
+            assert _plain_tar_members(long_name) == _tarfile_members(long_name)
         assert _tarfile_members(long_name)[0][0] == "x" * 150 + ".png"
     # damage: a flipped header byte, a cut member, a missing end marker -> tarfile decides
     broken = bytearray(plain)
@@ -331,6 +334,36 @@ def test_fmpipe_written_shards_take_the_fast_tar_walk(tmp_path):
     for data in written:
         fast = _plain_tar_members(data)
         assert fast is not None and fast == _tarfile_members(data)
+
+
+def test_shardwriter_shards_take_the_fast_tar_walk_and_odd_pax_headers_do_not(tmp_path):
+    """webdataset's ShardWriter writes a pax header (mtime) before every member: the fast
+    walk reads past it (the same members as tarfile); a pax header that changes a member
+    (its size) or a long path it names still goes to tarfile, or is honoured alike."""
+    import tarfile
+
+    import webdataset as wds
+
+    path = tmp_path / "w-%06d.tar"
+    with wds.ShardWriter(str(path), maxcount=100, verbose=0) as sink:
+        for i in range(12):
+            sink.write({"__key__": f"a.b/c/{i:06d}", "png": bytes(range(i + 1)), "cls": i % 3})
+    data = (tmp_path / "w-000000.tar").read_bytes()
+    assert b"mtime=" in data  # the pax records this test is about
+    fast = _plain_tar_members(data)
+    assert fast is not None and fast == _tarfile_members(data) and len(fast) == 24
+
+    def pax_tar(pax: dict[str, str]) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo("k/" + "x" * 120 + ".png")  # a path over 100 bytes
+            info.size, info.pax_headers = 3, pax
+            tar.addfile(info, io.BytesIO(b"abc"))
+        return buf.getvalue()
+
+    long_path = pax_tar({"comment": "hi"})
+    assert _plain_tar_members(long_path) == _tarfile_members(long_path)  # pax "path" honoured
+    assert _plain_tar_members(pax_tar({"size": "3"})) is None  # a key it cannot honour
 
 
 def test_read_shard_flip_is_seeded_per_key():

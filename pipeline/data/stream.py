@@ -680,6 +680,7 @@ def _plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
     members: list[tuple[str, bytes]] = []
     header_blocks: list[int] = []  # block index of each member's header
     stored_checksums: list[int] = []
+    pax_path: bytes | None = None  # the path a pax header gave the next member
     pos, n = 0, len(data)
     try:
         while pos + tarfile.BLOCKSIZE <= n:
@@ -699,16 +700,54 @@ def _plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
                     name = prefix + b"/" + name
             typeflag = header[156:157]
             start = pos + tarfile.BLOCKSIZE
-            if typeflag in _REGULAR and not name.endswith(b"/"):
-                if start + size > n:
-                    return None  # truncated member
-                members.append((name.decode("utf-8"), data[start : start + size]))
-            elif typeflag not in _SKIPPED and not (typeflag == b"\0" and name.endswith(b"/")):
-                return None  # pax, GNU long names, sparse files: tarfile's job
+            if start + size > n:
+                return None  # truncated member
+            if typeflag == b"x":  # pax header of the next member (ShardWriter writes one each)
+                pax_path = _pax_path(data[start : start + size])
+                if pax_path == b"":
+                    return None  # a pax key that changes the member: tarfile's job
+            else:
+                if pax_path:
+                    name, pax_path = pax_path, None
+                if typeflag in _REGULAR and not name.endswith(b"/"):
+                    members.append((name.decode("utf-8"), data[start : start + size]))
+                elif typeflag not in _SKIPPED and not (typeflag == b"\0" and name.endswith(b"/")):
+                    return None  # GNU long names, sparse files, global pax: tarfile's job
             pos = start + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     except (ValueError, UnicodeDecodeError):
         return None
     return None  # no end marker
+
+
+# pax keys that only describe a member (times, owners): the fast walk may ignore them
+_PAX_IGNORED = frozenset(
+    {b"mtime", b"atime", b"ctime", b"uid", b"gid", b"uname", b"gname", b"comment"}
+)
+
+
+def _pax_path(payload: bytes) -> bytes | None:
+    """The ``path`` a pax extended header gives the next member; None when it names none;
+    ``b""`` when it holds a key the fast walk cannot honour (size, linkpath, charset, a
+    malformed record...), which sends the archive to ``tarfile``."""
+    path: bytes | None = None
+    pos = 0
+    while pos < len(payload):
+        if payload[pos] == 0:  # padding after the records
+            break
+        space = payload.find(b" ", pos)
+        if space < 0:
+            return b""
+        length = int(payload[pos:space])
+        record = payload[space + 1 : pos + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            return b""
+        key, value = record[:-1].split(b"=", 1)
+        if key == b"path" and value:
+            path = value
+        elif key not in _PAX_IGNORED:
+            return b""
+        pos += length
+    return path
 
 
 def _checksums_hold(data: bytes, header_blocks: list[int], stored: list[int]) -> bool:
