@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from foreign_data import _dataset, _samples, _write
+from foreign_data import MIXED_CLASSES, _dataset, _mixed_dataset, _samples, _write
 from localray import local_ray
 from tiny import TINY_UNET
 
@@ -216,3 +216,24 @@ def test_too_many_bad_samples_is_final_and_names_count_limit_and_keys(tmp_path):
     assert "data.max_bad_fraction=0.01" in message and "skipped as bad" in message, message
     assert "tail-000000.tar" in message and "e.g. key a.b/c/0009" in message, message
     assert not [line for line in lines if "restarting from" in line], lines  # never retried
+
+
+def test_images_of_every_format_mode_and_shape_train_with_named_labels(tmp_path):
+    """webp, bmp, tiff (CMYK), gif (P), png (LA, RGBA, I;16), ppm and grey jpeg, 1 px wide
+    and 150:1, labelled by class name: every good one is streamed (aspect ratio and width
+    are no reason to drop), names become ids in sorted order, the three bad ones are
+    counted, and a short run trains on them."""
+    from pipeline.train.trainer import train
+
+    good, names = _mixed_dataset(tmp_path / "mixed")
+    cfg = _cfg(str(tmp_path / "mixed"), tmp_path, total_images=16)
+    cfg.model.num_classes = 2
+    info = open_dataset(cfg, "train")
+    assert info.manifest.class_names == sorted(MIXED_CLASSES)
+    assert info.usable_samples == good and info.num_samples == good + 3
+    by_id = {i: n for i, n in enumerate(sorted(MIXED_CLASSES))}
+    assert {by_id[k]: v for k, v in _stream_labels(cfg).items()} == names
+    lines: list[str] = []
+    result = train(cfg, print_fn=lines.append, track=False)
+    assert result.images_seen == 16
+    assert any(f"3 of {good + 3} samples skipped" in line for line in lines), lines
