@@ -109,6 +109,8 @@ def test_a_short_run_on_foreign_shards_reports_its_bad_samples(tmp_path, mlflow_
     assert result.images_seen == 32
     report = [line for line in lines if line.startswith("[data] epoch 0:")]
     assert report, lines
+    final = next(i for i, line in enumerate(lines) if "checkpoint (final)" in line)
+    assert lines.index(report[0]) < final, lines  # printed as the epoch ended, not at the end
     assert f"{BAD} of {GOOD + BAD} samples skipped as bad" in report[0], report
     for reason in ("missing image", "undecodable", "bad label"):
         assert reason in report[0], report

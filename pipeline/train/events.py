@@ -148,6 +148,9 @@ class Events:
         """Account for ``step``; fire the events due. Returns the metrics of a checkpoint."""
         t, state = self.cfg.train, self.parts.state
         if epoch is not None:
+            if epoch > self.data_epoch and self.chief:  # the stream is past that epoch
+                for ended in range(self.data_epoch, epoch):
+                    self.progress.send(kind="epoch_end", epoch=ended)
             self.data_epoch = epoch
         self.window.add(step)
         self.run.add(step)

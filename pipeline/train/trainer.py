@@ -172,11 +172,16 @@ def _format_progress(event: Mapping[str, Any]) -> str | None:
 class _ProgressPrinter:
     """Driver thread printing what rank 0 sends through a Ray queue."""
 
-    def __init__(self, print_fn: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        print_fn: Callable[[str], None],
+        on_event: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> None:
         from ray.util.queue import Queue
 
         self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         self.print_fn = print_fn
+        self.on_event = on_event  # also sees every event (the bad-sample report's epoch ends)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fmpipe-progress", daemon=True)
 
@@ -192,6 +197,11 @@ class _ProgressPrinter:
             line = _format_progress(event)
             if line:
                 self.print_fn(line)
+            if self.on_event is not None:
+                try:
+                    self.on_event(event)
+                except Exception as exc:  # a report must never stop the progress lines
+                    log.warning("progress event %s: %s", event.get("kind"), exc)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -285,42 +295,76 @@ def _start_tracking(cfg: Config, run_dir: Location, previous: TrainState | None)
     return tracker, handle
 
 
-def _report_bad_samples(
-    cfg: Config, info: Any, epochs: range, say: Callable[[str], None], handle: Any
-) -> None:
+class _BadSampleReport:
     """Bad samples the stream skipped, per data epoch: a console line each (count, fraction
-    and reasons), and in MLflow a ``data/bad_samples`` metric per epoch plus
-    ``data/bad_samples.json`` listing every recorded ``{epoch, shard, key, reason}``."""
-    from pipeline.data.stream import bad_sample_tracker, reasons_of
+    and reasons) as the epoch ends (the loop's ``epoch_end`` event) or at the end of the run,
+    and in MLflow a ``data/bad_samples`` metric per epoch plus ``data/bad_samples.json``
+    listing every recorded ``{epoch, shard, key, reason}``."""
 
-    records, per_epoch = [], {}
-    for epoch in epochs:
-        try:
-            report = bad_sample_tracker(cfg, info, epoch).report()
-        except Exception as exc:  # the report must never fail a finished run
-            log.warning("no bad-sample report for epoch %d: %s", epoch, exc)
+    def __init__(
+        self, cfg: Config, info: Any, say: Callable[[str], None], handle: TrackingHandle | None
+    ) -> None:
+        self.cfg, self.info, self.say, self.handle = cfg, info, say, handle
+        self.done: set[int] = set()  # epochs already reported
+
+    def _report(self, epoch: int) -> Any:
+        from pipeline.data.stream import bad_sample_tracker
+
+        return bad_sample_tracker(self.cfg, self.info, epoch).report()
+
+    def _tracker(self) -> Any:
+        from pipeline.tracking import Tracker
+
+        return Tracker.attach(self.handle.uri, self.handle.run_id) if self.handle else None
+
+    def epoch(self, epoch: int, final: bool = False) -> None:
+        """Report ``epoch`` once, when every shard of it has been decoded (decode tasks run in
+        parallel, so a shard may finish after the loop saw the next epoch: it is reported
+        at a later event); ``final``: at the end of the run, whatever was read of it."""
+        from pipeline.data.stream import reasons_of
+
+        if epoch in self.done:
             return
+        report = self._report(epoch)
         if not report.shards:
-            continue  # this epoch was not read (a resume started after it)
-        per_epoch[epoch] = report.skipped
+            return  # this epoch was not read (a resume started after it)
+        read, shards = len(report.shards), len(self.info.shards)
+        if read < shards and not final:
+            return
+        self.done.add(epoch)
         reasons = reasons_of(report)
         shown = ", ".join(f"{kind} {n:,}" for kind, n in list(reasons.items())[:4])
-        say(
-            f"[data] epoch {epoch}: {report.skipped:,} of {report.total:,} samples skipped "
-            f"as bad ({report.fraction:.2%})" + (f": {shown}" if shown else "")
+        part = f" (the {read} of {shards} shards read)" if read < shards else ""
+        self.say(
+            f"[data] epoch {epoch}{part}: {report.skipped:,} of {report.total:,} samples "
+            f"skipped as bad ({report.fraction:.2%})" + (f": {shown}" if shown else "")
         )
-        records += [
-            {"epoch": epoch, "shard": r.shard, "key": r.key, "reason": r.reason}
-            for r in report.records
-        ]
-    if handle is None or not per_epoch:
-        return
-    from pipeline.tracking import Tracker
+        tracker = self._tracker()
+        if tracker is not None:
+            tracker.log_metrics({"data/bad_samples": report.skipped}, step=epoch)
 
-    tracker = Tracker.attach(handle.uri, handle.run_id)
-    for epoch, skipped in per_epoch.items():
-        tracker.log_metrics({"data/bad_samples": skipped}, step=epoch)
-    tracker.log_text(json.dumps(records, indent=1) + "\n", "data/bad_samples.json")
+    def on_event(self, event: Mapping[str, Any]) -> None:
+        if event.get("kind") == "epoch_end":
+            for epoch in range(min(self.done, default=0), int(event["epoch"]) + 1):
+                self.epoch(epoch)  # this one, and any earlier one that was still decoding
+
+    def finish(self, epochs: range) -> None:
+        """The epochs not reported yet, then the artifact of every recorded bad sample."""
+        records = []
+        try:
+            for epoch in epochs:
+                self.epoch(epoch, final=True)
+                if epoch in self.done:
+                    records += [
+                        {"epoch": epoch, "shard": r.shard, "key": r.key, "reason": r.reason}
+                        for r in self._report(epoch).records
+                    ]
+        except Exception as exc:  # the report must never fail a finished run
+            log.warning("no bad-sample report: %s", exc)
+            return
+        tracker = self._tracker()
+        if tracker is not None and self.done:
+            tracker.log_text(json.dumps(records, indent=1) + "\n", "data/bad_samples.json")
 
 
 def _trainer(cfg: Config, spec: WorkerSpec, storage: Location, datasets: Any) -> Any:
@@ -429,7 +473,12 @@ def _train_leased(
         say(f"[train] found {describe(resume)} in {run_dir.uri}")
     status = "FAILED"
     try:
-        printer = _ProgressPrinter(say) if print_fn else contextlib.nullcontext()
+        bad = _BadSampleReport(cfg, inputs.info, say, handle) if inputs.info else None
+        printer = (
+            _ProgressPrinter(say, bad.on_event if bad else None)
+            if print_fn
+            else contextlib.nullcontext()
+        )
         with printer as p:
             context = RunContext(
                 data_shape=inputs.data_shape, manifest_hash=inputs.manifest_hash,
@@ -448,9 +497,9 @@ def _train_leased(
             tracker.end(status)
 
     metrics = dict(result.metrics or {})
-    if inputs.info is not None:
+    if bad is not None:
         data_epoch = int(metrics.get("data_epoch", start_epoch) or 0)
-        _report_bad_samples(cfg, inputs.info, range(start_epoch, data_epoch + 1), say, handle)
+        bad.finish(range(start_epoch, data_epoch + 1))
     return TrainResult(
         metrics=metrics,
         images_seen=int(metrics.get("images_seen", 0)),
