@@ -239,3 +239,12 @@ def test_images_of_every_format_mode_and_shape_train_with_named_labels(tmp_path)
     result = train(cfg, print_fn=lines.append, track=False)
     assert result.images_seen == 16
     assert any(f"3 of {good + 3} samples skipped" in line for line in lines), lines
+
+
+def test_the_shards_common_folder_is_the_split_location():
+    from pipeline.data.foreign import _common_folder
+
+    assert _common_folder(["s3://b/x/a.tar", "s3://b/y/b.tar"]) == "s3://b"
+    assert _common_folder(["s3://b/x/a.tar", "s3://b/x/b.tar"]) == "s3://b/x"
+    assert _common_folder(["/d/x/a.tar", "/d/x/y/b.tar"]) == "/d/x"
+    assert _common_folder(["s3://a/x.tar", "s3://b/y.tar"]).rstrip("/:") == "s3"  # refused

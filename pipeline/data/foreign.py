@@ -128,6 +128,11 @@ def open_foreign(cfg: Config, split: str, *, fresh: bool = True) -> DatasetInfo:
             f"{len(shards)} shard(s) (index {result.uri}: bad members {index.bad_counts})"
         )
     root = _common_folder([shard.uri for shard in shards])
+    if root.rstrip("/:") in ("s3", "s3:/", ""):
+        raise DatasetError(
+            f"dataset '{cfg.data.uri}': its shards lie in more than one bucket; one dataset's "
+            "shards must share a bucket (or a local folder tree)"
+        )
     location: Location = resolve(root, cfg.storage)
     refs, infos = [], []
     for shard in shards:
