@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-import ray
 from foreign_data import JPG_RGB, PNG_L, _dataset, _samples, _write
+from localray import local_ray
 
 from jobs import index as index_job
 from pipeline.config import build_config
@@ -29,11 +29,9 @@ from pipeline.storage import boto3_client
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster(s3_server):
-    # SeaweedFS first: Ray workers take the S3 endpoint and credentials from the
-    # environment they start with.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    """Local Ray for this module (tests/localray.py), after the S3 env is set."""
+    with local_ray(num_cpus=2):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import ray
+from localray import local_ray
 from PIL import Image
 
 from pipeline.config import build_config
@@ -32,11 +32,9 @@ SMALL, LARGE = 1_000, 5_000
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster(s3_server):
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    """Local Ray for this module (tests/localray.py), after the S3 env is set."""
+    with local_ray(num_cpus=2):
+        yield
 
 
 @pytest.fixture(autouse=True)

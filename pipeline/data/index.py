@@ -66,7 +66,7 @@ from pipeline.data.address import (
 )
 from pipeline.data.decode import IMAGE_EXTENSIONS, BadSample
 from pipeline.data.labels import LabelSpec, class_map, raw_label
-from pipeline.data.stream import DatasetError, ShardStats, _iter_tar
+from pipeline.data.stream import DatasetError, ShardStats, _iter_tar, image_member
 from pipeline.storage import Location, StorageError, resolve
 
 __all__ = [
@@ -88,7 +88,6 @@ logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "fmpipe-index/1"
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I"})
-_IMAGE_PREFERENCE = tuple(IMAGE_EXTENSIONS)  # png, jpg, jpeg, webp: as the stream picks
 _KIND = re.compile(r"[:(]")
 _WINDOW = 64  # shard tasks in flight at most (driver memory: their results only)
 _SHARDS_PER_TASK = 8  # at most, per Ray task (see _read_shards)
@@ -231,15 +230,7 @@ def index_shard_bytes(
     for sample in _iter_tar(data, stats):
         out.num_samples += 1
         try:
-            if sample.incomplete:
-                raise BadSample("incomplete: the tar broke while this sample was read")
-            if sample.key in seen:
-                raise BadSample("duplicate key (tar members not grouped by key)")
-            seen.add(sample.key)
-            ext = next((e for e in _IMAGE_PREFERENCE if e in sample.members), None)
-            if ext is None:
-                has = ", ".join(sorted(sample.members)) or "nothing"
-                raise BadSample(f"no image (sample has: {has})")
+            ext = image_member(sample, seen, missing="no image")
             width, height, mode = _image_header(sample.members[ext], ext)
             label = raw_label(sample.members, spec)
         except BadSample as exc:

@@ -825,6 +825,26 @@ def _label_of(sample: _RawSample, num_classes: int) -> int:
     return label
 
 
+def image_member(sample: _RawSample, seen: set[str], missing: str = "missing image") -> str:
+    """The extension of ``sample``'s image member (the first of :data:`_IMAGE_PREFERENCE` it
+    holds); ``seen`` collects the keys of the shard so far.
+
+    Raises:
+        BadSample: the tar broke inside the sample, its key came before in the shard, or it
+            holds no image (``missing`` names that reason, with the members it does hold).
+    """
+    if sample.incomplete:
+        raise BadSample("incomplete: the tar broke while this sample was read")
+    if sample.key in seen:
+        raise BadSample("duplicate key (tar members not grouped by key)")
+    seen.add(sample.key)
+    ext = next((e for e in _IMAGE_PREFERENCE if e in sample.members), None)
+    if ext is None:
+        has = ", ".join(sorted(sample.members)) or "nothing"
+        raise BadSample(f"{missing} (sample has: {has})")
+    return ext
+
+
 def read_shard(
     data: bytes,
     shard: str,
@@ -856,15 +876,7 @@ def read_shard(
     out: list[tuple[str, int, np.ndarray]] = []
     for sample in raw:
         try:
-            if sample.incomplete:
-                raise BadSample("incomplete: the tar broke while this sample was read")
-            if sample.key in seen:
-                raise BadSample("duplicate key (tar members not grouped by key)")
-            seen.add(sample.key)
-            ext = next((e for e in _IMAGE_PREFERENCE if e in sample.members), None)
-            if ext is None:
-                has = ", ".join(sorted(sample.members)) or "nothing"
-                raise BadSample(f"missing image (sample has: {has})")
+            ext = image_member(sample, seen)
             label = (
                 _label_of(sample, num_classes)
                 if labels is None
