@@ -428,7 +428,6 @@ def test_s3_killed_while_checkpoints_upload_then_a_rerun_resumes_from_the_newest
     (exit 1), the server restarts on its port and data, and the re-run finds the newest
     complete checkpoint, resumes at exactly its images (weights, optimizer and data epoch
     from that one checkpoint) and finishes; its summary names the same point."""
-    import boto3
 
     from pipeline.stack.servers import SeaweedFS
     from pipeline.storage import resolve
@@ -436,13 +435,7 @@ def test_s3_killed_while_checkpoints_upload_then_a_rerun_resumes_from_the_newest
 
     env = own_s3.env()  # type: ignore[attr-defined]
     bucket = "runs-" + uuid.uuid4().hex[:12]
-    boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
+    _client(own_s3).create_bucket(Bucket=bucket)
     home, storage = tmp_path / "home", f"s3://{bucket}/runs"
     argv = [*_train_argv(digits8, Path("unused")), "train.max_failures=0"]
     argv[argv.index("--storage") + 1] = storage
@@ -593,17 +586,22 @@ def _s3_env(server: object, home: Path) -> dict[str, str]:
     return job_env(home, **server.env())  # type: ignore[attr-defined]
 
 
-def _s3_shards(server: object, bucket: str) -> dict[str, bytes]:
+def _client(server: object):
+    """A boto3 S3 client of ``server`` (a test's own SeaweedFS, not the session's env)."""
     import boto3
 
     env = server.env()  # type: ignore[attr-defined]
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env["AWS_ENDPOINT_URL_S3"],
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name="us-east-1",
     )
+
+
+def _s3_shards(server: object, bucket: str) -> dict[str, bytes]:
+    client = _client(server)
     listing = client.list_objects_v2(Bucket=bucket, Prefix="out/")
     names = sorted(o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".tar"))
     return {
@@ -617,19 +615,12 @@ def test_s3_down_during_sample_is_one_line_and_a_rerun_completes(
 ) -> None:
     """Item 7: SeaweedFS killed while the actors write: one line naming the output, exit 1;
     the shards written before stay valid, and after a restart the same command finishes."""
-    import boto3
 
     from pipeline.stack.servers import SeaweedFS
 
     env = own_s3.env()  # type: ignore[attr-defined]
     bucket = "samples-" + uuid.uuid4().hex[:12]
-    boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
+    _client(own_s3).create_bucket(Bucket=bucket)
     home = tmp_path / "home"
     argv = _sample_argv(checkpoint, f"s3://{bucket}/out")
     job = Job(argv, _s3_env(own_s3, home), tmp_path / "sample-s3.log")
