@@ -11,8 +11,8 @@ Defaults (jobs/configs/train.yaml): class-conditional digits at 16x16 on CPU; da
 empty means $FMPIPE_HOME/store/digits (what `fmpipe prepare --source digits` writes). The
 model is registered as train.registered_model_name, by default the dataset's name (the
 last folder of --data: `digits` for the default dataset; `none`: not registered); --alias
-points an alias of the registered model at this run's version, so `fmpipe sample --model models:/digits@champion`
-can follow `fmpipe train --alias champion`.
+points an alias of the registered model at this run's version, so
+`fmpipe sample --model models:/digits@champion` can follow `fmpipe train --alias champion`.
 
 key.path=value overrides may stand anywhere among the flags; a flag and an override of the
 same key is an error.
