@@ -223,6 +223,42 @@ class RetrainConfig(Section):
     alias: str = Field("champion", min_length=1)  # registry alias that marks the champion
 
 
+class EvalConfig(Section):
+    """`fmpipe eval`, `fmpipe classifier` and the evaluations inside train, sample and retrain.
+
+    A sample set is scored against reference statistics of the dataset's
+    ``reference_split``, computed once per (dataset content, split, network, resolution)
+    and stored under ``train.storage_path`` (``eval-reference/``), never beside the data.
+    """
+
+    # inception: FID's TF Inception-v3 (2048-d); classifier: fmpipe's own in-domain
+    # classifier (Fréchet distance of its penultimate features + conditional accuracy).
+    network: Literal["inception", "classifier"] = "classifier"
+    inception_uri: str = ""  # TorchScript weights (path, s3://, https://); "": NVIDIA's file
+    inception_sha256: str = ""  # expected digest of that file ("": not checked)
+    # The classifier: models:/<name>@<alias>, a run's artifact or a classifier file;
+    # "": models:/<registered model>-classifier@champion (written by `fmpipe classifier`).
+    classifier: str = ""
+    reference_split: str = Field("val", min_length=1)
+    num_samples: int = Field(1000, ge=2)  # samples a model's evaluation generates
+    seed: int = 1_000_003  # their noise seed: fixed, so candidate and champion share it
+    solver: SolverName = "euler"  # a model's evaluation integrates with this solver...
+    steps: int = Field(32, ge=1)  # ...and this many steps
+    batch_size: int = Field(64, ge=1)  # images per feature-network call
+    num_actors: int = Field(1, ge=1)
+    use_gpu: bool = False
+    keep_features: int = Field(10_000, ge=4)  # rows kept per set for KID and precision/recall
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    pr_k: int = Field(3, ge=1)  # neighbour rank of the precision/recall balls
+    sweep_solvers: list[SolverName] = Field(default_factory=lambda: ["euler", "heun"])
+    sweep_steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    # `fmpipe classifier`: its training
+    classifier_epochs: int = Field(10, ge=1)
+    classifier_batch_size: int = Field(128, ge=1)
+    classifier_lr: float = Field(5e-3, gt=0.0)
+
+
 class StorageConfig(Section):
     # Endpoint override for S3-compatible stores; AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL win
     # when set. No credential fields on purpose: the standard AWS chain supplies them.
@@ -254,6 +290,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     toy: ToyConfig = Field(default_factory=ToyConfig)

@@ -45,6 +45,14 @@ JOBS: dict[str, Job] = {
             "generate N samples of a trained model into WebDataset shards on a Ray actor pool",
         ),
         Job(
+            "classifier",
+            "train the dataset's classifier that `fmpipe eval` scores samples with (registered)",
+        ),
+        Job(
+            "eval",
+            "score samples or a model: Fréchet distance (FID), KID, precision/recall, accuracy",
+        ),
+        Job(
             "retrain",
             "scheduled retraining: new data -> train, evaluate vs champion, promote if better",
         ),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from PIL import Image
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["as_pil", "image_grid", "loss_curve_png", "save_png", "to_uint8"]
+__all__ = ["as_pil", "curves_png", "image_grid", "loss_curve_png", "save_png", "to_uint8"]
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -147,22 +147,48 @@ def loss_curve_png(
 
     ``logy=None`` uses a log y axis when every value is positive and they span > 10x.
     """
+    return curves_png({"": (steps, values)}, path, title, xlabel=xlabel, ylabel=ylabel, logy=logy)
+
+
+def curves_png(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike[str],
+    title: str,
+    *,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+    logy: bool | None = None,
+) -> Path:
+    """One line per ``{label: (xs, ys)}`` (a legend when labels are given) into a PNG.
+
+    ``logx`` plots x on a log-2 axis (NFE, steps); ``logy`` as in :func:`loss_curve_png`.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    xs = np.asarray(steps, dtype=float)
-    ys = np.asarray(values, dtype=float)
-    if xs.shape != ys.shape or xs.ndim != 1:
-        raise ValueError(f"steps and values must be 1-D of one length, got {xs.shape}, {ys.shape}")
-    finite = ys[np.isfinite(ys)]
-    if logy is None:
-        logy = bool(finite.size and finite.min() > 0 and finite.max() > 10 * finite.min())
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(xs, ys, linewidth=1.2)
+    every: list[np.ndarray] = []
+    for label, (steps, values) in curves.items():
+        xs = np.asarray(steps, dtype=float)
+        ys = np.asarray(values, dtype=float)
+        if xs.shape != ys.shape or xs.ndim != 1:
+            raise ValueError(
+                f"steps and values must be 1-D of one length, got {xs.shape}, {ys.shape}"
+            )
+        every.append(ys[np.isfinite(ys)])
+        ax.plot(xs, ys, linewidth=1.2, marker="o" if label else None, label=label or None)
+    finite = np.concatenate(every) if every else np.zeros(0)
+    if logy is None:
+        logy = bool(finite.size and finite.min() > 0 and finite.max() > 10 * finite.min())
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log", base=2)
+    if any(curves):
+        ax.legend()
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -1,0 +1,306 @@
+"""``fmpipe eval``: score a sample set or a model against a dataset split's reference.
+
+1. The feature network (``eval.network``): Inception (FID) or fmpipe's classifier of the
+   dataset (in-domain Fréchet distance + conditional accuracy), checked before any Ray work.
+2. The reference: statistics of ``eval.reference_split`` of ``data.uri`` (computed once,
+   stored under the project's storage: :mod:`pipeline.eval.reference`).
+3. The candidate: a finished sample output (``--samples``), or a model (``--model``) that
+   first generates ``eval.num_samples`` samples at ``eval.seed`` with ``eval.solver`` /
+   ``eval.steps`` through the ordinary sample job (into ``<storage>/eval-samples/...``, so a
+   re-run reuses them), then the same Ray feature job.
+4. The figures (:class:`Scores`): a console table, an MLflow run in ``tracking.experiment``
+   tagged with the model it scored, and the registered version's tags
+   (``eval.<network>.fd`` ...) when the model came from the registry.
+
+``--sweep`` repeats 3-4 for every solver x steps of ``eval.sweep_solvers`` x
+``eval.sweep_steps`` and plots the metric against NFE (PNG on disk and in MLflow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.eval.classifier_job import CLASSIFIER_FILE
+from pipeline.eval.extract import (
+    FeatureSet,
+    NetworkSpec,
+    extract_ray,
+    network_identity,
+    sample_shards,
+)
+from pipeline.eval.features import FeatureNetworkError
+from pipeline.eval.reference import Reference, reference_features
+from pipeline.eval.scores import Scores, score
+from pipeline.home import fmpipe_home, storage_path
+from pipeline.storage import resolve
+
+__all__ = [
+    "EvalResult",
+    "SweepPoint",
+    "classifier_bytes",
+    "evaluate",
+    "evaluate_samples",
+    "network_spec",
+]
+
+EVAL_SAMPLES_DIR = "eval-samples"
+
+
+def classifier_uri(cfg: Config) -> str:
+    """``eval.classifier``, else the dataset's registered classifier's champion."""
+    if cfg.eval.classifier.strip():
+        return cfg.eval.classifier.strip()
+    from pipeline.eval.classifier_job import ALIAS, classifier_model_name
+
+    return f"models:/{classifier_model_name(cfg)}@{ALIAS}"
+
+
+def classifier_bytes(cfg: Config, uri: str) -> bytes:
+    """The classifier file that ``uri`` names: ``models:/`` / ``runs:/`` (the version's
+    artifact directory holds ``classifier.pt``), a directory holding it, or the file."""
+    from pipeline.registry import resolve_model_uri
+
+    where = resolve_model_uri(uri, cfg).checkpoint_uri
+    location = resolve(where, cfg.storage)
+    if location.child(CLASSIFIER_FILE).exists():
+        location = location.child(CLASSIFIER_FILE)
+    if not location.exists():
+        raise FeatureNetworkError(
+            f"classifier '{uri}' not found at {location.uri}: train one with `fmpipe classifier`"
+            " or set eval.classifier to a classifier file"
+        )
+    return location.read_bytes()
+
+
+def network_spec(cfg: Config) -> NetworkSpec:
+    """The configured feature network (classifier weights read here, once)."""
+    if cfg.eval.network == "inception":
+        return NetworkSpec(
+            "inception",
+            uri=cfg.eval.inception_uri.strip(),
+            sha256=cfg.eval.inception_sha256.strip(),
+            cache_dir=str(fmpipe_home() / "cache" / "features"),
+        )
+    return NetworkSpec("classifier", classifier=classifier_bytes(cfg, classifier_uri(cfg)))
+
+
+@dataclass
+class SweepPoint:
+    solver: str
+    steps: int
+    nfe: float
+    scores: Scores
+
+
+@dataclass
+class EvalResult:
+    """What one ``fmpipe eval`` did."""
+
+    network: str
+    reference: Reference
+    scores: Scores | None = None  # one evaluation
+    sweep: list[SweepPoint] = field(default_factory=list)  # --sweep
+    samples_uri: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    plot_path: Path | None = None
+    wall_seconds: float = 0.0
+
+    def summary_lines(self) -> list[str]:
+        lines: list[str] = []
+        if self.scores is not None:
+            lines.append(self.scores.table(f"eval of {self.samples_uri}"))
+        if self.sweep:
+            lines.append(sweep_table(self.sweep))
+        ref = self.reference
+        lines.append(
+            f"reference: {ref.features.n:,} images, "
+            f"{'computed now' if ref.computed else 'reused'}, at {ref.location.uri}"
+        )
+        if self.plot_path is not None:
+            lines.append(f"plot: {self.plot_path}")
+        if self.run_id:
+            lines.append(f"MLflow run {self.run_id}")
+        lines.append(f"wall time {self.wall_seconds:.1f} s")
+        return lines
+
+
+def sweep_table(points: list[SweepPoint]) -> str:
+    rows = ["solver   steps    NFE          FD     KIDx1e3  precision  recall  accuracy"]
+    for p in points:
+        s = p.scores
+        acc = f"{s.accuracy:8.4f}" if s.accuracy is not None else "       -"
+        rows.append(
+            f"{p.solver:<8} {p.steps:>5} {p.nfe:>6g} {s.fd:>11.4f} {1e3 * s.kid:>11.4f} "
+            f"{s.precision:>10.4f} {s.recall:>7.4f} {acc}"
+        )
+    return "\n".join(rows)
+
+
+def _candidate(
+    cfg: Config, samples_uri: str, network: NetworkSpec, say: Callable[[str], None]
+) -> FeatureSet:
+    return extract_ray(
+        sample_shards(samples_uri, cfg.storage),
+        network,
+        num_actors=cfg.eval.num_actors,
+        batch_size=cfg.eval.batch_size,
+        use_gpu=cfg.eval.use_gpu,
+        keep=cfg.eval.keep_features,
+        seed=cfg.seed,
+        say=say,
+    )
+
+
+def _score(cfg: Config, candidate: FeatureSet, reference: Reference) -> Scores:
+    e = cfg.eval
+    return score(candidate, reference.features, kid_subsets=e.kid_subsets,
+                 kid_subset_size=e.kid_subset_size, k=e.pr_k, seed=cfg.seed)  # fmt: skip
+
+
+def evaluate_samples(
+    cfg: Config,
+    samples_uri: str,
+    *,
+    network: NetworkSpec | None = None,
+    reference: Reference | None = None,
+    say: Callable[[str], None] = print,
+) -> tuple[Scores, Reference]:
+    """Scores of the sample set at ``samples_uri`` against the configured reference."""
+    network = network or network_spec(cfg)
+    key, _ = network_identity(network)
+    reference = reference or reference_features(cfg, network, key, say=say)
+    return _score(cfg, _candidate(cfg, samples_uri, network, say), reference), reference
+
+
+def eval_samples_uri(cfg: Config, model: str, solver: str, steps: int) -> str:
+    """Where a model's evaluation samples go: one directory per (model, solver, steps,
+    seed, count), so a re-run finds them written and an edit never mixes two sets."""
+    identity = json.dumps([model, solver, steps, cfg.eval.seed, cfg.eval.num_samples])
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return resolve(storage_path(cfg), cfg.storage).child(EVAL_SAMPLES_DIR, digest).uri
+
+
+def generate_for_eval(
+    cfg: Config, model: str, solver: str, steps: int, say: Callable[[str], None]
+) -> Any:
+    """``eval.num_samples`` samples of ``model`` at ``eval.seed`` (the sample job itself)."""
+    from pipeline.sample import generate
+
+    run = cfg.model_copy(deep=True)
+    run.sample.model = model
+    run.sample.out = eval_samples_uri(cfg, model, solver, steps)
+    run.sample.num_samples = cfg.eval.num_samples
+    run.sample.seed = cfg.eval.seed
+    run.sample.solver, run.sample.steps = solver, steps
+    run.sample.num_actors = cfg.eval.num_actors
+    run.sample.use_gpu = cfg.eval.use_gpu
+    return generate(run, track=False, log_line=say)
+
+
+def _log(
+    cfg: Config, result: EvalResult, model_name: str, model_version: str, title: str
+) -> str | None:
+    """The MLflow run of this evaluation, and the registered version's tags."""
+    from pipeline.tracking import Tracker
+
+    tags = {"fmpipe.job": "eval", "fmpipe.eval_network": result.network}
+    if model_name:
+        tags |= {"fmpipe.model_name": model_name, "fmpipe.model_version": model_version}
+    with Tracker.start(cfg, experiment=cfg.tracking.experiment, run_name=title, tags=tags) as tr:
+        tr.log_params({"eval.network": result.network, "eval.samples": result.samples_uri,
+                       "eval.reference": result.reference.location.uri})  # fmt: skip
+        if result.scores is not None:
+            tr.log_metrics(result.scores.metrics("eval/"), step=0)
+            tr.log_text(json.dumps(result.scores.to_dict(), indent=2), "eval/scores.json")
+        for i, point in enumerate(result.sweep):
+            tr.log_metrics({**point.scores.metrics("sweep/"), "sweep/nfe": point.nfe}, step=i)
+        if result.sweep:
+            tr.log_text(sweep_table(result.sweep), "eval/sweep.txt")
+        if result.plot_path is not None:
+            tr.log_artifact(result.plot_path, "eval")
+        run_id = tr.run_id
+        if model_name and model_version and result.scores is not None and tr.client is not None:
+            prefix = f"eval.{cfg.eval.network}."
+            for name, value in result.scores.metrics().items():
+                tr.client.set_model_version_tag(
+                    model_name, model_version, prefix + name, f"{value:.6g}"
+                )
+            tr.client.set_model_version_tag(model_name, model_version, prefix + "run_id", run_id)
+    return run_id
+
+
+def evaluate(
+    cfg: Config,
+    *,
+    samples: str = "",
+    model: str = "",
+    sweep: bool = False,
+    track: bool = True,
+    say: Callable[[str], None] = print,
+) -> EvalResult:
+    """Evaluate ``samples`` (a sample output URI) or ``model`` (see module doc)."""
+    began = time.perf_counter()
+    if bool(samples) == bool(model):
+        raise ValueError("give exactly one of --samples URI or --model MODEL")
+    if sweep and not model:
+        raise ValueError("--sweep evaluates a model over solvers and steps: give --model")
+    model_name, model_version = "", ""
+    if model:
+        from pipeline.registry import resolve_model_uri
+
+        if model.startswith("models:/"):
+            resolved = resolve_model_uri(model, cfg)
+            model_name, model_version = resolved.name or "", resolved.version or ""
+    network = network_spec(cfg)
+    key, _ = network_identity(network)
+    reference = reference_features(cfg, network, key, say=say)
+    result = EvalResult(network=key, reference=reference, samples_uri=samples)
+    if samples:
+        result.scores, _ = evaluate_samples(
+            cfg, samples, network=network, reference=reference, say=say
+        )
+    elif not sweep:
+        made = generate_for_eval(cfg, model, cfg.eval.solver, cfg.eval.steps, say)
+        result.samples_uri, result.model = made.out_uri, made.model
+        result.scores, _ = evaluate_samples(
+            cfg, made.out_uri, network=network, reference=reference, say=say
+        )
+    else:
+        for solver in cfg.eval.sweep_solvers:
+            for steps in cfg.eval.sweep_steps:
+                made = generate_for_eval(cfg, model, solver, steps, say)
+                scores, _ = evaluate_samples(
+                    cfg, made.out_uri, network=network, reference=reference, say=say
+                )
+                result.sweep.append(SweepPoint(solver, steps, made.nfe_per_sample, scores))
+                say(f"[eval] {solver} x {steps} steps: FD {scores.fd:.4f}")
+                result.model = made.model
+        result.plot_path = _plot_sweep(result.sweep, key, model)
+    if track:
+        title = f"eval-{model_name or 'samples'}"
+        result.run_id = _log(cfg, result, model_name, model_version, title)
+    result.wall_seconds = time.perf_counter() - began
+    return result
+
+
+def _plot_sweep(points: list[SweepPoint], network: str, model: str) -> Path:
+    """Fréchet distance against NFE, one line per solver: ``<home>/eval/<hash>/sweep.png``."""
+    from pipeline.viz import curves_png
+
+    curves = {
+        solver: ([p.nfe for p in points if p.solver == solver],
+                 [p.scores.fd for p in points if p.solver == solver])
+        for solver in dict.fromkeys(p.solver for p in points)
+    }  # fmt: skip
+    digest = hashlib.sha256(f"{model}|{network}".encode()).hexdigest()[:12]
+    path = fmpipe_home() / "eval" / digest / "sweep.png"
+    return curves_png(curves, path, f"{model}: quality against NFE", xlabel="NFE per sample",
+                      ylabel=f"Fréchet distance ({network})", logx=True)  # fmt: skip
