@@ -150,9 +150,9 @@ def test_eval_refuses_a_missing_sample_set_and_a_missing_classifier(cfg, tmp_pat
     from pipeline.eval.features import FeatureNetworkError
     from pipeline.storage import StorageInputError
 
-    with pytest.raises(StorageInputError, match="holds no _manifest.json"):
+    with pytest.raises(StorageInputError, match=r"holds no _manifest\.json"):
         sample_shards(str(tmp_path / "nothing"))
     other = cfg.model_copy(deep=True)
     other.eval.classifier = str(tmp_path / "missing.pt")
-    with pytest.raises(FeatureNetworkError, match="missing.pt"):
+    with pytest.raises(FeatureNetworkError, match=r"missing\.pt"):
         classifier_bytes(other, other.eval.classifier)
