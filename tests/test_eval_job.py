@@ -87,9 +87,10 @@ def _assert_same_stats(a: FeatureSet, b: FeatureSet, what: str) -> None:
     np.testing.assert_allclose(a.kept, b.kept, rtol=1e-5, atol=1e-5, err_msg=what)
     assert sorted(a.labels.tolist()) == sorted(b.labels.tolist()), what
     assert a.predicted is not None and b.predicted is not None
-    assert np.bincount(a.predicted, minlength=10).tolist() == np.bincount(
-        b.predicted, minlength=10
-    ).tolist(), what
+    assert (
+        np.bincount(a.predicted, minlength=10).tolist()
+        == np.bincount(b.predicted, minlength=10).tolist()
+    ), what
 
 
 def test_ray_job_statistics_equal_one_process(cfg, classifier) -> None:
