@@ -6,6 +6,7 @@ fmpipe bench data   input pipeline vs a decode ceiling and webdataset + DataLoad
 fmpipe bench train  fmpipe training (1 Ray Train worker + Ray Data) vs a plain PyTorch loop
 fmpipe bench sample sampler and Ray batch inference vs a torchdiffeq loop; quality vs NFE
 fmpipe bench gpu    U-Net training MFU and sampling samples/s on one GPU (no Ray needed)
+fmpipe bench eval   feature extraction: the Ray Data job per actor vs a plain loop
 """
 
 from __future__ import annotations
@@ -133,6 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
         "then costs no more time on (a) and (b)",
     )
     add_config_arguments(sample)
+    evaluation = sub.add_parser(
+        "eval",
+        help="feature extraction images/s: the Ray Data job per actor vs a plain loop",
+        description="Same shards (a split of data.uri), network and batch: (a) a plain loop in "
+        "this process, (b) the Ray Data job of fmpipe eval with A actors. Prints images/s and "
+        "b/(a*A), for the whole call and its steady part (first batch back to last).",
+    )
+    evaluation.add_argument(
+        "--network", default="classifier", help="classifier (default) | inception"
+    )
+    evaluation.add_argument("--split", default="train", help="the split read (default train)")
+    evaluation.add_argument(
+        "--max-shards", type=int, default=0, metavar="S", help="read only the first S shards"
+    )
+    evaluation.add_argument("--actors", type=int, default=1, metavar="A", help="actors of (b)")
+    evaluation.add_argument("--batch-size", type=int, default=64, metavar="B", help="batch")
+    add_config_arguments(evaluation)
     gpu = sub.add_parser(
         "gpu",
         help="U-Net bf16 training images/s + MFU and sampling samples/s on one GPU",
@@ -227,6 +245,18 @@ def main(argv: list[str] | None = None) -> int:
                 runs=tuple(args.runs),
                 profile=args.profile,
             )
+        elif args.bench == "eval":
+            from pipeline.bench.eval import run_eval_benchmark
+            from pipeline.home import data_uri
+
+            cfg = resolve_config(args, defaults="train")
+            if args.print_config:
+                print(cfg.to_yaml(), end="")
+                return 0
+            cfg.data.uri = data_uri(cfg)
+            run_eval_benchmark(cfg, network=args.network, split=args.split,
+                               max_shards=args.max_shards, actors=args.actors,
+                               batch_size=args.batch_size)  # fmt: skip
         elif args.bench == "sample":
             from pipeline.bench.sample import BenchSampleError, run_sample_benchmark
 

@@ -1,7 +1,7 @@
 """fmpipe classifier: train the classifier that `fmpipe eval` scores samples with.
 
 A small CNN learns the labelled train split of --data (decoded exactly as training decodes
-it), is checked on the held-out split (eval.reference_split), stored under
+it), is checked on the held-out val split, stored under
 train.storage_path/classifiers/ and registered in MLflow as <dataset>-classifier with the
 alias champion, beside the generator. Its penultimate features give an in-domain Fréchet
 distance; its predictions, the conditional accuracy of a class-conditional model's samples.

@@ -2,8 +2,10 @@
 
 Scores a sample set (--samples, the output of `fmpipe sample`) or a model (--model: it first
 generates eval.num_samples samples at the fixed eval.seed with --solver/--steps) against the
-reference statistics of a dataset split (data.uri, eval.reference_split; computed once by a
-Ray Data job and stored under train.storage_path/eval-reference/, reused afterwards).
+reference statistics of a dataset split (data.uri, eval.reference_split: train, as FID is
+usually reported; computed once by a Ray Data job and stored under
+train.storage_path/eval-reference/, reused afterwards). A model's reference is the data it
+learnt (its checkpoint's data.uri) unless --data says otherwise.
 
 Feature networks (--network):
   classifier  fmpipe's classifier of the dataset (`fmpipe classifier` trains and registers it
@@ -14,7 +16,7 @@ Feature networks (--network):
               public TorchScript file, cached under $FMPIPE_HOME/cache/features).
 
 Each figure is printed with the sample counts behind it, logged to an MLflow run (experiment
-tracking.experiment) and, for a registered model, set as tags eval.<network>.<figure> on its
+tracking.eval_experiment) and, for a registered model, set as tags eval.<network>.<figure> on its
 version. --sweep evaluates one model for every solver x steps of eval.sweep_solvers and
 eval.sweep_steps: a table and a plot of the Fréchet distance against NFE.
 
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", metavar="URI", help="the dataset whose split is the reference (data.uri)"
     )
     parser.add_argument(
-        "--split", metavar="NAME", help="the reference split (eval.reference_split; val)"
+        "--split", metavar="NAME", help="the reference split (eval.reference_split; train)"
     )
     parser.add_argument(
         "--num-samples",
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.eval.job import evaluate
         from pipeline.home import data_uri
 
-        cfg.data.uri = data_uri(cfg)
+        if not args.model:  # a model's own data.uri is its reference unless --data says
+            cfg.data.uri = data_uri(cfg)
 
         def action() -> None:
             result = evaluate(cfg, samples=args.samples or "", model=args.model or "",

@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="L",
         help="class of every sample; default cycles i %% classes (sample.label)",
     )
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="then score the samples (fmpipe eval --samples OUT: eval.* settings; the "
+        "reference is the model's training data unless data.uri is set)",
+    )
     add_config_arguments(parser)
     return parser
 
@@ -138,9 +144,20 @@ def main(argv: list[str] | None = None) -> int:
         # Imported here: `fmpipe sample --help` stays fast.
         from pipeline.sample import generate
 
+        def action() -> None:
+            result = generate(cfg)
+            if args.eval:
+                from pipeline.eval.job import evaluate, with_reference_data
+
+                scored = evaluate(
+                    with_reference_data(cfg, cfg.sample.model), samples=result.out_uri
+                )
+                for line in scored.summary_lines():
+                    print(line)
+
         return run_guarded(
             "sample",
-            lambda: generate(cfg),
+            action,
             "re-run the same command to write the missing shards (the complete ones are kept)",
             # a malformed models:/ URI or an empty model: the input (SampleJobError is one too)
             bad_input=(ValueError,),

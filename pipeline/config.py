@@ -177,6 +177,10 @@ class TrainConfig(Section):
     val_batch_size: int = Field(256, ge=1)  # rows per forward pass of the validation loss
     grid_every_images: int = Field(100_000, ge=1)
     grid_steps: int = Field(32, ge=1)  # euler steps for the sample grid
+    # Sample quality of the EMA weights every this many images (0: never): eval.num_samples
+    # samples at eval.seed scored by eval.network against the stored reference; the last
+    # figures are tagged on the registered version (pipeline.eval.probe).
+    eval_every_images: int = Field(0, ge=0)
     # MLflow registry name; empty: the jobs name it after the dataset (default_model_name),
     # a library train() registers nothing; "none": never register
     registered_model_name: str = ""
@@ -217,7 +221,12 @@ class SampleConfig(Section):
 class RetrainConfig(Section):
     """`fmpipe retrain`: continue from the champion on new data, promote only if better."""
 
-    promote_margin: float = Field(0.0, ge=0.0)  # promote when cand_val < champ_val - margin
+    # What decides promotion (lower is better): val_loss (the trainer's validation loss on
+    # fixed draws), fd_classifier (Fréchet distance in the dataset classifier's features) or
+    # fid (Inception), both from eval.num_samples samples at eval.seed with eval.solver /
+    # eval.steps for candidate and champion alike, against one stored reference.
+    metric: Literal["val_loss", "fd_classifier", "fid"] = "val_loss"
+    promote_margin: float = Field(0.0, ge=0.0)  # promote when cand < champ - margin (metric)
     images: int = Field(20_000, ge=1)  # images the candidate trains for (from its start)
     from_scratch: bool = False  # fresh weights instead of the champion's checkpoint
     alias: str = Field("champion", min_length=1)  # registry alias that marks the champion
@@ -227,8 +236,11 @@ class EvalConfig(Section):
     """`fmpipe eval`, `fmpipe classifier` and the evaluations inside train, sample and retrain.
 
     A sample set is scored against reference statistics of the dataset's
-    ``reference_split``, computed once per (dataset content, split, network, resolution)
-    and stored under ``train.storage_path`` (``eval-reference/``), never beside the data.
+    ``reference_split`` (the training split by default, as FID is usually reported: the
+    distribution the model learnt), computed once per (dataset content, split, network,
+    resolution) and stored under ``train.storage_path`` (``eval-reference/``), never
+    beside the data. Real held-out images (the ``val`` split) scored against the same
+    reference give the floor a perfect model would reach at that sample size.
     """
 
     # inception: FID's TF Inception-v3 (2048-d); classifier: fmpipe's own in-domain
@@ -239,7 +251,7 @@ class EvalConfig(Section):
     # The classifier: models:/<name>@<alias>, a run's artifact or a classifier file;
     # "": models:/<registered model>-classifier@champion (written by `fmpipe classifier`).
     classifier: str = ""
-    reference_split: str = Field("val", min_length=1)
+    reference_split: str = Field("train", min_length=1)
     num_samples: int = Field(1000, ge=2)  # samples a model's evaluation generates
     seed: int = 1_000_003  # their noise seed: fixed, so candidate and champion share it
     solver: SolverName = "euler"  # a model's evaluation integrates with this solver...
@@ -247,6 +259,10 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1)  # images per feature-network call
     num_actors: int = Field(1, ge=1)
     use_gpu: bool = False
+    # Sets of at most this many images are read in the driver itself (extract_local): the Ray
+    # job's start-up (decode tasks, actors building the network) costs more than such a set's
+    # features. 0: always the Ray job. GPU runs always take the Ray job.
+    local_max_images: int = Field(2048, ge=0)
     keep_features: int = Field(10_000, ge=4)  # rows kept per set for KID and precision/recall
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)
@@ -270,6 +286,7 @@ class TrackingConfig(Section):
     uri: str = ""  # MLflow tracking URI; MLFLOW_TRACKING_URI wins; empty: local sqlite
     experiment: str = "fmpipe"
     sample_experiment: str = "fmpipe-samples"
+    eval_experiment: str = "fmpipe-eval"  # fmpipe eval and fmpipe classifier runs
 
 
 class ToyConfig(Section):

@@ -23,12 +23,17 @@
    candidate from its last checkpoint on the next tick.
 4. **Evaluation.** Candidate and champion (EMA weights) on the same val split with the same
    fixed draws: :func:`pipeline.train.data.load_val_set` and
-   :func:`pipeline.train.validate.validation_loss`, the trainer's own validation.
+   :func:`pipeline.train.validate.validation_loss`, the trainer's own validation. With
+   ``retrain.metric`` ``fd_classifier`` or ``fid``, also that Fréchet distance
+   (:func:`pipeline.eval.job.score_models`: ``eval.num_samples`` samples of each at the same
+   ``eval.seed``, solver and steps, against one stored reference of the new data), and that
+   figure decides.
 5. **Registration.** The candidate becomes a new version of ``train.registered_model_name``
-   with tags ``manifest_hash``, ``images_seen``, ``val_loss``, ``champion_val_loss``,
-   ``fmpipe.retrain.*``; promoted (``fmpipe.retrain.decision=promoted``) only when
-   ``candidate_val < champion_val - retrain.promote_margin``; otherwise tagged ``rejected``
-   with the reason. The training run gets the same decision and both losses.
+   with tags ``manifest_hash``, ``images_seen``, ``val_loss``, ``champion_val_loss`` (and
+   ``<metric>``, ``champion_<metric>`` when another metric decides), ``fmpipe.retrain.*``;
+   promoted (``fmpipe.retrain.decision=promoted``) only when ``candidate < champion -
+   retrain.promote_margin`` on the deciding metric; otherwise tagged ``rejected`` with the
+   reason (both figures named). The training run gets the same decision and both losses.
 
 Concurrency: why two runs cannot both promote
 -------------------------------------------------
@@ -336,21 +341,49 @@ def retrain(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> R
 
 @dataclass
 class _Evaluation:
-    """Candidate and champion (EMA weights) on the same val split, same fixed draws."""
+    """Candidate and champion (EMA weights) on the same val split, same fixed draws; with
+    ``retrain.metric`` other than val_loss also that metric, on the same seeds and reference.
+    """
 
     candidate: float
     champion: float | None
     images: int  # validation images
     margin: float
+    metric: str = "val_loss"  # what decides
+    candidate_metric: float | None = None  # the deciding metric, when not val_loss
+    champion_metric: float | None = None
+
+    def deciding(self) -> tuple[str, float, float | None]:
+        """``(metric, candidate, champion)`` of the figure that decides."""
+        if self.metric == "val_loss" or self.candidate_metric is None:
+            return "val_loss", self.candidate, self.champion
+        return self.metric, self.candidate_metric, self.champion_metric
 
     def verdict(self, base: str) -> tuple[bool, str]:
         """``(better, reason it is not)``: better when cand < champ - margin (or no champ)."""
-        if self.champion is None or self.candidate < self.champion - self.margin:
+        metric, cand, champ = self.deciding()
+        if champ is None or cand < champ - self.margin:
             return True, ""
-        return False, (
-            f"val_loss {self.candidate:.5f} is not below the champion's (version {base}) "
-            f"{self.champion:.5f} - margin {self.margin:g}"
+        reason = (
+            f"{metric} {cand:.5f} is not below the champion's (version {base}) "
+            f"{champ:.5f} - margin {self.margin:g}"
         )
+        if metric != "val_loss" and self.champion is not None:
+            reason += f" (val_loss {self.candidate:.5f} vs {self.champion:.5f})"
+        return False, reason
+
+    def tags(self) -> dict[str, str]:
+        """Version tags: val loss always, the deciding metric of both when it is another."""
+        tags = {
+            "val_loss": f"{self.candidate:.6g}",
+            TAG_CHAMPION_VAL: "" if self.champion is None else f"{self.champion:.6g}",
+            "fmpipe.retrain.metric": self.metric,
+        }
+        if self.metric != "val_loss" and self.candidate_metric is not None:
+            tags[self.metric] = f"{self.candidate_metric:.6g}"
+            champ = self.champion_metric
+            tags[f"champion_{self.metric}"] = "" if champ is None else f"{champ:.6g}"
+        return tags
 
 
 def _train_candidate(
@@ -384,7 +417,17 @@ def _evaluate(
     val = load_val_set(cand, open_dataset(cand, "val"), cand.train.val_max_images)
     cand_val = evaluate_checkpoint(cand_dir, val)
     champ_val = evaluate_checkpoint(champion_dir, val) if champion_dir is not None else None
-    return _Evaluation(cand_val, champ_val, len(val), cand.retrain.promote_margin)
+    ev = _Evaluation(cand_val, champ_val, len(val), cand.retrain.promote_margin,
+                     cand.retrain.metric)  # fmt: skip
+    if ev.metric != "val_loss":  # same seeds, solver and reference for both
+        from pipeline.eval.job import score_models
+
+        models = [str(cand_dir)] + ([str(champion_dir)] if champion_dir is not None else [])
+        scores = score_models(cand, ev.metric, models, out_root=str(Path(tmp, "eval")),
+                              say=lambda _line: None)  # fmt: skip
+        ev.candidate_metric = scores[0].fd
+        ev.champion_metric = scores[1].fd if len(scores) > 1 else None
+    return ev
 
 
 def _register(
@@ -444,13 +487,18 @@ def _train_evaluate_promote(
         + (f", champion {ev.champion:.5f}" if ev.champion is not None else "")
         + f" (margin {ev.margin:g})"
     )
+    if ev.candidate_metric is not None:
+        say(
+            f"[retrain] {ev.metric} of {cand.eval.num_samples} samples: candidate "
+            f"{ev.candidate_metric:.5f}"
+            + (f", champion {ev.champion_metric:.5f}" if ev.champion_metric is not None else "")
+        )
 
     tracker = Tracker(client, run_id, tracking_uri(cfg))
     tags = {
         "manifest_hash": manifest_hash,
         "images_seen": result.images_seen,
-        "val_loss": f"{ev.candidate:.6g}",
-        TAG_CHAMPION_VAL: "" if ev.champion is None else f"{ev.champion:.6g}",
+        **ev.tags(),
         "run_name": cand.train.run_name,
         TAG_BASE: base,
         TAG_INIT: init,
@@ -475,16 +523,21 @@ def _train_evaluate_promote(
     metrics = {"retrain/candidate_val_loss": ev.candidate, "retrain/promoted": float(promoted)}
     if ev.champion is not None:
         metrics["retrain/champion_val_loss"] = ev.champion
+    if ev.candidate_metric is not None:
+        metrics[f"retrain/candidate_{ev.metric}"] = ev.candidate_metric
+        if ev.champion_metric is not None:
+            metrics[f"retrain/champion_{ev.metric}"] = ev.champion_metric
     tracker.log_metrics(metrics, step=result.images_seen)
     tracker.set_tags(
         {"fmpipe.job": "retrain", TAG_DECISION: decision, "fmpipe.retrain.version": version,
          TAG_BASE: base}
     )  # fmt: skip
     if promoted:
-        message = f"promoted {name} version {version} to '{alias}' (val_loss {ev.candidate:.5f}"
+        metric, cand_figure, champ_figure = ev.deciding()
+        message = f"promoted {name} version {version} to '{alias}' ({metric} {cand_figure:.5f}"
         message += (
-            f" < {ev.champion:.5f} - {ev.margin:g}, was version {base})"
-            if ev.champion is not None
+            f" < {champ_figure:.5f} - {ev.margin:g}, was version {base})"
+            if champ_figure is not None
             else ")"
         )
     else:

@@ -64,3 +64,11 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path, monkeypatch, capsys):
     assert len(train_runs) == 1 and len(sample_runs) == 1
     assert sample_runs[0].data.tags["fmpipe.train_run_id"] == train_runs[0].info.run_id
     assert "grid.png" in [a.path for a in client.list_artifacts(sample_runs[0].info.run_id)]
+
+    # [4/4]: the samples' quality beside real held-out digits, by the registered classifier.
+    assert "quality      (classifier:" in out and "against 1,617 training digits" in out, out
+    real = next(line for line in out.splitlines() if "real held-out (180)" in line)
+    assert float(real.split()[-2]) > 0.95, real  # the classifier's held-out accuracy
+    assert client.get_model_version_by_alias("digits-classifier", "champion").version == "1"
+    eval_runs = client.search_runs([client.get_experiment_by_name("fmpipe-eval").experiment_id])
+    assert len(eval_runs) == 3  # the classifier, the samples, the real held-out digits

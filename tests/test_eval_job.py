@@ -123,13 +123,17 @@ def _noise_samples(cfg: Config, out: Path) -> str:
 
 
 def test_eval_scores_real_digits_above_generated_noise(cfg, classifier, tmp_path) -> None:
-    first = evaluate(cfg, samples=str(Path(cfg.data.uri) / "train"), say=lambda _: None)
+    # Through the Ray job (small sets would be read in this process) ...
+    cfg = cfg.model_copy(deep=True)
+    cfg.eval.local_max_images = 0
+    # ... real held-out digits (val) against the reference (train, the default split).
+    first = evaluate(cfg, samples=str(Path(cfg.data.uri) / "val"), say=lambda _: None)
     real = first.scores
     assert real is not None and first.reference.computed
     assert real.accuracy is not None and real.accuracy > 0.95, real.table("real")
     assert sum(c.n for c in real.per_class.values()) == real.n
-    assert real.n == dataset_shards(cfg, "train").num_samples
-    assert real.n_reference == dataset_shards(cfg, "val").num_samples
+    assert real.n == dataset_shards(cfg, "val").num_samples
+    assert real.n_reference == dataset_shards(cfg, "train").num_samples
 
     noise_uri = _noise_samples(cfg, tmp_path / "noise")
     second = evaluate(cfg, samples=noise_uri, say=lambda _: None)
@@ -157,3 +161,124 @@ def test_eval_refuses_a_missing_sample_set_and_a_missing_classifier(cfg, tmp_pat
     other.eval.classifier = str(tmp_path / "missing.pt")
     with pytest.raises(FeatureNetworkError, match=r"missing\.pt"):
         classifier_bytes(other, other.eval.classifier)
+
+
+def test_bench_eval_prints_the_ratio_of_the_ray_job_to_the_plain_loop(cfg, classifier) -> None:
+    from pipeline.bench.eval import run_eval_benchmark
+
+    lines: list[str] = []
+    cfg = cfg.model_copy(deep=True)
+    cfg.eval.classifier = classifier[0].uri
+    figures = run_eval_benchmark(cfg, actors=2, batch_size=64, log=lines.append)
+    text = "\n".join(lines)
+    assert "(a) plain loop" in text and "(b) Ray Data job, 2 actor(s)" in text, text
+    assert "b / (a x 2) = " in text, text
+    assert figures["plain_images_per_s"] > 0 and figures["ray_images_per_s"] > 0
+    assert figures["ratio"] == pytest.approx(
+        figures["ray_images_per_s"] / (2 * figures["plain_images_per_s"])
+    )
+
+
+def _checkpoint(cfg: Config, directory: Path, scale: float) -> Path:
+    """A real checkpoint of an untrained conditional U-Net with weights jittered by ``scale``
+    (its config names the digits dataset, as a trained one's would)."""
+    from pipeline.checkpoint import TrainState, save_checkpoint
+
+    torch.manual_seed(0)
+    network = build_model(cfg.model, (1, 16, 16))
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(scale * torch.randn_like(p))
+    state = TrainState(images_seen=64, step=1, data_shape=[1, 16, 16], mlflow_run_id="")
+    return save_checkpoint(directory, model=network, ema=network, state=state, config=cfg)
+
+
+def test_models_are_scored_on_identical_seeds_and_one_reference(cfg, classifier, tmp_path):
+    """What retraining compares: the same checkpoint twice scores exactly alike (same noise,
+    solver and reference); another one does not."""
+    from pipeline.eval.job import score_models
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.eval.num_samples, cfg.eval.steps = 60, 2
+    a = str(_checkpoint(cfg, tmp_path / "a" / "checkpoint_000000000064", 0.2))
+    b = str(_checkpoint(cfg, tmp_path / "b" / "checkpoint_000000000064", 0.05))
+    scores = score_models(cfg, "fd_classifier", [a, a, b], out_root=str(tmp_path / "eval"),
+                          say=lambda _: None)  # fmt: skip
+    assert [s.n for s in scores] == [60, 60, 60]
+    assert scores[0].fd == scores[1].fd and scores[0].kid == scores[1].kid
+    assert scores[2].fd != scores[0].fd
+    assert scores[0].network == scores[2].network and scores[0].network.startswith("classifier:")
+
+
+def test_retrain_verdict_follows_the_chosen_metric_and_tags_both_figures() -> None:
+    from pipeline.retrain import _Evaluation
+
+    # Better on val loss, worse on the Fréchet distance: rejected when the distance decides.
+    ev = _Evaluation(0.10, 0.20, 180, 0.0, "fd_classifier", candidate_metric=9.0,
+                     champion_metric=3.0)  # fmt: skip
+    better, reason = ev.verdict("1")
+    assert not better
+    assert "fd_classifier 9.00000 is not below the champion's (version 1) 3.00000" in reason
+    assert "(val_loss 0.10000 vs 0.20000)" in reason
+    tags = ev.tags()
+    assert tags["fd_classifier"] == "9" and tags["champion_fd_classifier"] == "3"
+    assert tags["val_loss"] == "0.1" and tags["champion_val_loss"] == "0.2"
+    assert tags["fmpipe.retrain.metric"] == "fd_classifier"
+    # The same figures with val_loss deciding: promoted.
+    assert _Evaluation(0.10, 0.20, 180, 0.0).verdict("1") == (True, "")
+    assert ev.deciding() == ("fd_classifier", 9.0, 3.0)
+
+
+def test_training_scores_its_ema_weights_and_tags_the_registered_version(
+    cfg, classifier, tmp_path
+) -> None:
+    """train.eval_every_images: the EMA weights scored on fixed seeds during training (a
+    history in MLflow) and the last figures tagged on the registered version."""
+    from pipeline.train.trainer import train
+
+    run = cfg.model_copy(deep=True)
+    run.data.batch_size = 16
+    run.train.run_name, run.train.storage_path = "eval-in-training", str(tmp_path / "runs")
+    run.train.total_images, run.train.warmup_images = 64, 16
+    run.train.cpus_per_worker, run.train.torch_threads = 1, 1
+    run.train.checkpoint_every_images = run.train.val_every_images = 64
+    run.train.grid_every_images = 10**6
+    run.train.eval_every_images = 32
+    run.train.registered_model_name = "eval-in-training"
+    run.eval.num_samples, run.eval.steps = 40, 2
+    lines: list[str] = []
+    result = train(run, print_fn=lines.append)
+    evals = [line for line in lines if "eval of 40 samples: Fréchet distance" in line]
+    assert len(evals) == 2, lines  # at 32 and 64 images
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    history = client.get_metric_history(result.mlflow_run_id, "eval/fd")
+    assert [m.step for m in history] == [32, 64]
+    version = client.get_model_version("eval-in-training", "1")
+    assert float(version.tags["eval.classifier.fd"]) == pytest.approx(history[-1].value, rel=1e-5)
+    assert 0.0 <= float(version.tags["eval.classifier.accuracy"]) <= 1.0
+
+
+def test_sweep_tables_and_plots_quality_against_nfe(cfg, classifier, tmp_path) -> None:
+    from pipeline.eval.job import sweep_table
+
+    run = cfg.model_copy(deep=True)
+    run.eval.num_samples, run.eval.sweep_solvers, run.eval.sweep_steps = (
+        40,
+        ["euler", "heun"],
+        [1, 2],
+    )
+    model = str(_checkpoint(run, tmp_path / "m" / "checkpoint_000000000064", 0.2))
+    result = evaluate(run, model=model, sweep=True, say=lambda _: None)
+    assert [(p.solver, p.steps) for p in result.sweep] == [
+        ("euler", 1), ("euler", 2), ("heun", 1), ("heun", 2)
+    ]  # fmt: skip
+    nfe = {(p.solver, p.steps): p.nfe for p in result.sweep}
+    assert nfe[("euler", 1)] < nfe[("euler", 2)] and nfe[("heun", 1)] < nfe[("heun", 2)]
+    assert all(p.scores.n == 40 for p in result.sweep)
+    assert result.plot_path is not None and result.plot_path.read_bytes()[:4] == b"\x89PNG"
+    table = sweep_table(result.sweep)
+    assert table.count("\n") == 4 and "heun" in table
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    artifacts = [a.path for a in client.list_artifacts(result.run_id, "eval")]
+    assert "eval/sweep.png" in artifacts and "eval/sweep.txt" in artifacts, artifacts
+    assert len(client.get_metric_history(result.run_id, "sweep/fd")) == 4

@@ -228,7 +228,10 @@ def test_tampered_shard_fails_naming_it(ray_local, s3_bucket, tmp_path):
     uri = prepare(f"{s3_bucket}/digits", seed=0)
     other = prepare(f"{s3_bucket}/other", seed=1)
     expected, found = tamper(uri, other, index=1)
-    cfg = train_cfg(uri, tmp_path)
+    # More images than the other train shards hold (1,617 - 400): the run must read shard 1
+    # whatever order Ray Data's decode tasks finish in (64 images could all come from
+    # shard 0 on a busy machine, and the run would end before shard 1 is read).
+    cfg = train_cfg(uri, tmp_path, "train.total_images=1280")
     with pytest.raises(Exception) as err:  # Ray's wrapper; unwrapped below
         train_quiet(cfg)
     final = final_data_error(err.value)

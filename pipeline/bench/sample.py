@@ -57,7 +57,7 @@ from pipeline.flow.solvers import is_adaptive
 from pipeline.rayenv import keep_freed_memory
 from pipeline.sample.determinism import default_block_size
 from pipeline.sample.sampler import SamplerSettings, integrate_range, prepare_model
-from pipeline.sample.source import ModelSource
+from pipeline.sample.source import ModelSource, training_data_uri
 
 if TYPE_CHECKING:
     from pipeline.sample.job import SampleResult
@@ -135,24 +135,6 @@ def load_source(cfg: Config, uri: str) -> ModelSource:
             f"model {uri} is not available ({reason}); run `make demo` first, or pass "
             "--model models:/<name>@<alias> | models:/<name>/<version> | a checkpoint directory"
         ) from None
-
-
-def training_data_uri(cfg: Config, uri: str) -> str:
-    """``data.uri`` in the checkpoint's own config ("" when it has none)."""
-    import yaml
-
-    from pipeline.checkpoint import CONFIG_FILE
-    from pipeline.storage import resolve
-
-    where = uri
-    if uri.startswith(("models:/", "runs:/")):
-        from pipeline.registry import resolve_model_uri
-
-        where = resolve_model_uri(uri, cfg).checkpoint_uri  # the cached download
-    elif uri.startswith("file://"):
-        where = uri[len("file://") :]
-    tree = yaml.safe_load(resolve(where, cfg.storage).child(CONFIG_FILE).read_bytes()) or {}
-    return str((tree.get("data") or {}).get("uri") or "")
 
 
 def _settings(cfg: Config, source: ModelSource, block: int, solver: str, steps: int | None):

@@ -1,8 +1,8 @@
 """``fmpipe classifier``: train the dataset's classifier and register it beside the generator.
 
 The classifier (:mod:`pipeline.eval.classifier`) learns the labelled ``train`` split of
-``data.uri`` (decoded exactly as training decodes it) and is checked on
-``eval.reference_split``. Its file is stored at
+``data.uri`` (decoded exactly as training decodes it) and is checked on the held-out
+``val`` split. Its file is stored at
 ``<train.storage_path>/classifiers/<content hash[:16]>-<R>px/classifier.pt``, logged to an
 MLflow run and registered as ``<dataset>-classifier`` with the alias ``champion``, which is
 where ``fmpipe eval --network classifier`` looks by default. Seeded by ``seed``: the same
@@ -31,6 +31,7 @@ __all__ = ["ClassifierResult", "classifier_model_name", "fit_classifier"]
 
 CLASSIFIER_FILE = "classifier.pt"
 ALIAS = "champion"
+HELD_OUT = "val"  # the split the classifier is checked on (never trained on)
 
 
 def classifier_model_name(cfg: Config) -> str:
@@ -75,7 +76,7 @@ def fit_classifier(
             f"dataset '{cfg.data.uri}' has {train_set.num_classes} classes: the classifier "
             "needs a labelled dataset (use --network inception for unlabelled data)"
         )
-    val_set = dataset_shards(cfg, cfg.eval.reference_split)
+    val_set = dataset_shards(cfg, HELD_OUT)
     images, labels = (torch.from_numpy(a) for a in load_images(train_set))
     val_images, val_labels = (torch.from_numpy(a) for a in load_images(val_set))
     spec = ClassifierSpec(train_set.spec.channels, train_set.spec.resolution, train_set.num_classes)
@@ -110,7 +111,8 @@ def _register(cfg: Config, result: ClassifierResult, data: bytes, content_hash: 
 
     name = classifier_model_name(cfg)
     tags = {"fmpipe.job": "classifier", "fmpipe.dataset_content": content_hash[:16]}
-    with Tracker.start(cfg, experiment=cfg.tracking.experiment, run_name=name, tags=tags) as tr:
+    experiment = cfg.tracking.eval_experiment
+    with Tracker.start(cfg, experiment=experiment, run_name=name, tags=tags) as tr:
         tr.log_params({"data.uri": cfg.data.uri, "seed": cfg.seed,
                        "eval.classifier_epochs": cfg.eval.classifier_epochs})  # fmt: skip
         tr.log_metrics({"classifier/val_accuracy": result.accuracy,

@@ -51,6 +51,7 @@ __all__ = [
     "NetworkSpec",
     "ShardSet",
     "dataset_shards",
+    "extract",
     "extract_local",
     "extract_ray",
     "load_images",
@@ -387,11 +388,10 @@ class _FeatureActor:
         return {**out, "label": batch["label"], "name": batch["name"]}
 
 
-@functools.lru_cache(maxsize=8)
 def network_identity(network: NetworkSpec) -> tuple[str, str]:
-    """``(key, name)`` of the network, built once per process on CPU: before any Ray work,
-    so missing or foreign weights fail here with the file's name, not in an actor."""
-    built = network.build("cpu")
+    """``(key, name)`` of the network, built (once per process, on CPU) before any Ray
+    work, so missing or foreign weights fail here with the file's name, not in an actor."""
+    built = _built(network)
     return built.key, built.name
 
 
@@ -405,9 +405,11 @@ def extract_ray(
     keep: int = 10_000,
     seed: int = 0,
     say: Callable[[str], None] = print,
+    on_batch: Callable[[int], None] | None = None,
 ) -> FeatureSet:
     """The same :class:`FeatureSet` as :func:`extract_local`, from an actor pool on Ray
-    (started locally when none is connected)."""
+    (started locally when none is connected). ``on_batch(n)``: called as each batch of n
+    images' features arrives (the benchmark's clock)."""
     import ray
 
     from pipeline.rayenv import ensure_ray, quiet_cpp_notices
@@ -441,6 +443,8 @@ def extract_ray(
             for batch in features.iter_batches(batch_size=None, batch_format="numpy"):
                 collector.add(batch)
                 done += len(batch["features"])
+                if on_batch is not None:
+                    on_batch(len(batch["features"]))
                 now = time.perf_counter()
                 if done >= total or now - said >= 10.0:
                     said = now
@@ -449,3 +453,25 @@ def extract_ray(
     finally:
         if started:
             ray.shutdown()
+
+
+def extract(
+    shard_set: ShardSet, network: NetworkSpec, settings: Any, *, seed: int,
+    say: Callable[[str], None] = print,
+) -> FeatureSet:  # fmt: skip
+    """Features of ``shard_set`` by the route ``settings`` (``cfg.eval``) picks: in this
+    process for a set of at most ``local_max_images`` (no GPU asked), else the Ray job."""
+    small = shard_set.num_samples <= settings.local_max_images
+    if small and not settings.use_gpu:
+        say(f"[eval] features of {shard_set.num_samples:,} images in this process")
+        return extract_local(shard_set, _built(network), batch_size=settings.batch_size,
+                             keep=settings.keep_features, seed=seed)  # fmt: skip
+    return extract_ray(shard_set, network, num_actors=settings.num_actors,
+                       batch_size=settings.batch_size, use_gpu=settings.use_gpu,
+                       keep=settings.keep_features, seed=seed, say=say)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=2)
+def _built(network: NetworkSpec) -> FeatureNetwork:
+    """The network, built once per process on CPU (every later set reuses it)."""
+    return network.build("cpu")

@@ -8,7 +8,7 @@
    first generates ``eval.num_samples`` samples at ``eval.seed`` with ``eval.solver`` /
    ``eval.steps`` through the ordinary sample job (into ``<storage>/eval-samples/...``, so a
    re-run reuses them), then the same Ray feature job.
-4. The figures (:class:`Scores`): a console table, an MLflow run in ``tracking.experiment``
+4. The figures (:class:`Scores`): a console table, an MLflow run in ``tracking.eval_experiment``
    tagged with the model it scored, and the registered version's tags
    (``eval.<network>.fd`` ...) when the model came from the registry.
 
@@ -31,7 +31,7 @@ from pipeline.eval.classifier_job import CLASSIFIER_FILE
 from pipeline.eval.extract import (
     FeatureSet,
     NetworkSpec,
-    extract_ray,
+    extract,
     network_identity,
     sample_shards,
 )
@@ -48,6 +48,8 @@ __all__ = [
     "evaluate",
     "evaluate_samples",
     "network_spec",
+    "score_models",
+    "with_reference_data",
 ]
 
 EVAL_SAMPLES_DIR = "eval-samples"
@@ -89,6 +91,19 @@ def network_spec(cfg: Config) -> NetworkSpec:
             cache_dir=str(fmpipe_home() / "cache" / "features"),
         )
     return NetworkSpec("classifier", classifier=classifier_bytes(cfg, classifier_uri(cfg)))
+
+
+def with_reference_data(cfg: Config, model: str) -> Config:
+    """``cfg`` with ``data.uri`` filled: as given, else the data ``model`` learnt (its
+    checkpoint's config), else the embedded default dataset."""
+    if cfg.data.uri.strip():
+        return cfg
+    from pipeline.home import data_uri
+    from pipeline.sample.source import training_data_uri
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.uri = training_data_uri(cfg, model) or data_uri(cfg)
+    return cfg
 
 
 @dataclass
@@ -147,16 +162,8 @@ def sweep_table(points: list[SweepPoint]) -> str:
 def _candidate(
     cfg: Config, samples_uri: str, network: NetworkSpec, say: Callable[[str], None]
 ) -> FeatureSet:
-    return extract_ray(
-        sample_shards(samples_uri, cfg.storage),
-        network,
-        num_actors=cfg.eval.num_actors,
-        batch_size=cfg.eval.batch_size,
-        use_gpu=cfg.eval.use_gpu,
-        keep=cfg.eval.keep_features,
-        seed=cfg.seed,
-        say=say,
-    )
+    return extract(sample_shards(samples_uri, cfg.storage), network, cfg.eval, seed=cfg.seed,
+                   say=say)  # fmt: skip
 
 
 def _score(cfg: Config, candidate: FeatureSet, reference: Reference) -> Scores:
@@ -189,14 +196,20 @@ def eval_samples_uri(cfg: Config, model: str, solver: str, steps: int) -> str:
 
 
 def generate_for_eval(
-    cfg: Config, model: str, solver: str, steps: int, say: Callable[[str], None]
+    cfg: Config,
+    model: str,
+    solver: str,
+    steps: int,
+    say: Callable[[str], None],
+    out: str | None = None,
 ) -> Any:
-    """``eval.num_samples`` samples of ``model`` at ``eval.seed`` (the sample job itself)."""
+    """``eval.num_samples`` samples of ``model`` at ``eval.seed`` (the sample job itself),
+    into ``out`` (default :func:`eval_samples_uri`)."""
     from pipeline.sample import generate
 
     run = cfg.model_copy(deep=True)
     run.sample.model = model
-    run.sample.out = eval_samples_uri(cfg, model, solver, steps)
+    run.sample.out = out or eval_samples_uri(cfg, model, solver, steps)
     run.sample.num_samples = cfg.eval.num_samples
     run.sample.seed = cfg.eval.seed
     run.sample.solver, run.sample.steps = solver, steps
@@ -214,7 +227,8 @@ def _log(
     tags = {"fmpipe.job": "eval", "fmpipe.eval_network": result.network}
     if model_name:
         tags |= {"fmpipe.model_name": model_name, "fmpipe.model_version": model_version}
-    with Tracker.start(cfg, experiment=cfg.tracking.experiment, run_name=title, tags=tags) as tr:
+    experiment = cfg.tracking.eval_experiment
+    with Tracker.start(cfg, experiment=experiment, run_name=title, tags=tags) as tr:
         tr.log_params({"eval.network": result.network, "eval.samples": result.samples_uri,
                        "eval.reference": result.reference.location.uri})  # fmt: skip
         if result.scores is not None:
@@ -246,49 +260,105 @@ def evaluate(
     track: bool = True,
     say: Callable[[str], None] = print,
 ) -> EvalResult:
-    """Evaluate ``samples`` (a sample output URI) or ``model`` (see module doc)."""
-    began = time.perf_counter()
+    """Evaluate ``samples`` (a sample output URI) or ``model`` (see module doc), on the
+    connected Ray or one local Ray started for the whole call."""
     if bool(samples) == bool(model):
         raise ValueError("give exactly one of --samples URI or --model MODEL")
     if sweep and not model:
         raise ValueError("--sweep evaluates a model over solvers and steps: give --model")
+    from pipeline.rayenv import ensure_ray
+
+    started = ensure_ray()
+    try:
+        return _evaluate(cfg, samples, model, sweep, track, say)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _evaluate(
+    cfg: Config, samples: str, model: str, sweep: bool, track: bool, say: Callable[[str], None]
+) -> EvalResult:
+    began = time.perf_counter()
     model_name, model_version = "", ""
-    if model:
+    if model.startswith("models:/"):
         from pipeline.registry import resolve_model_uri
 
-        if model.startswith("models:/"):
-            resolved = resolve_model_uri(model, cfg)
-            model_name, model_version = resolved.name or "", resolved.version or ""
+        resolved = resolve_model_uri(model, cfg)
+        model_name, model_version = resolved.name or "", resolved.version or ""
+    if model:
+        cfg = with_reference_data(cfg, model)
     network = network_spec(cfg)
     key, _ = network_identity(network)
     reference = reference_features(cfg, network, key, say=say)
     result = EvalResult(network=key, reference=reference, samples_uri=samples)
+
+    def scored(uri: str) -> Scores:
+        return evaluate_samples(cfg, uri, network=network, reference=reference, say=say)[0]
+
     if samples:
-        result.scores, _ = evaluate_samples(
-            cfg, samples, network=network, reference=reference, say=say
-        )
+        result.scores = scored(samples)
     elif not sweep:
         made = generate_for_eval(cfg, model, cfg.eval.solver, cfg.eval.steps, say)
         result.samples_uri, result.model = made.out_uri, made.model
-        result.scores, _ = evaluate_samples(
-            cfg, made.out_uri, network=network, reference=reference, say=say
-        )
+        result.scores = scored(made.out_uri)
     else:
         for solver in cfg.eval.sweep_solvers:
             for steps in cfg.eval.sweep_steps:
                 made = generate_for_eval(cfg, model, solver, steps, say)
-                scores, _ = evaluate_samples(
-                    cfg, made.out_uri, network=network, reference=reference, say=say
-                )
-                result.sweep.append(SweepPoint(solver, steps, made.nfe_per_sample, scores))
-                say(f"[eval] {solver} x {steps} steps: FD {scores.fd:.4f}")
+                point = SweepPoint(solver, steps, made.nfe_per_sample, scored(made.out_uri))
+                result.sweep.append(point)
                 result.model = made.model
+                say(
+                    f"[eval] {solver} x {steps} steps ({point.nfe:g} NFE): FD {point.scores.fd:.4f}"
+                )
         result.plot_path = _plot_sweep(result.sweep, key, model)
     if track:
-        title = f"eval-{model_name or 'samples'}"
-        result.run_id = _log(cfg, result, model_name, model_version, title)
+        result.run_id = _log(cfg, result, model_name, model_version,
+                             f"eval-{model_name or 'samples'}")  # fmt: skip
     result.wall_seconds = time.perf_counter() - began
     return result
+
+
+METRIC_NETWORKS = {"fd_classifier": "classifier", "fid": "inception"}
+
+
+def score_models(
+    cfg: Config,
+    metric: str,
+    models: list[str],
+    *,
+    out_root: str,
+    say: Callable[[str], None] = print,
+) -> list[Scores]:
+    """Scores of each model under ``metric``'s network (``fd_classifier``, ``fid``): the same
+    ``eval.seed`` noise, solver and steps for all, one reference; samples under
+    ``out_root/<i>`` (retraining: a temporary directory)."""
+    from pipeline.rayenv import ensure_ray
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.eval.network = METRIC_NETWORKS[metric]  # type: ignore[assignment]
+    started = ensure_ray()
+    try:
+        network = network_spec(cfg)
+        key, _ = network_identity(network)
+        reference = reference_features(cfg, network, key, say=say)
+        scores = []
+        for i, model in enumerate(models):
+            out = f"{out_root.rstrip('/')}/{i}"
+            made = generate_for_eval(cfg, model, cfg.eval.solver, cfg.eval.steps, say, out=out)
+            scores.append(
+                evaluate_samples(cfg, made.out_uri, network=network, reference=reference,
+                                 say=say)[0]
+            )  # fmt: skip
+        return scores
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def _plot_sweep(points: list[SweepPoint], network: str, model: str) -> Path:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.config import Config
-from pipeline.eval.extract import FeatureSet, NetworkSpec, ShardSet, dataset_shards, extract_ray
+from pipeline.eval.extract import FeatureSet, NetworkSpec, ShardSet, dataset_shards, extract
 from pipeline.home import storage_path
 from pipeline.storage import Location, resolve
 
@@ -49,7 +49,8 @@ def reference_features(
     say: Callable[[str], None] = print,
 ) -> Reference:
     """The reference :class:`FeatureSet` of ``split`` (default ``eval.reference_split``):
-    read from storage, or computed by the Ray job (:func:`extract_ray`) and stored."""
+    read from storage, or computed (:func:`extract`: the Ray job, or this process for a
+    small split) and stored."""
     split = split or cfg.eval.reference_split
     shard_set = dataset_shards(cfg, split)
     where = reference_location(cfg, shard_set, split, network_key)
@@ -59,16 +60,7 @@ def reference_features(
             say(f"[eval] reference: {features.n:,} images of {shard_set.uri} from {where.uri}")
             return Reference(features, where, computed=False)
     say(f"[eval] reference: computing {network_key} features of {shard_set.uri}")
-    features = extract_ray(
-        shard_set,
-        network,
-        num_actors=cfg.eval.num_actors,
-        batch_size=cfg.eval.batch_size,
-        use_gpu=cfg.eval.use_gpu,
-        keep=cfg.eval.keep_features,
-        seed=cfg.seed,
-        say=say,
-    )
+    features = extract(shard_set, network, cfg.eval, seed=cfg.seed, say=say)
     where.write_bytes(features.to_bytes())
     say(f"[eval] reference: {features.n:,} images -> {where.uri}")
     return Reference(features, where, computed=True)

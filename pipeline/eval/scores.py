@@ -110,8 +110,7 @@ def score(
     """All figures of ``candidate`` against ``reference`` (same network required).
 
     Raises:
-        ValueError: the two sets come from different networks, or too few kept rows for
-            KID (2) or precision/recall (k + 1).
+        ValueError: the two sets come from different networks, or fewer than 2 kept rows.
     """
     if candidate.network_key != reference.network_key:
         raise ValueError(
@@ -121,6 +120,8 @@ def score(
     m = min(kid_subset_size, len(candidate.kept), len(reference.kept))
     kid_mean, kid_std = kid(candidate.kept, reference.kept, subsets=kid_subsets, subset_size=m,
                             seed=seed)  # fmt: skip
+    # k-NN balls need k other points: a set smaller than k + 1 rows gets a smaller k.
+    k = max(1, min(k, len(candidate.kept) - 1, len(reference.kept) - 1))
     precision, recall = precision_recall(reference.kept, candidate.kept, k=k)
     scores = Scores(
         network=candidate.network_key,

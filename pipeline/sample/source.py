@@ -42,7 +42,13 @@ from pipeline.checkpoint import (
 from pipeline.config import Config, ModelConfig
 from pipeline.models import build_model
 
-__all__ = ["CheckpointBuilder", "ModelSource", "load_model_source", "weights_digest"]
+__all__ = [
+    "CheckpointBuilder",
+    "ModelSource",
+    "load_model_source",
+    "training_data_uri",
+    "weights_digest",
+]
 
 
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -234,3 +240,21 @@ def load_model_source(cfg: Config, uri: str | None = None) -> ModelSource:
         checkpoint=uri,
         class_names=names,
     )
+
+
+def training_data_uri(cfg: Config, uri: str) -> str:
+    """``data.uri`` in the checkpoint's own config ("" when it has none)."""
+    import yaml
+
+    from pipeline.checkpoint import CONFIG_FILE
+    from pipeline.storage import resolve
+
+    where = uri
+    if uri.startswith(("models:/", "runs:/")):
+        from pipeline.registry import resolve_model_uri
+
+        where = resolve_model_uri(uri, cfg).checkpoint_uri  # the cached download
+    elif uri.startswith("file://"):
+        where = uri[len("file://") :]
+    tree = yaml.safe_load(resolve(where, cfg.storage).child(CONFIG_FILE).read_bytes()) or {}
+    return str((tree.get("data") or {}).get("uri") or "")

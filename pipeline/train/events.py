@@ -8,6 +8,9 @@ step. MLflow is written from rank 0 only; the MLflow step of every metric is ima
   images/s and the fraction of step time spent waiting for data;
 - **val**: ``val_loss`` of the EMA weights on the fixed validation draws;
 - **grid**: EMA samples at fixed seeds (one row per class when conditional) as a PNG;
+- **eval** (``train.eval_every_images`` > 0): sample quality of the EMA weights,
+  ``eval/fd``, ``eval/kid``, ... (:mod:`pipeline.eval.probe`); the last figures are also
+  tags ``eval.<network>.<figure>`` of the registered version;
 - **checkpoint**: ``ray.train.report`` from every rank (a barrier); rank 0 writes the
   directory (:mod:`pipeline.checkpoint`) and passes it. The final one is also logged as run
   artifacts under ``checkpoint/images_<N>`` and, with ``train.registered_model_name``,
@@ -137,7 +140,10 @@ class Events:
         self.data_epoch = parts.state.data_epoch
         # Steps this MLflow run already holds (logged before a restart or a re-run that
         # resumed an earlier checkpoint): redone steps are not logged a second time.
-        self.logged_through = {key: tracker.last_step(key) for key in ("loss", "val_loss")}
+        self.logged_through = {
+            key: tracker.last_step(key) for key in ("loss", "val_loss", "eval/fd")
+        }
+        self.last_quality: Any = None  # the last evaluation's Scores (tagged when registered)
 
     @property
     def chief(self) -> bool:
@@ -163,6 +169,8 @@ class Events:
             self.validate()
         if crossed(before, after, t.grid_every_images) or final:
             self.grid()
+        if t.eval_every_images and (crossed(before, after, t.eval_every_images) or final):
+            self.evaluate()
         if crossed(before, after, t.checkpoint_every_images) or final:
             return self.checkpoint(final)
         return None
@@ -200,6 +208,19 @@ class Events:
         self.progress.send(kind="val", images_seen=state.images_seen, val_loss=value)
         state.val_loss = value
         return value
+
+    def evaluate(self) -> None:
+        """Rank 0: sample quality of the EMA weights (:mod:`pipeline.eval.probe`)."""
+        probe, state = self.ctx.quality, self.parts.state
+        if not self.chief or probe is None:
+            return
+        scores = probe.score(self.parts.ema.module, tuple(self.ctx.data_shape),
+                             self.parts.num_classes, str(self.group.device))  # fmt: skip
+        if state.images_seen > self.logged_through.get("eval/fd", -1):
+            self.tracker.log_metrics(scores.metrics("eval/"), step=state.images_seen)
+        self.last_quality = scores
+        self.progress.send(kind="eval", images_seen=state.images_seen, n=scores.n, fd=scores.fd,
+                           network=scores.network, accuracy=scores.accuracy)  # fmt: skip
 
     def grid(self) -> None:
         if not self.chief or not self.tracker.enabled:
@@ -268,6 +289,9 @@ class Events:
             "val_loss": "" if state.val_loss is None else f"{state.val_loss:.6g}",
             "run_name": t.run_name,
         }
+        if self.last_quality is not None:  # eval.<network>.fd, ... of the final weights
+            prefix = f"eval.{self.cfg.eval.network}."
+            tags.update({prefix + k: f"{v:.6g}" for k, v in self.last_quality.metrics().items()})
         version = self.tracker.register_model_version(t.registered_model_name, artifact_path, tags)
         if t.alias:
             self.tracker.set_alias(t.registered_model_name, t.alias, version)

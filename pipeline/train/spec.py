@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from pipeline.config import Config
+    from pipeline.eval.probe import QualityProbe
     from pipeline.train.data import BatchSource, ValSet
     from pipeline.train.resume import ResumePoint
 
@@ -104,6 +105,7 @@ class RunContext:
     init: InitWeights | None = None  # weights of a fresh start; None: seeded init
     batch_source: BatchSource | None = None  # None: the Ray Train dataset "train"
     val_set: ValSet | None = None  # fixed validation draws; None: no validation loss
+    quality: QualityProbe | None = None  # train.eval_every_images: network + reference
     progress_queue: Any = None  # ray.util.queue.Queue for the driver's progress lines
 
 

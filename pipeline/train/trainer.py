@@ -160,6 +160,13 @@ def _format_progress(event: Mapping[str, Any]) -> str | None:
         return f"[train] {seen:>10,} images  val_loss {event.get('val_loss', float('nan')):.5f}"
     if kind == "checkpoint":
         return f"[train] {seen:>10,} images  checkpoint{' (final)' if event.get('final') else ''}"
+    if kind == "eval":
+        accuracy = event.get("accuracy")
+        return (
+            f"[train] {seen:>10,} images  eval of {event.get('n')} samples: Fréchet distance "
+            f"{event.get('fd', float('nan')):.4f} ({event.get('network')})"
+            + ("" if accuracy is None else f", conditional accuracy {accuracy:.3f}")
+        )
     if kind == "retry":
         return (
             f"[train] worker {event.get('rank')} failed: {event.get('error')}; restarting from "
@@ -469,6 +476,11 @@ def _train_leased(
         if inputs.val_info is not None and val_set is None:
             val_set = load_val_set(cfg, inputs.val_info, t.val_max_images)
     say = print_fn or (lambda _line: None)
+    quality = None
+    if t.eval_every_images:  # before any worker: a missing classifier fails here, at once
+        from pipeline.eval.probe import QualityProbe
+
+        quality = QualityProbe.from_config(cfg, say=say)
     if resume is not None:
         say(f"[train] found {describe(resume)} in {run_dir.uri}")
     status = "FAILED"
@@ -483,7 +495,7 @@ def _train_leased(
             context = RunContext(
                 data_shape=inputs.data_shape, manifest_hash=inputs.manifest_hash,
                 tracking=handle, resume=resume, init=init, batch_source=batch_source,
-                val_set=val_set,
+                val_set=val_set, quality=quality,
                 class_names=tuple(inputs.info.manifest.class_names) if inputs.info else (),
                 progress_queue=p.queue if p is not None else None,
             )  # fmt: skip
