@@ -69,6 +69,6 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path, monkeypatch, capsys):
     assert "quality      (classifier:" in out and "against 1,617 training digits" in out, out
     real = next(line for line in out.splitlines() if "real held-out (180)" in line)
     assert float(real.split()[-2]) > 0.95, real  # the classifier's held-out accuracy
-    assert client.get_model_version_by_alias("digits-classifier", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("digits-classifier", "champion").version) == "1"
     eval_runs = client.search_runs([client.get_experiment_by_name("fmpipe-eval").experiment_id])
     assert len(eval_runs) == 3  # the classifier, the samples, the real held-out digits
