@@ -301,7 +301,8 @@ class TooManyBadSamples(DatasetError):
         return (type(self), (str(self), self.report, self.final))
 
 
-_KEEP_EPOCHS = 8  # epochs of reports a counter keeps
+_KEEP_EPOCHS = 8  # reported epochs a counter keeps
+_MAX_EPOCHS = 1024  # epochs a counter keeps at most (reported or not)
 
 
 class BadSampleCounts:
@@ -318,12 +319,21 @@ class BadSampleCounts:
         self._max_bad_fraction = max_bad_fraction
         self._epochs: dict[int, BadSampleReport] = {}
         self._totals: dict[int, list[int]] = {}  # epoch -> [seen, skipped]
+        self._reported: set[int] = set()  # epochs whose report was asked for
 
     def _epoch(self, epoch: int) -> BadSampleReport:
         if epoch not in self._epochs:
             self._epochs[epoch] = BadSampleReport(self._declared, self._max_bad_fraction)
             self._totals[epoch] = [0, 0]
-            for old in sorted(self._epochs)[:-_KEEP_EPOCHS]:
+            # Forget the oldest epochs already reported, never the one asked for: the stream
+            # decodes epochs ahead of the trainer (many, for a small dataset), and an epoch
+            # dropped before its report would read as "0 bad" or, once, as a KeyError.
+            # _MAX_EPOCHS bounds the memory if reports never come.
+            reported = sorted(e for e in self._reported if e != epoch)
+            for old in reported[: max(0, len(self._epochs) - _KEEP_EPOCHS)]:
+                del self._epochs[old], self._totals[old]
+                self._reported.discard(old)
+            for old in sorted(e for e in self._epochs if e != epoch)[:-_MAX_EPOCHS]:
                 del self._epochs[old], self._totals[old]
         return self._epochs[epoch]
 
@@ -341,6 +351,7 @@ class BadSampleCounts:
         return exceeded, report.summary() if exceeded else ""
 
     def report(self, epoch: int) -> BadSampleReport:
+        self._reported.add(epoch)
         return self._epoch(epoch)
 
 
