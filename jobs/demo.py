@@ -1,7 +1,9 @@
 """fmpipe demo: the main job on embedded defaults (what `make demo` runs).
 
 prepare digits -> train a class-conditional U-Net on Ray Train -> register it as
-`digits` with alias `champion` -> sample 1,000 digits on a Ray actor pool. Everything
+`digits` with alias `champion` -> sample 1,000 digits on a Ray actor pool -> score them
+with the digits classifier (trained and registered as `digits-classifier` on the first run)
+beside real held-out digits: Fréchet distance, conditional accuracy, confidence. Everything
 lives under $FMPIPE_HOME (default ./.fmpipe); no servers to start. Overrides apply to
 the combined config (jobs/configs/train.yaml + jobs/configs/demo.yaml), e.g.
 `fmpipe demo train.total_images=20000 sample.num_samples=200`.

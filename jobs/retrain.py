@@ -9,8 +9,10 @@ Safe from any scheduler at any frequency (cron, KubeRay RayCronJob, a loop):
     scratch with no champion or retrain.from_scratch=true) for retrain.images images,
     is evaluated with the champion on the same val split and fixed draws, registered as a
     new version (tags manifest_hash, images_seen, val_loss, champion_val_loss, ...), and
-    the alias moves to it only when val_loss < champion's - retrain.promote_margin;
-    otherwise the version is tagged `rejected` with the reason.
+    the alias moves to it only when its retrain.metric (val_loss; or fd_classifier / fid:
+    the Fréchet distance of eval.num_samples samples at eval.seed, candidate and champion
+    alike) < the champion's - retrain.promote_margin; otherwise the version is tagged
+    `rejected` with the reason (both figures tagged).
 Two runs at once promote at most once: an exclusive lease (S3 conditional writes, or
 flock on a local path) under <train.storage_path>/_locks/, and a compare-and-set of the
 alias under it (see pipeline/retrain.py).
