@@ -17,7 +17,7 @@ from pipeline.data.address import (
     split_address,
 )
 from pipeline.data.decode import BadSample
-from pipeline.data.index import assign_split
+from pipeline.data.index import assign_split, carve_splits
 from pipeline.data.labels import LabelSpec, class_map, label_id, raw_label
 from pipeline.data.stream import DatasetError
 from pipeline.storage import boto3_client
@@ -199,3 +199,21 @@ def test_val_carve_out_is_per_shard_and_stable_when_shards_are_added():
     assert {u for u in uris if assign_split(u, 8, 0.1) == "val"} != {
         u for u in uris if later[u] == "val"
     }
+
+
+def test_val_carve_out_of_few_shards_never_leaves_a_split_empty():
+    """10 shards at 0.3 draw no val shard for ~3% of seeds, 2 shards at 0.9 both val for
+    ~81%: a stand-in fills the empty split; where the draws fill both, nothing changes."""
+    ten = [f"/data/many/{i:06d}.tar" for i in range(10)]
+    two = ten[:2]
+    stand_ins = 0
+    for seed in range(200):
+        splits = carve_splits(ten, seed, 0.3)
+        drawn = {u: assign_split(u, seed, 0.3) for u in ten}
+        assert "val" in splits.values() and "train" in splits.values()
+        assert sum(splits[u] != drawn[u] for u in ten) <= 1
+        stand_ins += splits != drawn
+        assert sorted(carve_splits(two, seed, 0.9).values()) == ["train", "val"]
+    assert 0 < stand_ins < 20  # the draws decide almost always
+    assert carve_splits(ten, 3, 0.0) == dict.fromkeys(ten, "train")
+    assert carve_splits(ten[:1], 3, 0.5) == {ten[0]: assign_split(ten[0], 3, 0.5)}

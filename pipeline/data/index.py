@@ -34,7 +34,8 @@ user's data is only ever read. Written atomically (``Location.write_bytes``).
 Validation split. ``data.val_uri`` (an address of its own), else with ``data.val_fraction``
 > 0 whole shards carved out of the train address by a seeded hash of each shard's uri:
 a shard's split depends on nothing but ``(seed, uri, fraction)``, so adding shards never
-moves old ones between splits.
+moves old ones between splits (:func:`carve_splits`: when the draws leave a split empty,
+one stand-in shard fills it, and only a stand-in can move later).
 
 Memory. The driver keeps per-shard aggregates only (no sample keys), at most a window of
 tasks in flight; each task holds one shard's bytes.
@@ -78,6 +79,7 @@ __all__ = [
     "ShardIndex",
     "assign_split",
     "build_index",
+    "carve_splits",
     "check_index_location",
     "index_location",
     "index_shard_bytes",
@@ -317,12 +319,37 @@ def check_index_location(location: Location, entries: list[ShardEntry], address:
             )
 
 
+def _split_draw(uri: str, seed: int) -> float:
+    """A uniform draw in [0, 1) from ``(seed, uri)`` alone."""
+    digest = hashlib.sha256(f"fmpipe-val|{seed}|{uri}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def assign_split(uri: str, seed: int, val_fraction: float) -> str:
     """``"val"`` or ``"train"`` for one shard, from ``(seed, uri)`` alone."""
     if val_fraction <= 0:
         return "train"
-    digest = hashlib.sha256(f"fmpipe-val|{seed}|{uri}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+    return "val" if _split_draw(uri, seed) < val_fraction else "train"
+
+
+def carve_splits(uris: list[str], seed: int, val_fraction: float) -> dict[str, str]:
+    """The split of every shard in ``uris``: :func:`assign_split`, never leaving a split empty.
+
+    Each shard's draw ``u = hash(seed, uri)`` puts it in val when ``u < val_fraction``, so
+    adding shards never moves old ones. With few shards the draws can leave val empty
+    (10 shards at 0.3: 2.8% of seeds) or take every shard: then, with two or more shards,
+    the lowest draw goes to val (or the highest to train): the one split a shard can
+    leave when more shards arrive is such a stand-in.
+    """
+    splits = {uri: assign_split(uri, seed, val_fraction) for uri in uris}
+    if val_fraction <= 0 or len(uris) < 2:
+        return splits
+    ordered = sorted(uris, key=lambda uri: _split_draw(uri, seed))
+    if "val" not in splits.values():
+        splits[ordered[0]] = "val"
+    elif "train" not in splits.values():
+        splits[ordered[-1]] = "train"
+    return splits
 
 
 def load_index(location: Location) -> DatasetIndex | None:
@@ -365,7 +392,7 @@ def build_index(
         )
     location = index_location(cfg, address)
     check_index_location(location, [*entries, *val_entries], address)
-    splits = {e.uri: assign_split(e.uri, cfg.seed, cfg.data.val_fraction) for e in entries}
+    splits = carve_splits([e.uri for e in entries], cfg.seed, cfg.data.val_fraction)
     if val_address:
         splits = {uri: "train" for uri in splits} | {e.uri: "val" for e in val_entries}
     everything = [*entries, *val_entries]
