@@ -385,14 +385,32 @@ def _train_argv(data: Path, runs: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def test_ctrl_c_in_train_says_how_to_resume_and_exits_130(digits8: Path, tmp_path: Path) -> None:
-    """Item 6: SIGINT to the process group (Ctrl-C) after a checkpoint: the documented line,
-    exit 130, the checkpoint intact, and the same command resumes from it."""
-    from pipeline.checkpoint import read_state
+def test_ctrl_c_in_train_then_s3_killed_then_a_rerun_resumes_from_the_newest_complete(
+    own_s3: object, digits8: Path, tmp_path: Path
+) -> None:
+    """Items 6 and 1, live, one run on SeaweedFS (checkpoints every 4 steps) met by two faults
+    in turn, as a user would meet them:
 
-    runs, home = tmp_path / "runs", tmp_path / "home"
-    argv = _train_argv(digits8, runs)
-    job = Job(argv, job_env(home), tmp_path / "train-1.log")
+    1. Ctrl-C (SIGINT to the process group) after a checkpoint: the documented line, exit
+       130, the checkpoint it names complete (its state.json reads back).
+    2. The same command resumes from it; the server is SIGKILLed right after the resumed
+       run's next checkpoint line (while the next ones upload): one line, exit 1, no secret.
+    3. The server restarts on its port and data; the re-run finds the newest complete
+       checkpoint, resumes at exactly its images (weights, optimizer and data epoch from that
+       one checkpoint) and finishes; its summary names the same point."""
+    from pipeline.checkpoint import STATE_FILE, TrainState
+    from pipeline.stack.servers import SeaweedFS
+    from pipeline.storage import resolve
+    from pipeline.train.resume import find_resume_point
+
+    env = own_s3.env()  # type: ignore[attr-defined]
+    bucket = "runs-" + uuid.uuid4().hex[:12]
+    _client(own_s3).create_bucket(Bucket=bucket)
+    home, storage = tmp_path / "home", f"s3://{bucket}/runs"
+    argv = [*_train_argv(digits8, Path("unused")), "train.max_failures=0"]
+    argv[argv.index("--storage") + 1] = storage
+
+    job = Job(argv, _s3_env(own_s3, home), tmp_path / "train-1.log")
     try:
         job.wait_for("images  checkpoint", timeout=400)
         job.interrupt()
@@ -405,50 +423,26 @@ def test_ctrl_c_in_train_says_how_to_resume_and_exits_130(digits8: Path, tmp_pat
         "fmpipe train: interrupted; re-run the same command to resume from checkpoint_"
     ), line
     name = line.split("resume from ", 1)[1].split(" ", 1)[0]
-    state = read_state(runs / "ctrl-c" / name)  # complete: its state.json reads back
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        state_json = resolve(f"{storage}/ctrl-c/{name}").child(STATE_FILE).read_bytes()
+    state = TrainState.from_json(state_json.decode(), name)  # complete: it reads back
     assert state.images_seen >= 64 and f"({state.images_seen:,} images)" in line
 
-    again = Job(argv, job_env(home), tmp_path / "train-2.log")
+    again = Job(argv, _s3_env(own_s3, home), tmp_path / "train-2.log")
     try:
         found = again.wait_for("found checkpoint_", timeout=400)
         resumed = again.wait_for("resuming at", timeout=400)
-        again.interrupt()
-        code, err = again.finish(timeout=120)
+        again.wait_for("images  checkpoint", timeout=400)
+        os.kill(own_s3.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        code, err = again.finish(timeout=400)
     finally:
         again.kill()
     assert "checkpoint_" in found and "starting" not in resumed, again.output()[-4000:]
-    assert code == EXIT_INTERRUPTED and len(fmpipe_lines(err, "train")) == 1, err[-3000:]
-
-
-def test_s3_killed_while_checkpoints_upload_then_a_rerun_resumes_from_the_newest_complete(
-    own_s3: object, digits8: Path, tmp_path: Path
-) -> None:
-    """Item 1, live: checkpoints go to SeaweedFS every 4 steps; the server is SIGKILLed
-    right after a checkpoint line (while the next ones upload), the run fails in one line
-    (exit 1), the server restarts on its port and data, and the re-run finds the newest
-    complete checkpoint, resumes at exactly its images (weights, optimizer and data epoch
-    from that one checkpoint) and finishes; its summary names the same point."""
-
-    from pipeline.stack.servers import SeaweedFS
-    from pipeline.storage import resolve
-    from pipeline.train.resume import find_resume_point
-
-    env = own_s3.env()  # type: ignore[attr-defined]
-    bucket = "runs-" + uuid.uuid4().hex[:12]
-    _client(own_s3).create_bucket(Bucket=bucket)
-    home, storage = tmp_path / "home", f"s3://{bucket}/runs"
-    argv = [*_train_argv(digits8, Path("unused")), "train.max_failures=0"]
-    argv[argv.index("--storage") + 1] = storage
-    job = Job(argv, _s3_env(own_s3, home), tmp_path / "train-s3-1.log")
-    try:
-        job.wait_for("images  checkpoint", timeout=400)
-        os.kill(own_s3.pid, signal.SIGKILL)  # type: ignore[attr-defined]
-        code, err = job.finish(timeout=400)
-    finally:
-        job.kill()
     line = assert_one_line(err, "train")
-    assert code == EXIT_FAILED, job.output()[-4000:]
-    assert env["AWS_SECRET_ACCESS_KEY"] not in err + job.output()
+    assert code == EXIT_FAILED, again.output()[-4000:]
+    assert env["AWS_SECRET_ACCESS_KEY"] not in err + again.output()
 
     port = int(env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
     restarted = SeaweedFS(tmp_path / "weed", s3_port=port)
@@ -461,6 +455,7 @@ def test_s3_killed_while_checkpoints_upload_then_a_rerun_resumes_from_the_newest
             point = find_resume_point(resolve(f"{storage}/ctrl-c"))
         assert point is not None, line  # the checkpoint the line announced is complete
         seen = point.images_seen
+        assert seen > state.images_seen  # the resumed run's own checkpoint, not the first
         total = seen + 64
         again_argv = list(argv)
         again_argv[again_argv.index("--images") + 1] = str(total)
@@ -468,7 +463,7 @@ def test_s3_killed_while_checkpoints_upload_then_a_rerun_resumes_from_the_newest
             [sys.executable, "-m", *again_argv], cwd=REPO, env=renv, capture_output=True,
             text=True, timeout=600,
         )  # fmt: skip
-        (tmp_path / "train-s3-2.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+        (tmp_path / "train-3.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
     finally:
         restarted.stop()
     assert done.returncode == 0, done.stderr[-4000:]
@@ -548,27 +543,6 @@ def _finish_and_check(argv: list[str], env: dict[str, str], log: Path, kept: int
     return done.stdout
 
 
-def test_ctrl_c_in_sample_keeps_the_shards_and_exits_130(checkpoint: Path, tmp_path: Path) -> None:
-    out, home = tmp_path / "out", tmp_path / "home"
-    argv = _sample_argv(checkpoint, str(out))
-    job = Job(argv, job_env(home), tmp_path / "sample-1.log")
-    try:
-        job.wait_for("[sample] 1 / ", timeout=400)
-        job.interrupt()
-        code, err = job.finish(timeout=300)
-    finally:
-        job.kill()
-    line = assert_one_line(err, "sample")
-    assert code == EXIT_INTERRUPTED, job.output()[-4000:]
-    assert line == (
-        "fmpipe sample: interrupted; re-run the same command to write the missing shards "
-        "(the complete ones are kept)"
-    )
-    kept = _check_shards(_local_shards(out))
-    assert 1 <= kept < SAMPLES // SHARD
-    _finish_and_check(argv, job_env(home), tmp_path / "sample-2.log", kept)
-
-
 @pytest.fixture
 def own_s3(tmp_path: Path) -> Iterator[object]:
     """A SeaweedFS of this test's own (the session's must not be killed), with a bucket."""
@@ -610,12 +584,15 @@ def _s3_shards(server: object, bucket: str) -> dict[str, bytes]:
     }
 
 
-def test_s3_down_during_sample_is_one_line_and_a_rerun_completes(
+def test_ctrl_c_then_s3_down_during_sample_keep_the_shards_and_a_rerun_completes(
     own_s3: object, checkpoint: Path, tmp_path: Path
 ) -> None:
-    """Item 7: SeaweedFS killed while the actors write: one line naming the output, exit 1;
-    the shards written before stay valid, and after a restart the same command finishes."""
+    """Items 6 and 7, one sample job on SeaweedFS met by two faults in turn:
 
+    1. Ctrl-C while the actors write: the documented line, exit 130, the complete shards kept.
+    2. The same command writes only the missing shards; SeaweedFS is killed meanwhile: one
+       line naming the output, exit 1, no secret; every shard written before stays valid.
+    3. After a restart the same command reuses the kept shards and finishes with exactly N."""
     from pipeline.stack.servers import SeaweedFS
 
     env = own_s3.env()  # type: ignore[attr-defined]
@@ -623,15 +600,32 @@ def test_s3_down_during_sample_is_one_line_and_a_rerun_completes(
     _client(own_s3).create_bucket(Bucket=bucket)
     home = tmp_path / "home"
     argv = _sample_argv(checkpoint, f"s3://{bucket}/out")
-    job = Job(argv, _s3_env(own_s3, home), tmp_path / "sample-s3.log")
+    job = Job(argv, _s3_env(own_s3, home), tmp_path / "sample-1.log")
     try:
         job.wait_for("[sample] 1 / ", timeout=400)
-        os.kill(own_s3.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        job.interrupt()
         code, err = job.finish(timeout=300)
     finally:
         job.kill()
     line = assert_one_line(err, "sample")
-    assert code == EXIT_FAILED, job.output()[-4000:]
+    assert code == EXIT_INTERRUPTED, job.output()[-4000:]
+    assert line == (
+        "fmpipe sample: interrupted; re-run the same command to write the missing shards "
+        "(the complete ones are kept)"
+    )
+    kept = _check_shards(_s3_shards(own_s3, bucket))
+    assert 1 <= kept < SAMPLES // SHARD
+
+    again = Job(argv, _s3_env(own_s3, home), tmp_path / "sample-2.log")
+    try:
+        again.wait_for(f"{kept} of {SAMPLES // SHARD} shards already at", timeout=400)
+        again.wait_for("[sample] 1 / ", timeout=400)
+        os.kill(own_s3.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        code, err = again.finish(timeout=300)
+    finally:
+        again.kill()
+    line = assert_one_line(err, "sample")
+    assert code == EXIT_FAILED, again.output()[-4000:]
     assert f"s3://{bucket}/out" in line and "re-run the same command" in line, line
     assert "(details: " in line and env["AWS_SECRET_ACCESS_KEY"] not in err
 
@@ -639,9 +633,9 @@ def test_s3_down_during_sample_is_one_line_and_a_rerun_completes(
     restarted = SeaweedFS(tmp_path / "weed", s3_port=port)
     restarted.start()
     try:
-        kept = _check_shards(_s3_shards(restarted, bucket))
-        assert kept < SAMPLES // SHARD
-        _finish_and_check(argv, _s3_env(restarted, home), tmp_path / "sample-s3-2.log", kept)
+        kept_now = _check_shards(_s3_shards(restarted, bucket))
+        assert kept < kept_now < SAMPLES // SHARD
+        _finish_and_check(argv, _s3_env(restarted, home), tmp_path / "sample-3.log", kept_now)
     finally:
         restarted.stop()
 
