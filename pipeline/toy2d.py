@@ -29,12 +29,31 @@ class ToyTrainResult:
     wall_seconds: float
 
 
-def train_toy(cfg: Config, log=print) -> ToyTrainResult:
-    """Minimise the CFM loss on fresh (x_0, x_1, t) draws for ``cfg.train.total_images``."""
+def train_toy(
+    cfg: Config,
+    log=print,
+    *,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    init: torch.nn.Module | None = None,
+) -> ToyTrainResult:
+    """Minimise the CFM loss for ``cfg.train.total_images`` points.
+
+    Without ``pairs``: fresh independent ``(x_0, x_1)`` draws each step. With ``pairs``
+    ``(x_0, x_1)`` (N, 2) each: reflow, minibatches of those fixed pairs (rows drawn by the
+    seeded generator), the pairing never redrawn (:mod:`pipeline.flow.reflow`). ``init``:
+    start from that model's weights (reflow starts from the base flow) instead of fresh ones.
+    """
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     source, target = toy_sampler(cfg.toy.source), toy_sampler(cfg.toy.target)
     model = build_model(cfg.model, (2,))
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    if pairs is not None and not (pairs[0].shape == pairs[1].shape and pairs[0].ndim == 2):
+        raise ValueError(
+            f"pairs must be two (N, 2) tensors, got {tuple(pairs[0].shape)} and "
+            f"{tuple(pairs[1].shape)}"
+        )
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.train.lr,
@@ -56,8 +75,12 @@ def train_toy(cfg: Config, log=print) -> ToyTrainResult:
             group["lr"] = cfg.train.lr * lr_factor(
                 images_seen, cfg.train.total_images, cfg.train.warmup_images, cfg.train.lr_schedule
             )
-        x_0 = source(batch, generator)
-        x_1 = target(batch, generator)
+        if pairs is None:
+            x_0 = source(batch, generator)
+            x_1 = target(batch, generator)
+        else:
+            rows = torch.randint(len(pairs[0]), (batch,), generator=generator)
+            x_0, x_1 = pairs[0][rows], pairs[1][rows]
         t = time_sampler.sample(batch, generator=generator)
         sample = path.sample(x_0=x_0, x_1=x_1, t=t)
         loss = cfm_loss(model(sample.x_t, sample.t), x_0, x_1)
@@ -73,6 +96,19 @@ def train_toy(cfg: Config, log=print) -> ToyTrainResult:
             window.clear()
             log(f"step {step + 1}/{steps}  images {images_seen:,}  loss {losses[-1]:.4f}")
     return ToyTrainResult(model.eval(), losses, images_seen, time.perf_counter() - start)
+
+
+def reflow_toy(
+    base: torch.nn.Module, cfg: Config, num_pairs: int, seed: int, steps: int = 64, log=print
+) -> tuple[ToyTrainResult, tuple[torch.Tensor, torch.Tensor]]:
+    """1-reflow of ``base``: ``num_pairs`` noises (seeded by ``seed``) carried to t = 1 by
+    ``steps`` Euler steps of ``base``, then :func:`train_toy` on those pairs from ``base``'s
+    weights. Returns the result and the pairs ``(x_0, x_1)``."""
+    from pipeline.flow.reflow import couple_by_flow
+
+    x_0 = toy_sampler(cfg.toy.source)(num_pairs, torch.Generator().manual_seed(seed))
+    x_1 = couple_by_flow(lambda x, t: base(x, t), x_0, solver="euler", steps=steps)
+    return train_toy(cfg, log, pairs=(x_0, x_1), init=base), (x_0, x_1)
 
 
 @torch.no_grad()
