@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="class of every sample; default cycles i %% classes (sample.label)",
     )
     parser.add_argument(
+        "--pairs",
+        action="store_true",
+        default=None,
+        help="a coupled set for fmpipe reflow: also write each sample's float32 x_1 "
+        "(<key>.x1.npy; x_0 is regenerated from the seed) (sample.pairs=true)",
+    )
+    parser.add_argument(
         "--eval",
         action="store_true",
         help="then score the samples (fmpipe eval --samples OUT: eval.* settings; the "
@@ -120,6 +127,7 @@ SHORTCUTS = {
     "gpu": "sample.use_gpu",
     "guidance": "sample.guidance_scale",
     "label": "sample.label",
+    "pairs": "sample.pairs",
 }
 
 

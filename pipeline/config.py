@@ -216,6 +216,10 @@ class SampleConfig(Section):
     guidance_scale: float = 1.0  # classifier-free guidance w (1: plain conditional)
     label: int | None = None  # class of every sample; None: cycle classes (or unconditional)
     use_ema: bool = True
+    # A coupled set for reflow (pipeline/data/pairs.py): beside each PNG the generated x_1 at
+    # float32 (<key>.x1.npy, before the 8-bit rounding); x_0 is not stored, a reader
+    # regenerates it bit for bit from (seed, index).
+    pairs: bool = False
 
 
 class RetrainConfig(Section):

@@ -287,12 +287,14 @@ def test_bit_identical_across_batch_sizes_and_actor_counts(tmp_path: Path) -> No
             steps=4,
             guidance_scale=2.0,
             seed=11,
+            pairs=True,
         )
         result = generate(cfg, block_size=8, track=False)
         assert result.num_samples == 40
         runs[name] = (shard_bytes(out), result.manifest)
     assert runs["a"][0] == runs["b"][0]  # every shard byte for byte
     assert [s.sha256 for s in runs["a"][1].shards] == [s.sha256 for s in runs["b"][1].shards]
+    _check_coupled_set(tmp_path / "a", cfg)
 
     samples = read_samples(str(tmp_path / "a"))
     assert sorted(samples) == list(range(40))
@@ -302,6 +304,34 @@ def test_bit_identical_across_batch_sizes_and_actor_counts(tmp_path: Path) -> No
     assert images.std() > 1.0  # not a constant image: the network did something
     assert runs["a"][1].class_names == ["0", "1", "2"]
     assert runs["a"][1].extra["train_run_id"] == "train-run-0"
+
+
+def _check_coupled_set(out: Path, cfg: Config) -> None:
+    """Issue 16's exactness: the pairs read back are the sampler's own. The x_0 a reader
+    regenerates for pair i, integrated by the same network in the same blocks, gives the
+    stored float32 x_1 bit for bit, and the PNG is that x_1 rounded to 8 bits."""
+    from pipeline.data.pairs import open_pair_set, read_pair_shard
+    from pipeline.sample.plan import sampler_settings
+    from pipeline.sample.sampler import integrate_range, prepare_model, to_uint8_hwc
+    from pipeline.sample.source import load_model_source
+
+    pair_set = open_pair_set(resolve(str(out)))
+    assert pair_set.num_pairs == 40 and pair_set.seed == 11 and pair_set.data_shape == (1, 8, 8)
+    assert pair_set.lineage["solver"] == "euler" and pair_set.lineage["steps"] == 4
+    parts = [read_pair_shard(data, pair_set, name) for name, data in shard_bytes(str(out)).items()]
+    pairs = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    assert pairs["index"].tolist() == list(range(40))
+    assert torch.equal(pairs["x_0"], sample_noise(11, range(40), (1, 8, 8)))
+    assert pairs["label"].tolist() == [i % 3 for i in range(40)]
+
+    source = load_model_source(cfg)
+    settings = sampler_settings(cfg, source, None, block=8)
+    x_1, _ = integrate_range(prepare_model(source.factory(), torch.device("cpu")), 0, 40, settings)
+    assert torch.equal(pairs["x_1"], x_1)
+    images = read_samples(str(out))
+    assert all(
+        np.array_equal(images[i][0], to_uint8_hwc(x_1[i : i + 1])[0, ..., 0]) for i in images
+    )
 
 
 def test_rerun_writes_only_the_missing_shard(tmp_path: Path) -> None:

@@ -129,6 +129,7 @@ def job_identity(cfg: Config, source: ModelSource, block_size: int) -> dict[str,
         "device": "cuda" if s.use_gpu else "cpu",
         # the network's memory layout (prepare_model) changes the last bits of samples
         "layout": "as-built" if s.use_gpu else "channels-last",
+        **({"pairs": True} if s.pairs else {}),  # absent when off: older job files still match
     }
 
 
@@ -159,6 +160,7 @@ def sampler_settings(
         precision=s.precision,
         out_uri=out.uri if out is not None else "",
         class_names=tuple(source.class_names),
+        pairs=s.pairs,
         storage=storage,
         meta={
             "model": source.uri,
@@ -187,8 +189,11 @@ def _check_job_file(out: Location, identity: dict[str, Any], source: ModelSource
         prior = previous.get("identity", {})
         unrecorded = sorted(k for k in identity if prior and k not in prior)
         changed = sorted(k for k in identity if k not in unrecorded and prior.get(k) != identity[k])
+        changed += sorted(k for k in prior if k not in identity)  # e.g. pairs there, not now
         if changed:
-            shown = "; ".join(f"{k}: {prior.get(k)!r} there, {identity[k]!r} now" for k in changed)
+            shown = "; ".join(
+                f"{k}: {prior.get(k)!r} there, {identity.get(k)!r} now" for k in changed
+            )
             raise SampleJobError(
                 f"output {out.uri} already holds samples of another job ({shown}); use another "
                 f"--out, or delete {out.uri} to start over"
@@ -210,7 +215,11 @@ def _refuse_to_mix(out: Location, unrecorded: list[str], missing_shards: int) ->
 
 
 def _existing_shards(
-    out: Location, ranges: list[tuple[int, int]], conditional: bool, expect: dict[str, Any]
+    out: Location,
+    ranges: list[tuple[int, int]],
+    conditional: bool,
+    expect: dict[str, Any],
+    pairs: bool = False,
 ) -> tuple[dict[int, ShardInfo], list[int]]:
     """Shards already complete under their final name, and the broken ones (to redo)."""
     present = set(out.list_names(".tar"))
@@ -218,7 +227,8 @@ def _existing_shards(
 
     def inspect(j: int) -> tuple[int, Any]:
         a, b = ranges[j]
-        return j, check_shard(out.child(shard_name(j)).read_bytes(), a, b, conditional, expect)
+        data = out.child(shard_name(j)).read_bytes()
+        return j, check_shard(data, a, b, conditional, expect, pairs=pairs)
 
     done: dict[int, ShardInfo] = {}
     broken: list[int] = []
@@ -283,7 +293,9 @@ def plan_job(
     settings = sampler_settings(cfg, source, out, block)
     # Existing shards must come from these weights and settings (the URI naming them may differ).
     expect = {k: v for k, v in settings.sample_meta(0, None).items() if k not in _META_FREE}
-    done, _broken = _existing_shards(out, ranges, source.num_classes > 0, expect)
+    done, _broken = _existing_shards(
+        out, ranges, source.num_classes > 0, expect, pairs=settings.pairs
+    )
     todo = [(j, a, b) for j, (a, b) in enumerate(ranges) if j not in done]
     _refuse_to_mix(out, unrecorded, len(todo))
     if done:

@@ -4,7 +4,8 @@
 :mod:`pipeline.sample.determinism` for why it always integrates a whole compute block).
 :class:`SamplerActor` is the callable class Ray Data runs on an actor pool: it builds the
 network once, then for each input row ``{"shard", "start", "stop"}`` integrates the blocks
-covering that range, converts to uint8 PNGs, packs a tar and writes it atomically to
+covering that range, converts to uint8 PNGs (with ``sample.pairs`` also keeps each float32
+``x_1`` as ``.x1.npy``), packs a tar and writes it atomically to
 ``<out>/shard-NNNNNN.tar``; it returns ``shard, num_samples, sha256, size, nfe, seconds``.
 """
 
@@ -27,7 +28,7 @@ from pipeline.flow.solvers import effective_steps, effective_tolerances, solve_o
 from pipeline.models import guided_velocity, to_device_layout
 from pipeline.rayenv import keep_freed_memory
 from pipeline.sample.determinism import block_ranges, sample_labels, sample_noise
-from pipeline.sample.shards import encode_sample_png, sample_members, tar_bytes
+from pipeline.sample.shards import encode_sample_png, npy_bytes, sample_members, tar_bytes
 
 __all__ = [
     "SamplerActor",
@@ -64,6 +65,7 @@ class SamplerSettings:
     storage: dict[str, Any] = field(default_factory=dict)  # StorageConfig fields
     meta: dict[str, Any] = field(default_factory=dict)  # model_uri, model_version, ... per sample
     class_names: tuple[str, ...] = ()  # label id -> name, as the model was trained
+    pairs: bool = False  # also write each sample's float32 x_1 (<key>.x1.npy): sample.pairs
 
     @property
     def fixed_steps(self) -> int | None:
@@ -86,6 +88,8 @@ class SamplerSettings:
             meta.update(atol=tolerances[0], rtol=tolerances[1])
         if self.precision != "fp32":
             meta["precision"] = self.precision
+        if self.pairs:
+            meta["pairs"] = True
         if label is not None and 0 <= label < len(self.class_names):
             meta["class_name"] = self.class_names[label]  # what the dataset called it
         return meta
@@ -183,7 +187,9 @@ def render_shard(
         for row, index in enumerate(range(a, b)):
             label = None if labels is None else int(labels[row])
             png = encode_sample_png(images[row])
-            members += sample_members(index, png, settings.sample_meta(index, label), label)
+            x_1_bytes = npy_bytes(x_1[row].numpy()) if settings.pairs else None
+            meta = settings.sample_meta(index, label)
+            members += sample_members(index, png, meta, label, x_1=x_1_bytes)
         a = b
     return tar_bytes(members), nfes
 

@@ -1,4 +1,9 @@
-"""Sample shards: ``{index:010d}.png`` + ``.json`` (+ ``.cls``) in a deterministic tar.
+"""Sample shards: ``{index:010d}.png`` + ``.json`` (+ ``.cls``, + ``.x1.npy``) in a
+deterministic tar.
+
+``.x1.npy`` (``sample.pairs``): the sample's ``x_1`` as the solver left it, float32
+``(C, H, W)`` in the model's [-1, 1] range, in NumPy's ``.npy`` format (no pickle: a reader
+loads it with ``allow_pickle=False``); the PNG is that array rounded to 8 bits.
 
 Same WebDataset convention as the dataset shards (:mod:`pipeline.data.shards`, whose USTAR
 header and PNG encoder are reused): members sorted by key, fixed headers, so the bytes and
@@ -25,9 +30,26 @@ from pipeline.data.shards import (
     tar_header,
 )
 
-__all__ = ["KEY_WIDTH", "ShardCheck", "check_shard", "encode_sample_png", "sample_key", "tar_bytes"]
+__all__ = [
+    "KEY_WIDTH",
+    "X1_SUFFIX",
+    "ShardCheck",
+    "check_shard",
+    "encode_sample_png",
+    "npy_bytes",
+    "sample_key",
+    "tar_bytes",
+]
 
 KEY_WIDTH = 10
+X1_SUFFIX = ".x1.npy"  # the float32 x_1 of a coupled sample set
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` in the ``.npy`` format (version 1.0 header, C order): deterministic bytes."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def sample_key(index: int) -> str:
@@ -58,11 +80,13 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
 
 
 def sample_members(
-    index: int, png: bytes, meta: dict[str, Any], label: int | None
+    index: int, png: bytes, meta: dict[str, Any], label: int | None, x_1: bytes | None = None
 ) -> list[tuple[str, bytes]]:
-    """The members of one sample, sorted: ``.cls`` < ``.json`` < ``.png``."""
+    """The members of one sample, sorted: ``.cls`` < ``.json`` < ``.png`` < ``.x1.npy``."""
     key = sample_key(index)
     members = [(f"{key}.png", png)]
+    if x_1 is not None:
+        members.append((f"{key}{X1_SUFFIX}", x_1))
     if label is not None:
         members.append((f"{key}.cls", str(int(label)).encode("ascii")))
     members.append(
@@ -82,10 +106,16 @@ class ShardCheck:
 
 
 def check_shard(
-    data: bytes, start: int, stop: int, conditional: bool, expect: dict[str, Any] | None = None
+    data: bytes,
+    start: int,
+    stop: int,
+    conditional: bool,
+    expect: dict[str, Any] | None = None,
+    pairs: bool = False,
 ) -> ShardCheck:
-    """Does ``data`` hold exactly samples ``start..stop-1``, each with its members, and does
-    the first sample's metadata agree with ``expect`` (seed, solver, model digest, ...)?"""
+    """Does ``data`` hold exactly samples ``start..stop-1``, each with its members (``pairs``:
+    also ``.x1.npy``), and does the first sample's metadata agree with ``expect`` (seed,
+    solver, model digest, ...)?"""
     sha = hashlib.sha256(data).hexdigest()
     if not data:
         return ShardCheck(False, 0, sha, "empty object")
@@ -105,6 +135,7 @@ def check_shard(
     for index in range(start, stop):
         key = sample_key(index)
         expected += [f"{key}.json", f"{key}.png"] + ([f"{key}.cls"] if conditional else [])
+        expected += [f"{key}{X1_SUFFIX}"] if pairs else []
     if sorted(names) != sorted(expected) or names != sorted(names):
         count = sum(1 for n in names if n.endswith(".png"))
         return ShardCheck(
