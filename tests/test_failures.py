@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from localray import TRAIN_POLL_S
 from netcheck import _listeners, exposed
-from tiny import TINY_UNET, tiny_unet_overrides
+from tiny import tiny_checkpoint, tiny_unet_overrides
 
 from jobs import train as train_job
 from jobs._common import run_job
@@ -474,32 +474,9 @@ def test_ctrl_c_in_train_then_s3_killed_then_a_rerun_resumes_from_the_newest_com
 
 
 # --------------------------------------------------------------------------- sample failures
-def _tiny_checkpoint(directory: Path) -> Path:
-    """A real checkpoint of an 8x8 class-conditional tiny U-Net."""
-    import torch
-
-    from pipeline.checkpoint import TrainState, save_checkpoint
-    from pipeline.config import build_config
-    from pipeline.models import build_model
-
-    cfg = build_config(
-        {"data": {"resolution": 8, "channels": 1}, "model": {**TINY_UNET, "num_classes": 3}}
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg.model, (1, 8, 8))
-    save_checkpoint(
-        directory,
-        model=model,
-        ema=model,
-        state=TrainState(images_seen=64, step=1, data_shape=[1, 8, 8], mlflow_run_id=""),
-        config=cfg,
-    )
-    return directory
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000000000064")
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000000000064")
 
 
 # 20 shards of one compute block each (50 samples on the CPU), 4 Euler steps: the job is

@@ -19,15 +19,30 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from pipeline.data.manifest import MANIFEST_NAME, Manifest
+from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.storage import Location
 
-__all__ = ["PairSet", "PairSetError", "open_pair_set", "read_pair_shard"]
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.flow.time_samplers import TimeSampler
+
+__all__ = [
+    "PairSet",
+    "PairSetError",
+    "PairStreamStage",
+    "build_pairs_stream",
+    "load_pairs_val_set",
+    "open_pair_set",
+    "pair_times",
+    "read_pair_shard",
+    "split_pair_shards",
+]
 
 
 class PairSetError(ValueError):
@@ -136,3 +151,110 @@ def read_pair_shard(data: bytes, pair_set: PairSet, where: str) -> dict[str, tor
         "x_1": x_1,
         "label": torch.tensor(labels, dtype=torch.int64),
     }
+
+
+# --------------------------------------------------------------------------- training on pairs
+def split_pair_shards(pair_set: PairSet) -> tuple[list[ShardInfo], list[ShardInfo]]:
+    """``(train, val)`` shards: with two or more shards the last (by name) is held out for
+    the validation loss and never trained on; with one, everything trains and val is empty."""
+    shards = sorted(pair_set.manifest.shards, key=lambda s: s.name)
+    if len(shards) < 2:
+        return shards, []
+    return shards[:-1], shards[-1:]
+
+
+def pair_times(
+    keys: list[str], seed: int, epoch: int, sampler: TimeSampler, stream: str = "reflow-t"
+) -> torch.Tensor:
+    """``t`` (n,) of each pair in this epoch, from ``(seed, epoch, key)`` alone (as the image
+    stream's draws): a pair's time never depends on batching, workers or order."""
+    from pipeline.data.coupling import sample_generator
+
+    if not keys:
+        return torch.zeros(0)
+    return torch.cat(
+        [sampler.sample(1, generator=sample_generator(seed, epoch, k, stream)) for k in keys]
+    )
+
+
+def _read_checked(location: Location, shard: ShardInfo, pair_set: PairSet) -> dict[str, Tensor]:
+    """One shard's pairs, its bytes checked against the set's manifest first."""
+    from pipeline.data.stream import verify_shard
+
+    where = location.child(shard.name)
+    data = where.read_bytes()
+    verify_shard(data, where.uri, shard.sha256)
+    return read_pair_shard(data, pair_set, where.uri)
+
+
+class PairStreamStage:
+    """``map_batches`` callable (batch_size=1): an ``(epoch, shard)`` row -> that shard's
+    pairs with this epoch's ``t``, in the columns of the image stream (``x_1``, ``x_0``
+    float32, ``t``, ``label``, ``epoch``), so :class:`pipeline.train.data.RayDataSource`
+    and the loop take them unchanged. No noise is drawn: ``x_0`` is the pair's own."""
+
+    def __init__(self, cfg: Config, pair_set: PairSet) -> None:
+        from pipeline.flow.time_samplers import build_time_sampler
+
+        self.pair_set = pair_set
+        self.seed = cfg.seed
+        self.storage = cfg.storage.model_dump()
+        f = cfg.flow
+        self.sampler = build_time_sampler(f.time_sampler, f.logit_normal_mean, f.logit_normal_std)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline.config import StorageConfig
+        from pipeline.storage import resolve
+
+        location = resolve(self.pair_set.uri, StorageConfig(**self.storage))
+        (name,), (epoch,) = batch["name"], batch["epoch"]
+        shard = next(s for s in self.pair_set.manifest.shards if s.name == name)
+        pairs = _read_checked(location, shard, self.pair_set)
+        keys = [f"{int(i):010d}" for i in pairs["index"]]
+        return {
+            "x_1": pairs["x_1"].numpy(),
+            "x_0": pairs["x_0"].numpy(),
+            "t": pair_times(keys, self.seed, int(epoch), self.sampler).numpy(),
+            "label": pairs["label"].numpy(),
+            "epoch": np.full(len(keys), int(epoch), dtype=np.int64),
+        }
+
+
+def build_pairs_stream(
+    cfg: Config, pair_set: PairSet, shards: list[ShardInfo], start_epoch: int, num_epochs: int
+) -> Any:
+    """The lazy Ray Dataset of epochs ``[start_epoch, start_epoch + num_epochs)`` over
+    ``shards`` of the set: one task per (epoch, shard), shards in the seeded order of
+    :func:`pipeline.data.stream.shard_order` (``data.shuffle_shards``)."""
+    import ray
+
+    from pipeline.data.stream import shard_order, skip_task_memory_polling
+
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+    names = [s.name for s in shards]
+    rows = [
+        {"name": name, "epoch": epoch}
+        for epoch in range(start_epoch, start_epoch + num_epochs)
+        for name in shard_order(names, cfg.seed, epoch, cfg.data.shuffle_shards)
+    ]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds.context.raise_original_map_exception = True  # as the image stream (stream.py)
+    skip_task_memory_polling(ds)
+    return ds.map_batches(PairStreamStage(cfg, pair_set), batch_size=1)
+
+
+def load_pairs_val_set(cfg: Config, pair_set: PairSet, shards: list[ShardInfo], max_images: int):
+    """The validation draws of a reflow run: the first ``max_images`` pairs of ``shards`` (the
+    held-out ones) in index order, ``t`` from ``(seed, 0, key)`` on the ``"val"`` stream:
+    the loss of the weights on the coupling they are meant to learn."""
+    from pipeline.flow.time_samplers import UniformTimeSampler
+    from pipeline.storage import resolve
+    from pipeline.train.data import ValSet
+
+    location = resolve(pair_set.uri, cfg.storage)
+    parts = [_read_checked(location, shard, pair_set) for shard in shards]
+    pairs = {key: torch.cat([p[key] for p in parts])[:max_images] for key in parts[0]}
+    keys = [f"{int(i):010d}" for i in pairs["index"]]
+    t = pair_times(keys, cfg.seed, 0, UniformTimeSampler(), stream="val")
+    return ValSet(x_1=pairs["x_1"], x_0=pairs["x_0"], t=t, label=pairs["label"], keys=keys)

@@ -288,6 +288,7 @@ class Events:
             "images_seen": state.images_seen,
             "val_loss": "" if state.val_loss is None else f"{state.val_loss:.6g}",
             "run_name": t.run_name,
+            **self.ctx.lineage,
         }
         if self.last_quality is not None:  # eval.<network>.fd, ... of the final weights
             prefix = f"eval.{self.cfg.eval.network}."

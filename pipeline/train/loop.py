@@ -88,6 +88,8 @@ def training_loop(spec: WorkerSpec) -> dict[str, Any]:
         tracker.set_tags({"fmpipe.job": "train", "fmpipe.manifest_hash": ctx.manifest_hash})
         if ctx.init is not None and not parts.resumed:
             tracker.set_tags({"fmpipe.init_from": ctx.init.source})
+        if ctx.lineage:
+            tracker.set_tags(ctx.lineage)
         state.mlflow_run_id = tracker.run_id
     progress.send(kind="start", images_seen=state.images_seen,
                   total_images=cfg.train.total_images, world_size=group.world_size,

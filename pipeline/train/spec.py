@@ -16,7 +16,7 @@ named (:func:`checkpoint_dir_name`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -107,6 +107,8 @@ class RunContext:
     val_set: ValSet | None = None  # fixed validation draws; None: no validation loss
     quality: QualityProbe | None = None  # train.eval_every_images: network + reference
     progress_queue: Any = None  # ray.util.queue.Queue for the driver's progress lines
+    # lineage set on the MLflow run and the registered version (reflow: base, pair set, k)
+    lineage: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

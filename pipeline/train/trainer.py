@@ -236,6 +236,8 @@ class _Inputs:
     manifest_hash: str = ""
     info: Any = None  # DatasetInfo of the train split (None with a caller's batch source)
     val_info: Any = None  # DatasetInfo of the val split, if there is one
+    pairs: Any = None  # data.pairs: the PairSet trained on (then info is None)
+    pair_shards: tuple[list[Any], list[Any]] = ([], [])  # its (train, val) shards
 
 
 def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> _Inputs:
@@ -249,6 +251,8 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
         )
     if batch_source is not None:
         return _Inputs(data_shape=tuple(shape or data_shape_of(cfg)))
+    if cfg.data.pairs.strip():
+        return _check_pairs(cfg)
     from pipeline.data.manifest import MANIFEST_NAME
     from pipeline.data.stream import check_config_against_manifest, open_dataset
 
@@ -277,6 +281,63 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
     else:
         log.warning("no validation loss: dataset '%s' has no val split", cfg.data.uri)
     return _Inputs(data_shape_of(cfg), info.manifest.content_hash(), info, val_info)
+
+
+def _class_names(inputs: _Inputs) -> tuple[str, ...]:
+    """Label id -> name of what the run trains on (the dataset's, or the coupled set's)."""
+    if inputs.info is not None:
+        return tuple(inputs.info.manifest.class_names)
+    if inputs.pairs is not None:
+        return tuple(inputs.pairs.manifest.class_names)
+    return ()
+
+
+def _pair_lineage(inputs: _Inputs) -> dict[str, str]:
+    """``fmpipe.reflow.*`` tags of a run on a coupled set: which set, model and sampler."""
+    if inputs.pairs is None:
+        return {}
+    return {
+        f"fmpipe.reflow.{k}": "" if v is None else str(v) for k, v in inputs.pairs.lineage.items()
+    }
+
+
+def _check_pairs(cfg: Config) -> _Inputs:
+    """``data.pairs``: the coupled set, checked against the config before any worker."""
+    from pipeline.data.pairs import open_pair_set, split_pair_shards
+
+    pair_set = open_pair_set(resolve(cfg.data.pairs, cfg.storage))
+    where = f"coupled set '{cfg.data.pairs}'"
+    if cfg.data.coupling != "independent":
+        raise ConfigError(
+            f"data.coupling={cfg.data.coupling} with data.pairs: re-pairing inside a batch would "
+            f"undo the coupling of {where} that reflow trains on; use data.coupling=independent"
+        )
+    if cfg.data.hflip:
+        raise ConfigError(
+            f"data.hflip=true with data.pairs: a flipped x_1 is not x_0's pair ({where})"
+        )
+    if tuple(pair_set.data_shape) != data_shape_of(cfg):
+        c, r = pair_set.data_shape[0], pair_set.data_shape[1]
+        raise ConfigError(
+            f"{where} holds {pair_set.data_shape} samples but the config trains on "
+            f"{data_shape_of(cfg)}; set data.channels={c} data.resolution={r}"
+        )
+    if cfg.model.num_classes != pair_set.num_classes:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but {where} was sampled from a model "
+            f"with {pair_set.num_classes} classes; set model.num_classes={pair_set.num_classes}"
+        )
+    train_shards, val_shards = split_pair_shards(pair_set)
+    if not val_shards:
+        log.warning(
+            "no validation loss: %s has one shard (the last of two or more is held out)", where
+        )
+    return _Inputs(
+        data_shape=pair_set.data_shape,
+        manifest_hash=pair_set.manifest.content_hash(),
+        pairs=pair_set,
+        pair_shards=(train_shards, val_shards),
+    )
 
 
 def _start_tracking(cfg: Config, run_dir: Location, previous: TrainState | None):
@@ -430,13 +491,15 @@ def train(
     val_set: ValSet | None = None,
     print_fn: Callable[[str], None] | None = print,
     track: bool = True,
+    lineage: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on Ray Train (see the module doc); resumes ``train.run_name`` if it exists.
 
     ``init``: weights a fresh run starts from (ignored when the run resumes a checkpoint).
     ``batch_source`` (tests, benchmarks) replaces the Ray Data stream; then ``data_shape``
     (default from ``cfg.data``) and ``val_set`` come from the caller and no dataset is read.
-    ``track=False`` skips MLflow.
+    ``track=False`` skips MLflow. ``lineage``: tags for the MLflow run and the registered
+    version (with ``data.pairs`` the coupled set's own lineage is added: ``fmpipe.reflow.*``).
     """
     started = time.perf_counter()
     inputs = _check_inputs(cfg, batch_source, data_shape)
@@ -446,14 +509,15 @@ def train(
     # One writer per run: refused (LeaseError naming the holder) before anything is written.
     with hold_run_lease(cfg, storage):
         return _train_leased(
-            cfg, inputs, storage, started, init, batch_source, val_set, print_fn, track
-        )
+            cfg, inputs, storage, started, init, batch_source, val_set, print_fn, track,
+            {**_pair_lineage(inputs), **dict(lineage or {})},
+        )  # fmt: skip
 
 
 def _train_leased(
     cfg: Config, inputs: _Inputs, storage: Location, started: float, init: InitWeights | None,
     batch_source: BatchSource | None, val_set: ValSet | None,
-    print_fn: Callable[[str], None] | None, track: bool,
+    print_fn: Callable[[str], None] | None, track: bool, lineage: dict[str, str],
 ) -> TrainResult:  # fmt: skip
     """:func:`train` from the run's previous state on, under the run's lease."""
     t = cfg.train
@@ -475,6 +539,19 @@ def _train_leased(
         datasets = {"train": build_train_stream(cfg, inputs.info, start_epoch, epochs)}
         if inputs.val_info is not None and val_set is None:
             val_set = load_val_set(cfg, inputs.val_info, t.val_max_images)
+    elif inputs.pairs is not None:
+        from pipeline.data.pairs import build_pairs_stream, load_pairs_val_set
+
+        train_shards, val_shards = inputs.pair_shards
+        num_pairs = sum(s.num_samples for s in train_shards)
+        epochs = epochs_needed(
+            max(t.total_images - start_images, 0), num_pairs, cfg.data.batch_size
+        )
+        start_epoch = previous.data_epoch if previous else 0
+        stream = build_pairs_stream(cfg, inputs.pairs, train_shards, start_epoch, epochs)
+        datasets = {"train": stream}
+        if val_shards and val_set is None:
+            val_set = load_pairs_val_set(cfg, inputs.pairs, val_shards, t.val_max_images)
     say = print_fn or (lambda _line: None)
     quality = None
     if t.eval_every_images:  # before any worker: a missing classifier fails here, at once
@@ -496,7 +573,7 @@ def _train_leased(
                 data_shape=inputs.data_shape, manifest_hash=inputs.manifest_hash,
                 tracking=handle, resume=resume, init=init, batch_source=batch_source,
                 val_set=val_set, quality=quality,
-                class_names=tuple(inputs.info.manifest.class_names) if inputs.info else (),
+                class_names=_class_names(inputs), lineage=lineage,
                 progress_queue=p.queue if p is not None else None,
             )  # fmt: skip
             result = _fit(_trainer(cfg, WorkerSpec(cfg, context), storage, datasets))
