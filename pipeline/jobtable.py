@@ -53,6 +53,10 @@ JOBS: dict[str, Job] = {
             "score samples or a model: Fréchet distance (FID), KID, precision/recall, accuracy",
         ),
         Job(
+            "reflow",
+            "few-step generation: train a rectified flow on a model's own (noise, sample) pairs",
+        ),
+        Job(
             "retrain",
             "scheduled retraining: new data -> train, evaluate vs champion, promote if better",
         ),

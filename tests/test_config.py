@@ -80,7 +80,10 @@ def test_assignment_is_validated():
 
 # --------------------------------------------------------------------------- packaged job defaults
 # Values a job's YAML restates on purpose although pipeline/config.py has the same default.
-PINNED = {("gpu", "model.num_res_blocks")}  # the network behind docs/benchmarks.md's figures
+PINNED = {
+    ("gpu", "model.num_res_blocks"),  # the network behind docs/benchmarks.md's figures
+    ("reflow", "train.lr"),  # layered over train.yaml: undoes its 1e-3 for a fine-tune
+}
 
 
 def _job_configs() -> list[str]:

@@ -135,3 +135,57 @@ def test_reflow_trains_from_the_base_resumes_and_registers_its_lineage(
     run = client.get_run(first.mlflow_run_id)
     assert run.data.tags["fmpipe.init_from"] == "base-ckpt"
     assert run.data.tags["fmpipe.reflow.k"] == "1"
+
+
+def test_fmpipe_reflow_samples_pairs_trains_registers_and_reuses_its_pairs(
+    coupled, tmp_path, mlflow_server, monkeypatch
+):
+    """The job end to end on a checkpoint base: pairs sampled by the sample job, the run
+    named after the base and k, registered with k=1; the same command finds its complete
+    set; a base that is itself a k=1 reflow makes the next run k=2."""
+    from mlflow import MlflowClient
+
+    from pipeline.reflow import _open_base, _pairs, _train_config, reflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    ckpt, _ = coupled
+    cfg = build_config(
+        {
+            "seed": 2,
+            "data": {"batch_size": 16},
+            "sample": {"steps": 4, "shard_size": 32, "seed": 9},
+            "reflow": {"base": str(ckpt), "num_pairs": 64},
+            "train": {
+                "run_name": "", "storage_path": str(tmp_path / "runs"), "total_images": 32,
+                "warmup_images": 16, "cpus_per_worker": 1, "torch_threads": 1,
+                "checkpoint_every_images": 32, "val_every_images": 32,
+                "grid_every_images": 10**6, "registered_model_name": "reflowed-e2e",
+            },
+            "tracking": {"uri": mlflow_server.uri, "experiment": "reflow-e2e"},
+        }
+    )  # fmt: skip
+    lines: list[str] = []
+    result = reflow(cfg, print_fn=lines.append)
+    assert (result.k, result.pairs_sampled, result.num_pairs) == (1, 64, 64)
+    assert result.pairs_uri.startswith(str(tmp_path / "runs" / "reflow-pairs"))
+    assert result.train.images_seen == 32
+    assert "reflow-checkpoint_000000000064-k1" in result.train.run_uri
+    pair_set = open_pair_set(resolve(result.pairs_uri))
+    assert pair_set.seed == 9 and pair_set.lineage["steps"] == 4
+    assert any("pairs" in line for line in result.summary_lines())
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    version = client.get_model_version("reflowed-e2e", result.train.registered_version)
+    assert version.tags["fmpipe.reflow.k"] == "1"
+    assert version.tags["fmpipe.reflow.base"] == str(ckpt)
+    assert version.tags["fmpipe.reflow.pair_set"] == result.pairs_uri
+
+    base = _open_base(cfg, tmp_path)
+    assert _pairs(cfg, base, lines.append) == (result.pairs_uri, 0)  # reused, not resampled
+    assert any("already at" in line for line in lines)
+
+    cfg.reflow.base = f"models:/reflowed-e2e/{result.train.registered_version}"
+    again = _open_base(cfg, tmp_path)
+    assert again.k == 1 and again.name == "reflowed-e2e"
+    next_run = _train_config(cfg, again, result.pairs_uri)
+    assert next_run.train.run_name == f"reflow-reflowed-e2e-v{again.version}-k2"

@@ -140,7 +140,7 @@ class ModelSource:
         )
 
 
-def _download_checkpoint(uri: str, cfg: Config, into: Path) -> Path:
+def download_checkpoint(uri: str, cfg: Config, into: Path) -> Path:
     """Copy the three checkpoint files under the storage URI ``uri`` into ``into``."""
     from pipeline.storage import StorageError, resolve
 
@@ -219,7 +219,7 @@ def load_model_source(cfg: Config, uri: str | None = None) -> ModelSource:
         )
     if uri.startswith("s3://"):
         with tempfile.TemporaryDirectory(prefix="fmpipe-ckpt-") as tmp:
-            directory = _download_checkpoint(uri, cfg, Path(tmp))
+            directory = download_checkpoint(uri, cfg, Path(tmp))
             builder, classes, digest, ckpt_run, names = _from_checkpoint_dir(directory, use_ema)
     else:
         path = uri[len("file://") :] if uri.startswith("file://") else uri
