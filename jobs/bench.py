@@ -7,6 +7,7 @@ fmpipe bench train  fmpipe training (1 Ray Train worker + Ray Data) vs a plain P
 fmpipe bench sample sampler and Ray batch inference vs a torchdiffeq loop; quality vs NFE
 fmpipe bench gpu    U-Net training MFU and sampling samples/s on one GPU (no Ray needed)
 fmpipe bench eval   feature extraction: the Ray Data job per actor vs a plain loop
+fmpipe bench reflow quality vs NFE of a model and its reflow; samples/s at equal quality
 """
 
 from __future__ import annotations
@@ -151,6 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--actors", type=int, default=1, metavar="A", help="actors of (b)")
     evaluation.add_argument("--batch-size", type=int, default=64, metavar="B", help="batch")
     add_config_arguments(evaluation)
+    rf = sub.add_parser(
+        "reflow",
+        help="quality vs NFE of a model and its reflow; samples/s at the base's best quality",
+        description="fmpipe reflow of --base (default the demo's models:/digits@champion; "
+        "reflow.* / sample.* / train.* settings), then fmpipe eval's Euler sweep of both; the "
+        "fewest NFE at which each reaches the base's largest-steps FD, and the samples/s "
+        "there, side by side in this process (ratio reflowed / base).",
+    )
+    rf.add_argument("--base", metavar="MODEL", help="the base model (reflow.base)")
+    rf.add_argument(
+        "--steps", type=int, nargs="+", default=[1, 2, 4, 8, 32], metavar="K",
+        help="Euler steps of the sweep (default 1 2 4 8 32; the last is the quality target)",
+    )  # fmt: skip
+    rf.add_argument(
+        "--speed-samples", type=int, default=200, metavar="n", help="samples timed per model"
+    )
+    add_config_arguments(rf)
     gpu = sub.add_parser(
         "gpu",
         help="U-Net bf16 training images/s + MFU and sampling samples/s on one GPU",
@@ -245,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
                 runs=tuple(args.runs),
                 profile=args.profile,
             )
+        elif args.bench == "reflow":
+            from pipeline.bench.reflow import run_reflow_benchmark
+
+            cfg = resolve_config(args, defaults=["train", "reflow"])
+            if args.print_config:
+                print(cfg.to_yaml(), end="")
+                return 0
+            cfg.reflow.base = args.base or cfg.reflow.base.strip() or DEFAULT_SAMPLE_MODEL
+            run_reflow_benchmark(cfg, steps=tuple(args.steps), speed_samples=args.speed_samples)
         elif args.bench == "eval":
             from pipeline.bench.eval import run_eval_benchmark
             from pipeline.home import data_uri

@@ -1,0 +1,114 @@
+"""``fmpipe bench reflow``: quality against NFE of a base model and its reflow, and the
+samples/s each needs for the base's best quality.
+
+1. ``fmpipe reflow`` of the base (its pairs, sampled at ``sample.solver`` x ``sample.steps``,
+   timed apart from the training: the pairs are a one-off cost, counted separately).
+2. The base and the reflowed model through ``fmpipe eval``'s sweep (Euler at each of
+   ``--steps``, ``eval.num_samples`` samples at ``eval.seed``, one reference): FD in the
+   dataset classifier's features, recall, conditional accuracy.
+3. Matched quality: the target is the base's FD at its largest step count; each model's
+   fewest NFE whose FD is at most that target.
+4. Samples/s at those NFE, measured side by side in this process with the sampler's own
+   :func:`pipeline.sample.sampler.integrate_range` on the same blocks; the ratio is the
+   reflowed model's against the base's (the named baseline: the base at its target NFE).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import Config
+
+__all__ = ["run_reflow_benchmark"]
+
+
+@dataclass
+class _Curve:
+    name: str
+    model: str
+    points: list  # pipeline.eval.job.SweepPoint, in steps order
+
+    def fewest_nfe(self, target_fd: float) -> float | None:
+        """The smallest NFE whose FD reaches ``target_fd``, or None."""
+        hits = [p.nfe for p in self.points if p.scores.fd <= target_fd]
+        return min(hits) if hits else None
+
+
+def _samples_per_second(cfg: Config, model: str, steps: int, num_samples: int) -> float:
+    """The sampler's own integration (Euler, ``steps``) of ``num_samples`` samples, in
+    whole blocks, on the CPU with this process's threads."""
+    from pipeline.sample.plan import sampler_settings
+    from pipeline.sample.sampler import integrate_range, prepare_model
+    from pipeline.sample.source import load_model_source
+
+    run = cfg.model_copy(deep=True)
+    run.sample.model, run.sample.solver, run.sample.steps = model, "euler", int(steps)
+    source = load_model_source(run)
+    block = 50
+    settings = sampler_settings(run, source, None, block)
+    network = prepare_model(source.factory(), torch.device("cpu"))
+    count = max(block, num_samples // block * block)
+    integrate_range(network, 0, block, settings)  # warm-up: allocator, oneDNN kernels
+    began = time.perf_counter()
+    integrate_range(network, 0, count, settings)
+    return count / (time.perf_counter() - began)
+
+
+def run_reflow_benchmark(
+    cfg: Config,
+    *,
+    steps: tuple[int, ...] = (1, 2, 4, 8, 32),
+    speed_samples: int = 200,
+    log: Callable[[str], None] = print,
+) -> dict[str, float | None]:
+    """Run the benchmark (module doc) on ``cfg.reflow.base``; prints the tables and returns
+    the figures (``speedup``: reflowed samples/s at its matched NFE over the base's)."""
+    from pipeline.eval.job import evaluate, sweep_table
+    from pipeline.reflow import reflow
+
+    log(f"machine: {platform.node()} {platform.machine()}, torch threads "
+        f"{torch.get_num_threads()}, no GPU" if not torch.cuda.is_available() else
+        f"machine: {platform.node()}, GPU {torch.cuda.get_device_name()}")  # fmt: skip
+    began = time.perf_counter()
+    result = reflow(cfg, print_fn=log)
+    total = time.perf_counter() - began
+    train_s = result.train.wall_seconds
+    reflowed = f"models:/{result.train.registered_model_name}/{result.train.registered_version}"
+    log(f"\nreflow: {total:.0f} s in all, training {train_s:.0f} s, pairs and set-up "
+        f"{total - train_s:.0f} s ({result.pairs_sampled:,} pairs sampled now)")  # fmt: skip
+
+    sweep = cfg.model_copy(deep=True)
+    sweep.eval.sweep_solvers, sweep.eval.sweep_steps = ["euler"], list(steps)
+    curves = []
+    for name, model in (("base", cfg.reflow.base), (f"{result.k}-RF", reflowed)):
+        done = evaluate(sweep, model=model, sweep=True, say=log)
+        curves.append(_Curve(name, model, done.sweep))
+        log(f"\n{name} ({model}):\n{sweep_table(done.sweep)}")
+
+    base, rf = curves
+    target = base.points[-1].scores.fd
+    figures: dict[str, float | None] = {"target_fd": target, "pairs_s": total - train_s}
+    log(f"\nmatched quality: FD <= {target:.4f} (the base at {base.points[-1].nfe:g} NFE)")
+    rates = {}
+    for curve in curves:
+        nfe = curve.fewest_nfe(target)
+        figures[f"{curve.name}_nfe"] = nfe
+        if nfe is None:
+            log(f"  {curve.name:<6} does not reach it at {', '.join(map(str, steps))} steps")
+            continue
+        rates[curve.name] = _samples_per_second(cfg, curve.model, int(nfe), speed_samples)
+        log(f"  {curve.name:<6} {nfe:g} NFE  {rates[curve.name]:8.1f} samples/s")
+    if "base" in rates and rf.name in rates:
+        figures["speedup"] = rates[rf.name] / rates["base"]
+        log(f"  ratio {rf.name} / base at equal quality: {figures['speedup']:.2f}x "
+            "(goal >= 8x)")  # fmt: skip
+    else:
+        figures["speedup"] = None
+        log(f"  ratio: {rf.name} does not reach the base's quality in this sweep")
+    log("  distilled student: not built yet (issue 16, item 3)")
+    return figures
