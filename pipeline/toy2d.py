@@ -16,6 +16,7 @@ import torch
 from pipeline.config import Config
 from pipeline.data.toy import toy_sampler
 from pipeline.flow import CondOTPath, ODESolution, build_time_sampler, cfm_loss, solve_ode
+from pipeline.flow.distill import distill_loss_per_sample, grid_times
 from pipeline.flow.solvers import effective_steps
 from pipeline.models import build_model
 from pipeline.optim import lr_factor
@@ -35,6 +36,8 @@ def train_toy(
     *,
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     init: torch.nn.Module | None = None,
+    distill_steps: int = 0,
+    distill_loss: str = "l2",
 ) -> ToyTrainResult:
     """Minimise the CFM loss for ``cfg.train.total_images`` points.
 
@@ -42,6 +45,8 @@ def train_toy(
     ``(x_0, x_1)`` (N, 2) each: reflow, minibatches of those fixed pairs (rows drawn by the
     seeded generator), the pairing never redrawn (:mod:`pipeline.flow.reflow`). ``init``:
     start from that model's weights (reflow starts from the base flow) instead of fresh ones.
+    ``distill_steps`` k > 0 (with ``pairs``): train a k-step student instead, at the grid
+    times with ``distill_loss`` (:mod:`pipeline.flow.distill`).
     """
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -49,6 +54,8 @@ def train_toy(
     model = build_model(cfg.model, (2,))
     if init is not None:
         model.load_state_dict(init.state_dict())
+    if distill_steps and pairs is None:
+        raise ValueError("distillation trains on a flow's own pairs: give pairs")
     if pairs is not None and not (pairs[0].shape == pairs[1].shape and pairs[0].ndim == 2):
         raise ValueError(
             f"pairs must be two (N, 2) tensors, got {tuple(pairs[0].shape)} and "
@@ -82,8 +89,14 @@ def train_toy(
             rows = torch.randint(len(pairs[0]), (batch,), generator=generator)
             x_0, x_1 = pairs[0][rows], pairs[1][rows]
         t = time_sampler.sample(batch, generator=generator)
+        if distill_steps:
+            t = grid_times(t, distill_steps)
         sample = path.sample(x_0=x_0, x_1=x_1, t=t)
-        loss = cfm_loss(model(sample.x_t, sample.t), x_0, x_1)
+        velocity = model(sample.x_t, sample.t)
+        if distill_steps:
+            loss = distill_loss_per_sample(velocity, x_0, x_1, t, distill_loss).mean()
+        else:
+            loss = cfm_loss(velocity, x_0, x_1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
