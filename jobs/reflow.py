@@ -10,7 +10,8 @@ reuses the complete pair set and resumes the training run.
 Examples:
   fmpipe reflow --base models:/digits@champion --pairs 20000 --images 200000
   fmpipe reflow --base models:/digits/3 sample.steps=64 train.lr=1e-4
-  fmpipe sample --model models:/digits-reflowed/1 --steps 2      # then sample with 2 steps
+  fmpipe reflow --base models:/digits/4 --distill 1     # a 1-step student of the 2-RF v4
+  fmpipe sample --model models:/digits/4 --steps 2       # then sample with 2 steps
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--images", type=int, metavar="N", help="images to train on (train.total_images)"
     )
+    parser.add_argument(
+        "--distill", type=int, metavar="K", help="train a K-step student on the pairs instead "
+        "(train.objective=distill, train.distill_steps=K; loss: train.distill_loss)",
+    )  # fmt: skip
     parser.add_argument("--run-name", metavar="NAME", help="the training run (train.run_name)")
     parser.add_argument("--storage", metavar="URI", help="runs and pairs (train.storage_path)")
     parser.add_argument(
@@ -53,6 +58,7 @@ SHORTCUTS = {
     "run_name": "train.run_name",
     "storage": "train.storage_path",
     "register": "train.registered_model_name",
+    "distill": "train.distill_steps",
 }
 
 
@@ -61,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = resolve_config(args, ["train", "reflow"], shortcuts=SHORTCUTS)
+        if args.distill is not None:
+            cfg.train.objective = "distill"
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0

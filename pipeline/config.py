@@ -56,6 +56,9 @@ def _implemented(what: str, module: str, names: str) -> AfterValidator:
 SolverName = Annotated[str, _implemented("ODE solvers", "pipeline.flow.solver_specs", "SOLVERS")]
 CouplingName = Annotated[str, _implemented("couplings", "pipeline.data.coupling", "COUPLINGS")]
 NoiseDtype = Annotated[str, _implemented("noise dtypes", "pipeline.data.coupling", "NOISE_DTYPES")]
+DistillLoss = Annotated[
+    str, _implemented("distillation losses", "pipeline.flow.distill", "DISTILL_LOSSES")
+]
 TimeSamplerName = Annotated[
     str, _implemented("time samplers", "pipeline.flow.time_samplers", "TIME_SAMPLERS")
 ]
@@ -163,6 +166,11 @@ class TrainConfig(Section):
     ema_halflife_images: int = Field(50_000, ge=1)  # EMA decay per step from images/step
     ema_warmup_ratio: float = Field(0.05, ge=0.0)  # halflife <= ratio * images_seen early on
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)  # null-class rate for CFG training
+    # What the step minimises: cfm (the flow-matching loss), or distill: a student whose
+    # distill_steps Euler steps land on the coupled x_1 (needs data.pairs; flow/distill.py)
+    objective: Literal["cfm", "distill"] = "cfm"
+    distill_steps: int = Field(1, ge=1, le=16)  # k of a k-step student
+    distill_loss: DistillLoss = "pseudo_huber"  # l2 | pseudo_huber (no network to download)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the network
     num_workers: int = Field(1, ge=1)  # Ray Train workers

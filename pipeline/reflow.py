@@ -15,6 +15,11 @@
    default the base's registered name) carry ``fmpipe.reflow.k`` (the base's k + 1),
    ``fmpipe.reflow.base`` and the pair set's own tags (set, seed, solver, steps).
 
+``train.objective=distill`` (``--distill K``) trains a K-step student on the same pairs
+instead (:mod:`pipeline.flow.distill`): run ``distill-<base>-<K>step``, the teacher's k, and
+tags ``fmpipe.distill.steps`` / ``.loss`` and the sampling rule it is meant for
+(``fmpipe.sample.solver=euler``, ``fmpipe.sample.steps=K``).
+
 The math is :mod:`pipeline.flow.reflow`.
 """
 
@@ -138,13 +143,41 @@ def _train_config(cfg: Config, base: _Base, pairs_uri: str) -> Config:
     tcfg.model = own.model.model_copy(deep=True)
     tcfg.data.resolution, tcfg.data.channels = own.data.resolution, own.data.channels
     tcfg.data.pairs = pairs_uri
-    k = base.k + 1
     if not cfg.train.run_name.strip():  # jobs/configs/reflow.yaml: never the base's run
         stem = f"{base.name}-v{base.version}" if base.name else Path(base.uri).name
-        tcfg.train.run_name = f"reflow-{stem}-k{k}"
+        tcfg.train.run_name = f"{_kind(cfg)}-{stem}-" + (
+            f"{cfg.train.distill_steps}step" if _distilling(cfg) else f"k{base.k + 1}"
+        )
     if not tcfg.train.registered_model_name.strip() and base.name:
         tcfg.train.registered_model_name = base.name
     return tcfg
+
+
+def _distilling(cfg: Config) -> bool:
+    return cfg.train.objective == "distill"
+
+
+def _kind(cfg: Config) -> str:
+    return "distill" if _distilling(cfg) else "reflow"
+
+
+def _lineage(cfg: Config, base: _Base) -> dict[str, str]:
+    """Tags of the run and version: k (a student keeps its teacher's k), the base, and a
+    student's own sampling rule (Euler with its k steps)."""
+    tags = {
+        K_TAG: str(base.k if _distilling(cfg) else base.k + 1),
+        "fmpipe.reflow.base": base.uri,
+        "fmpipe.reflow.base_version": base.version or "",
+    }
+    if _distilling(cfg):
+        t = cfg.train
+        tags |= {
+            "fmpipe.distill.steps": str(t.distill_steps),
+            "fmpipe.distill.loss": t.distill_loss,
+            "fmpipe.sample.solver": "euler",
+            "fmpipe.sample.steps": str(t.distill_steps),
+        }
+    return tags
 
 
 def reflow(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> ReflowResult:
@@ -168,12 +201,10 @@ def reflow(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> Re
         loaded = load_checkpoint(base.directory)
         made_by = loaded.ema if cfg.sample.use_ema and loaded.ema is not None else loaded.model
         init = InitWeights(source=base.uri, model=made_by, ema=made_by)
-        lineage = {
-            K_TAG: str(base.k + 1),
-            "fmpipe.reflow.base": base.uri,
-            "fmpipe.reflow.base_version": base.version or "",
-        }
-        say(f"[reflow] training '{tcfg.train.run_name}' (k={base.k + 1}) from {base.uri}")
+        lineage = _lineage(cfg, base)
+        k = int(lineage[K_TAG])
+        what = f"a {cfg.train.distill_steps}-step student" if _distilling(cfg) else f"k={k}"
+        say(f"[reflow] training '{tcfg.train.run_name}' ({what}) from {base.uri}")
         result = train(tcfg, init=init, print_fn=say, lineage=lineage)
     num_pairs = open_pair_set(resolve(pairs_uri, cfg.storage)).num_pairs
-    return ReflowResult(base.uri, base.k + 1, pairs_uri, sampled, num_pairs, result)
+    return ReflowResult(base.uri, k, pairs_uri, sampled, num_pairs, result)

@@ -145,7 +145,7 @@ def test_fmpipe_reflow_samples_pairs_trains_registers_and_reuses_its_pairs(
     set; a base that is itself a k=1 reflow makes the next run k=2."""
     from mlflow import MlflowClient
 
-    from pipeline.reflow import _open_base, _pairs, _train_config, reflow
+    from pipeline.reflow import _lineage, _open_base, _pairs, _train_config, reflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     ckpt, _ = coupled
@@ -189,3 +189,10 @@ def test_fmpipe_reflow_samples_pairs_trains_registers_and_reuses_its_pairs(
     assert again.k == 1 and again.name == "reflowed-e2e"
     next_run = _train_config(cfg, again, result.pairs_uri)
     assert next_run.train.run_name == f"reflow-reflowed-e2e-v{again.version}-k2"
+    # a 1-step student of it keeps k=1 and says how it is meant to be sampled
+    cfg.train.objective, cfg.train.distill_steps = "distill", 1
+    student = _train_config(cfg, again, result.pairs_uri)
+    assert student.train.run_name == f"distill-reflowed-e2e-v{again.version}-1step"
+    tags = _lineage(cfg, again)
+    assert tags["fmpipe.reflow.k"] == "1" and tags["fmpipe.distill.steps"] == "1"
+    assert (tags["fmpipe.sample.solver"], tags["fmpipe.sample.steps"]) == ("euler", "1")

@@ -17,7 +17,7 @@ from pipeline.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from pipeline.config import build_config
+from pipeline.config import ConfigError, build_config
 from pipeline.models import build_model
 from pipeline.optim import adamw, load_adamw_state
 from pipeline.train.data import InMemorySource, SourceContext, ValSet
@@ -356,3 +356,47 @@ def test_transient_worker_errors_back_off_and_are_reported(monkeypatch):
     with pytest.raises(DatasetError, match="sha256 mismatch"):
         StopOnDataErrors(max_failures=3, queue=queue).after_exception(None, {0: bad})
     assert len(queue.events) == 4  # the final error sent no retry line
+
+
+def test_the_distillation_objective_trains_on_the_k_step_grid_with_its_landing_loss():
+    """train.objective=distill: the step's loss is the landing loss at the row's t rounded
+    down to the k-step grid, computed on the weights before the step; cfm is the plain loss.
+    Distillation without data.pairs is refused before any worker."""
+    import copy
+
+    from pipeline.flow import CondOTPath, cfm_loss_per_sample
+    from pipeline.flow.distill import distill_loss_per_sample, grid_times
+    from pipeline.train.dist import WorkerGroup
+    from pipeline.train.setup import build_parts
+    from pipeline.train.spec import RunContext
+    from pipeline.train.step import CFMStep
+    from pipeline.train.trainer import train
+
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "x_1": torch.randn(8, 1, 8, 8, generator=gen),
+        "x_0": torch.randn(8, 1, 8, 8, generator=gen),
+        "t": torch.rand(8, generator=gen),
+        "label": torch.full((8,), -1, dtype=torch.long),
+    }
+    group = WorkerGroup(torch.device("cpu"), rank=0, world_size=1)
+    for objective in ("cfm", "distill"):
+        cfg = build_config(
+            {"data": {"resolution": 8, "channels": 1, "batch_size": 8}, "model": TINY_UNET,
+             "train": {"objective": objective, "distill_steps": 2, "distill_loss": "l2",
+                       "total_images": 8}}
+        )  # fmt: skip
+        parts = build_parts(cfg, RunContext(data_shape=(1, 8, 8)), group)
+        before = copy.deepcopy(parts.model).eval()
+        outcome, _ = CFMStep(cfg, parts, group, 8)(iter([batch]))
+        x_0, x_1 = batch["x_0"], batch["x_1"]
+        t = grid_times(batch["t"], 2) if objective == "distill" else batch["t"]
+        with torch.no_grad():
+            v = before(CondOTPath().sample(x_0=x_0, x_1=x_1, t=t).x_t, t, None)
+        if objective == "distill":
+            expected = distill_loss_per_sample(v, x_0, x_1, t, "l2").sum()
+        else:
+            expected = cfm_loss_per_sample(v, x_0, x_1).sum()
+        assert float(outcome.loss_sum) == pytest.approx(float(expected), rel=1e-4), objective
+    with pytest.raises(ConfigError, match=r"train\.objective=distill .* set data\.pairs"):
+        train(build_config({"train": {"objective": "distill"}}), print_fn=None, track=False)

@@ -4,6 +4,7 @@ Per step::
 
     for each of grad_accum micro-batches (batch_size / (workers * grad_accum) rows each):
         x_t = t * x_1 + (1 - t) * x_0;  loss = || v(x_t, t, y) - (x_1 - x_0) ||^2
+          (train.objective=distill: t on the k-step grid, loss = d(x_t + (1 - t) v, x_1))
         backward (DDP all-reduces the gradients on the last micro-batch only)
     zero non-finite gradient elements; clip the global norm; AdamW at lr * lr_factor; EMA
 
@@ -32,6 +33,7 @@ from torch import Tensor
 from pipeline.config import Config
 from pipeline.data.coupling import sample_seed
 from pipeline.flow import CondOTPath, cfm_loss_per_sample
+from pipeline.flow.distill import distill_loss_per_sample, grid_times
 from pipeline.optim import lr_factor
 from pipeline.train.dist import WorkerGroup
 from pipeline.train.setup import TrainingParts, autocast
@@ -62,6 +64,13 @@ class CFMStep:
         self.path = CondOTPath()
         self.params = [p for p in parts.net.parameters() if p.requires_grad]
         self.chunk = cfg.data.batch_size // cfg.train.grad_accum  # global rows per micro-batch
+        self.distill = cfg.train.objective == "distill"
+
+    def _loss(self, velocity: Tensor, x_0: Tensor, x_1: Tensor, t: Tensor) -> Tensor:
+        """Per-sample loss (B,): CFM, or the distillation landing loss at the grid times."""
+        if self.distill:
+            return distill_loss_per_sample(velocity, x_0, x_1, t, self.cfg.train.distill_loss)
+        return cfm_loss_per_sample(velocity, x_0, x_1)
 
     def _label_dropout(self, images_seen: int) -> Tensor | None:
         """Per global row: True where the label becomes the null class this step."""
@@ -110,6 +119,8 @@ class CFMStep:
             x_1 = batch["x_1"].to(device, non_blocking=True)
             x_0 = batch["x_0"].to(device, non_blocking=True).float()
             t = batch["t"].to(device, non_blocking=True).float()
+            if self.distill:  # the row's t, rounded down to the student's k-step grid
+                t = grid_times(t, cfg.train.distill_steps)
             if len(x_1) != micro:
                 raise RuntimeError(
                     f"rank {self.group.rank}: got a batch of {len(x_1)} rows, expected {micro}"
@@ -131,7 +142,7 @@ class CFMStep:
                 sample = self.path.sample(x_0=x_0, x_1=x_1, t=t)
                 with autocast(cfg.train.precision, device):
                     velocity = parts.model(sample.x_t, t, label)
-                per_sample = cfm_loss_per_sample(velocity.float(), x_0, x_1)
+                per_sample = self._loss(velocity.float(), x_0, x_1, t)
                 # DDP averages gradients over ranks: scale by world / n_step so the step's
                 # gradient is the mean over the n_step counted rows of the global batch.
                 loss = (per_sample * used).sum() * (world / n_step)

@@ -249,6 +249,11 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
             f"train.alias={t.alias!r} needs train.registered_model_name (the model whose "
             "version the alias points at)"
         )
+    if t.objective == "distill" and batch_source is None and not cfg.data.pairs.strip():
+        raise ConfigError(
+            "train.objective=distill trains a student on a flow's own pairs: set data.pairs "
+            "to a coupled set (fmpipe sample --pairs), or use fmpipe reflow's pairs"
+        )
     if batch_source is not None:
         return _Inputs(data_shape=tuple(shape or data_shape_of(cfg)))
     if cfg.data.pairs.strip():
