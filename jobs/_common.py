@@ -88,6 +88,21 @@ def shortcut_values(args: argparse.Namespace, shortcuts: Mapping[str, str]) -> d
     return {key: getattr(args, dest) for dest, key in shortcuts.items()}
 
 
+def given_keys(args: argparse.Namespace, shortcuts: Mapping[str, str]) -> set[str]:
+    """The config keys the user set on this command: flag shortcuts given, ``key=value``
+    overrides, and the keys of ``--config FILE`` (what a job must not override with a
+    default of its own, e.g. a model's own sampling rule)."""
+    keys = {key for key, value in shortcut_values(args, shortcuts).items() if value is not None}
+    for text in getattr(args, "overrides", None) or []:
+        keys.add(".".join(part.strip() for part in parse_override(text)[0]))
+    if getattr(args, "config", None):
+        from pipeline.config import _flatten
+
+        body = yaml.safe_load(Path(args.config).read_text()) or {}
+        keys |= set(_flatten(body)) if isinstance(body, dict) else set()
+    return keys
+
+
 def _check_no_clash(
     args: argparse.Namespace, shortcuts: Mapping[str, str], overrides: Sequence[str]
 ) -> None:

@@ -24,6 +24,7 @@ import sys
 
 from jobs._common import (
     add_config_arguments,
+    given_keys,
     overrides_from,
     parse_job_args,
     resolve_config,
@@ -151,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         # Imported here: `fmpipe sample --help` stays fast.
         from pipeline.sample import generate
+        from pipeline.sample.source import model_sampling_rule
+
+        if not given_keys(args, SHORTCUTS) & {"sample.solver", "sample.steps"}:
+            rule = model_sampling_rule(cfg, cfg.sample.model.strip())
+            if rule is not None:  # e.g. a distilled student: its own k steps
+                cfg.sample.solver, cfg.sample.steps = rule
+                print(f"sampling with the model's own rule: {rule[0]} x {rule[1]} steps "
+                      "(its fmpipe.sample.* tags; --solver / --steps override)")  # fmt: skip
 
         def action() -> None:
             result = generate(cfg)

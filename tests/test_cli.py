@@ -234,3 +234,21 @@ def test_retrain_inherits_the_train_jobs_network(capsys):
     assert retrain.model == train.model and retrain.data == train.data
     assert retrain.train.registered_model_name == train.train.registered_model_name == "digits"
     assert retrain.train.lr < train.train.lr  # its own setting: it continues trained weights
+
+
+def test_given_keys_are_the_flags_overrides_and_config_file_keys_the_user_set(tmp_path):
+    """What a job must not replace with a default of its own (fmpipe sample: a model's own
+    sampling rule applies only when neither sample.solver nor sample.steps was given)."""
+    from jobs import sample as sample_job
+    from jobs._common import given_keys, parse_job_args
+
+    def keys(*argv):
+        args = parse_job_args(sample_job.build_parser(), list(argv))
+        return given_keys(args, sample_job.SHORTCUTS)
+
+    assert keys("--model", "m") == {"sample.model"}
+    assert keys("--steps", "4") == {"sample.steps"}
+    assert keys("sample.solver=heun", "--out", "o") == {"sample.solver", "sample.out"}
+    config = tmp_path / "c.yaml"
+    config.write_text("sample:\n  steps: 8\ntrain:\n  lr: 0.1\n")
+    assert keys("--config", str(config)) == {"sample.steps", "train.lr"}

@@ -196,3 +196,12 @@ def test_fmpipe_reflow_samples_pairs_trains_registers_and_reuses_its_pairs(
     tags = _lineage(cfg, again)
     assert tags["fmpipe.reflow.k"] == "1" and tags["fmpipe.distill.steps"] == "1"
     assert (tags["fmpipe.sample.solver"], tags["fmpipe.sample.steps"]) == ("euler", "1")
+
+    # a version that records its sampling rule hands it to fmpipe sample; others do not
+    from pipeline.sample.source import model_sampling_rule
+
+    assert model_sampling_rule(cfg, cfg.reflow.base) is None  # no fmpipe.sample.* tags
+    for key in ("fmpipe.sample.solver", "fmpipe.sample.steps"):
+        client.set_model_version_tag("reflowed-e2e", again.version, key, tags[key])
+    assert model_sampling_rule(cfg, cfg.reflow.base) == ("euler", 1)
+    assert model_sampling_rule(cfg, str(ckpt)) is None  # a checkpoint carries no tags

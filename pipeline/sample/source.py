@@ -242,6 +242,33 @@ def load_model_source(cfg: Config, uri: str | None = None) -> ModelSource:
     )
 
 
+SOLVER_TAG, STEPS_TAG = "fmpipe.sample.solver", "fmpipe.sample.steps"
+
+
+def model_sampling_rule(cfg: Config, uri: str) -> tuple[str, int] | None:
+    """The ``(solver, steps)`` a registered version says it is meant for (its tags
+    ``fmpipe.sample.solver`` / ``fmpipe.sample.steps``, e.g. a k-step distilled student), or
+    None: not a registry URI, or no such tags. Reads the registry only (no download).
+
+    Raises:
+        pipeline.registry.ModelNotFound: the model, alias or version does not exist.
+    """
+    if not uri.startswith("models:/"):
+        return None
+    from pipeline.registry import lookup_version, parse_models_uri, registry_client
+    from pipeline.tracking import tracking_uri
+
+    server = tracking_uri(cfg)
+    name, alias, version = parse_models_uri(uri)
+    tags = dict(lookup_version(registry_client(server), name, alias, version, where=server).tags)
+    if SOLVER_TAG not in tags or STEPS_TAG not in tags:
+        return None
+    try:
+        return tags[SOLVER_TAG], int(tags[STEPS_TAG])
+    except ValueError:
+        return None
+
+
 def training_data_uri(cfg: Config, uri: str) -> str:
     """``data.uri`` in the checkpoint's own config ("" when it has none)."""
     import yaml
