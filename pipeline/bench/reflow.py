@@ -85,7 +85,8 @@ def run_reflow_benchmark(
     sweep = cfg.model_copy(deep=True)
     sweep.eval.sweep_solvers, sweep.eval.sweep_steps = ["euler"], list(steps)
     curves = []
-    for name, model in (("base", cfg.reflow.base), (f"{result.k}-RF", reflowed)):
+    # Liu et al.'s names: the base is 1-RF, k reflows make (k + 1)-RF
+    for name, model in (("base", cfg.reflow.base), (f"{result.k + 1}-RF", reflowed)):
         done = evaluate(sweep, model=model, sweep=True, say=log)
         curves.append(_Curve(name, model, done.sweep))
         log(f"\n{name} ({model}):\n{sweep_table(done.sweep)}")
