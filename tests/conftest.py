@@ -94,7 +94,7 @@ def mlflow_server(
         f"s3://{bucket}/artifacts",
         env=s3_server.env(),
     )
-    server.start()
+    server.start(timeout=180)  # a loaded 2-core machine: a slow start is not a failure
     try:
         yield server
     finally:
