@@ -154,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.sample import generate
         from pipeline.sample.source import model_sampling_rule
 
-        if not given_keys(args, SHORTCUTS) & {"sample.solver", "sample.steps"}:
-            rule = model_sampling_rule(cfg, cfg.sample.model.strip())
+        own_rule = not given_keys(args, SHORTCUTS) & {"sample.solver", "sample.steps"}
+
+        def action() -> None:
+            # inside the guard: a missing model fails here as it would in generate
+            rule = model_sampling_rule(cfg, cfg.sample.model.strip()) if own_rule else None
             if rule is not None:  # e.g. a distilled student: its own k steps
                 cfg.sample.solver, cfg.sample.steps = rule
                 print(f"sampling with the model's own rule: {rule[0]} x {rule[1]} steps "
                       "(its fmpipe.sample.* tags; --solver / --steps override)")  # fmt: skip
-
-        def action() -> None:
             result = generate(cfg)
             if args.eval:
                 from pipeline.eval.job import evaluate, with_reference_data
