@@ -134,11 +134,13 @@ def _pairs(cfg: Config, base: _Base, say: Callable[[str], None]) -> tuple[str, i
     return out, int(result.samples_written)
 
 
-def _train_config(cfg: Config, base: _Base, pairs_uri: str) -> Config:
-    """The run's config: the base's network and image shape, the pairs as its data."""
-    from pipeline.checkpoint import load_checkpoint
+def _train_config(cfg: Config, base: _Base, pairs_uri: str, own: Config | None = None) -> Config:
+    """The run's config: the base's network and image shape (``own``: the base checkpoint's
+    config, read here when not given), the pairs as its data."""
+    if own is None:
+        from pipeline.checkpoint import load_checkpoint
 
-    own = load_checkpoint(base.directory).config
+        own = load_checkpoint(base.directory).config
     tcfg = cfg.model_copy(deep=True)
     tcfg.model = own.model.model_copy(deep=True)
     tcfg.data.resolution, tcfg.data.channels = own.data.resolution, own.data.channels
@@ -188,8 +190,6 @@ def reflow(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> Re
         pipeline.registry.ModelNotFound, pipeline.checkpoint.CheckpointError: a bad base.
     """
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.data.pairs import open_pair_set
-    from pipeline.storage import resolve
     from pipeline.train.spec import InitWeights
     from pipeline.train.trainer import train
 
@@ -197,8 +197,8 @@ def reflow(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> Re
     with tempfile.TemporaryDirectory(prefix="fmpipe-reflow-") as tmp:
         base = _open_base(cfg, Path(tmp))
         pairs_uri, sampled = _pairs(cfg, base, say)
-        tcfg = _train_config(cfg, base, pairs_uri)
-        loaded = load_checkpoint(base.directory)
+        loaded = load_checkpoint(base.directory)  # once: its config and its weights
+        tcfg = _train_config(cfg, base, pairs_uri, loaded.config)
         made_by = loaded.ema if cfg.sample.use_ema and loaded.ema is not None else loaded.model
         init = InitWeights(source=base.uri, model=made_by, ema=made_by)
         lineage = _lineage(cfg, base)
@@ -206,5 +206,5 @@ def reflow(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> Re
         what = f"a {cfg.train.distill_steps}-step student" if _distilling(cfg) else f"k={k}"
         say(f"[reflow] training '{tcfg.train.run_name}' ({what}) from {base.uri}")
         result = train(tcfg, init=init, print_fn=say, lineage=lineage)
-    num_pairs = open_pair_set(resolve(pairs_uri, cfg.storage)).num_pairs
-    return ReflowResult(base.uri, k, pairs_uri, sampled, num_pairs, result)
+    # _pairs returned a complete set of exactly reflow.num_pairs (found, or written now)
+    return ReflowResult(base.uri, k, pairs_uri, sampled, cfg.reflow.num_pairs, result)
