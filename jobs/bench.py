@@ -7,7 +7,7 @@ fmpipe bench train  fmpipe training (1 Ray Train worker + Ray Data) vs a plain P
 fmpipe bench sample sampler and Ray batch inference vs a torchdiffeq loop; quality vs NFE
 fmpipe bench gpu    U-Net training MFU and sampling samples/s on one GPU (no Ray needed)
 fmpipe bench eval   feature extraction: the Ray Data job per actor vs a plain loop
-fmpipe bench reflow quality vs NFE of a model and its reflow; samples/s at equal quality
+fmpipe bench reflow quality vs NFE of a model, its reflow and a student; samples/s at equal quality
 """
 
 from __future__ import annotations
@@ -154,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(evaluation)
     rf = sub.add_parser(
         "reflow",
-        help="quality vs NFE of a model and its reflow; samples/s at the base's best quality",
+        help="quality vs NFE of a model, its reflow and a student; samples/s at equal quality",
         description="fmpipe reflow of --base (default the demo's models:/digits@champion; "
-        "reflow.* / sample.* / train.* settings), then fmpipe eval's Euler sweep of both; the "
+        "reflow.* / sample.* / train.* settings), a --distill K-step student of the reflowed "
+        "model, then fmpipe eval's Euler sweep of the three (one plot, one MLflow run); the "
         "fewest NFE at which each reaches the base's largest-steps FD, and the samples/s "
-        "there, side by side in this process (ratio reflowed / base).",
+        "there, side by side in this process (ratio to the base).",
     )
     rf.add_argument("--base", metavar="MODEL", help="the base model (reflow.base)")
     rf.add_argument(
@@ -168,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument(
         "--speed-samples", type=int, default=200, metavar="n", help="samples timed per model"
     )
+    rf.add_argument(
+        "--distill", type=int, default=1, metavar="K", help="also a K-step student of the "
+        "reflowed model, on its own pairs (default 1; 0: none)",
+    )  # fmt: skip
+    rf.add_argument(
+        "--distill-images", type=int, metavar="N", help="the student's training images "
+        "(default train.total_images)",
+    )  # fmt: skip
     add_config_arguments(rf)
     gpu = sub.add_parser(
         "gpu",
@@ -271,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(cfg.to_yaml(), end="")
                 return 0
             cfg.reflow.base = args.base or cfg.reflow.base.strip() or DEFAULT_SAMPLE_MODEL
-            run_reflow_benchmark(cfg, steps=tuple(args.steps), speed_samples=args.speed_samples)
+            run_reflow_benchmark(cfg, steps=tuple(args.steps), speed_samples=args.speed_samples,
+                                 distill_steps=args.distill,
+                                 distill_images=args.distill_images)  # fmt: skip
         elif args.bench == "eval":
             from pipeline.bench.eval import run_eval_benchmark
             from pipeline.home import data_uri

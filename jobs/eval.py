@@ -17,13 +17,16 @@ Feature networks (--network):
 
 Each figure is printed with the sample counts behind it, logged to an MLflow run (experiment
 tracking.eval_experiment) and, for a registered model, set as tags eval.<network>.<figure> on its
-version. --sweep evaluates one model for every solver x steps of eval.sweep_solvers and
-eval.sweep_steps: a table and a plot of the Fréchet distance against NFE.
+version. --sweep evaluates a model for every solver x steps of eval.sweep_solvers and
+eval.sweep_steps: a table and a plot of the Fréchet distance against NFE. Give --model more
+than once to compare models (a base, its reflow, a distilled student) in one sweep: the same
+seeds, one reference (the first model's data), one plot and one MLflow run.
 
 Examples:
   fmpipe eval --samples ./.fmpipe/store/samples/digits
   fmpipe eval --model models:/digits@champion --num-samples 2000 --solver heun --steps 8
   fmpipe eval --model models:/digits@champion --sweep eval.sweep_steps=[2,4,8,16]
+  fmpipe eval --sweep --model models:/digits/2 --model models:/digits/3 eval.sweep_steps=[1,2,4]
   fmpipe eval --samples s3://samples/d3 --network inception --data s3://datasets/digits
 """
 
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--model",
         metavar="MODEL",
-        help="models:/<name>@<alias>, models:/<name>/<v> or a checkpoint",
+        action="append",
+        help="models:/<name>@<alias>, models:/<name>/<v> or a checkpoint; several with --sweep",
     )
     parser.add_argument(
         "--sweep", action="store_true", help="with --model: every solver x steps of the sweep"
@@ -109,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.samples or args.model):
             raise ConfigError("nothing to evaluate: pass --samples URI or --model MODEL")
         if args.sweep and not args.model:
-            raise ConfigError("--sweep evaluates one model over solvers and steps: pass --model")
+            raise ConfigError("--sweep evaluates a model over solvers and steps: pass --model")
+        if len(args.model or []) > 1 and not args.sweep:
+            raise ConfigError(
+                f"{len(args.model)} --model given: several models are compared over solvers "
+                "and steps, add --sweep (or give one --model)"
+            )
         # Imported here: `fmpipe eval --help` stays fast.
         from pipeline.eval.job import evaluate
         from pipeline.home import data_uri
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.uri = data_uri(cfg)
 
         def action() -> None:
-            result = evaluate(cfg, samples=args.samples or "", model=args.model or "",
+            result = evaluate(cfg, samples=args.samples or "", model=args.model or [],
                               sweep=args.sweep)  # fmt: skip
             for line in result.summary_lines():
                 print(line)

@@ -13,6 +13,12 @@ Safe from any scheduler at any frequency (cron, KubeRay RayCronJob, a loop):
     the Fréchet distance of eval.num_samples samples at eval.seed, candidate and champion
     alike) < the champion's - retrain.promote_margin; otherwise the version is tagged
     `rejected` with the reason (both figures tagged).
+A registered version made without new data (a reflow or a distilled student of the
+champion, `fmpipe reflow`) is judged with --candidate MODEL instead: sampled at its own
+sampling rule (its fmpipe.sample.* tags) or else the champion's, against the champion at its
+rule, by retrain.metric (fd_classifier or fid); the alias moves to it only when it needs no
+more NFE per sample than the champion and its Fréchet distance is lower by the margin (see
+pipeline/promote.py).
 Two runs at once promote at most once: an exclusive lease (S3 conditional writes, or
 flock on a local path) under <train.storage_path>/_locks/, and a compare-and-set of the
 alias under it (see pipeline/retrain.py).
@@ -24,6 +30,7 @@ Examples:
   fmpipe retrain --data s3://data/digits --storage s3://runs retrain.images=40000
   fmpipe retrain --config my.yaml retrain.promote_margin=0.002 retrain.from_scratch=true
   fmpipe submit retrain --data s3://data/digits --storage s3://runs   # on a Ray cluster
+  fmpipe retrain --candidate models:/digits/7 --metric fd_classifier   # a reflowed version
 
 Exit status: 0 for every outcome above (promoted, rejected, no new data, busy); 2 for bad
 input (a config error, a missing dataset or model); 130 when interrupted; 1 for any other
@@ -78,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fresh weights, not the champion's (retrain.from_scratch=true)",
     )
+    parser.add_argument(
+        "--candidate", metavar="MODEL", help="judge this registered version (a reflow, a "
+        "student) instead of training one: models:/<name>/<version> (retrain.candidate)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--metric", metavar="NAME", help="what decides: val_loss | fd_classifier | fid "
+        "(retrain.metric)",
+    )  # fmt: skip
     add_config_arguments(parser)
     return parser
 
@@ -90,6 +105,8 @@ SHORTCUTS = {
     "images": "retrain.images",
     "margin": "retrain.promote_margin",
     "from_scratch": "retrain.from_scratch",
+    "candidate": "retrain.candidate",
+    "metric": "retrain.metric",
 }
 
 
@@ -111,11 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         check_batch_split(cfg)
         # Imported here: `fmpipe retrain --help` does not import Ray, torch or MLflow.
         from pipeline.rayenv import interrupts_as_keyboard_interrupt
-        from pipeline.retrain import retrain
+
+        if cfg.retrain.candidate.strip():
+            from pipeline.promote import judge_candidate as step
+        else:
+            from pipeline.retrain import retrain as step
 
         def run() -> None:
             with interrupts_as_keyboard_interrupt():
-                retrain(cfg)
+                step(cfg)
 
         return run_guarded("retrain", run, "the next run resumes the candidate")
 

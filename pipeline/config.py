@@ -245,6 +245,10 @@ class RetrainConfig(Section):
     images: int = Field(20_000, ge=1)  # images the candidate trains for (from its start)
     from_scratch: bool = False  # fresh weights instead of the champion's checkpoint
     alias: str = Field("champion", min_length=1)  # registry alias that marks the champion
+    # a registered version to judge instead of training one (a reflow or distilled student
+    # of the champion: models:/<name>/<version>); sampled at its own rule, promoted when it
+    # needs no more NFE than the champion and beats it on `metric` (pipeline/promote.py)
+    candidate: str = ""
 
 
 class ReflowConfig(Section):

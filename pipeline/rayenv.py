@@ -10,6 +10,9 @@ the module that needs it, and remove one when the test shows it no longer earns 
   ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` they answer on 0.0.0.0 without the token), and
   Ray's error records off the console (a job reports the error as one line) and in the
   job's log file.
+  A start whose raylet misses Ray's fixed 30 s registration window (an overloaded
+  machine) is retried once after its processes are killed; without it the job fails with
+  "The current node timed out during startup".
 - :func:`interrupts_as_keyboard_interrupt`: Ray Train's own SIGINT handler turns Ctrl-C into
   ``sys.exit(0)`` inside ``fit()`` (exit 1, nothing said); inside the block Ctrl-C stops the
   run and raises ``KeyboardInterrupt``, which the jobs report as "interrupted" (exit 130).
@@ -161,6 +164,30 @@ def _will_start_local_ray() -> bool:
         return False
 
 
+# Ray gives a new local node's raylet a fixed 30 s to register with its GCS
+# (ray/_private/node.py, not configurable); on an overloaded machine (2 cores, other jobs
+# starting their own Rays) it can miss that once and succeed at the next try.
+_STARTUP_TIMEOUT = "timed out during startup"
+_START_ATTEMPTS = 2
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _kill_unstarted_node(before: set[int]) -> None:
+    """Kill the processes a failed local start left (its GCS, raylet, ...): this process's
+    children that were not there before the start (servers a caller runs are spared)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        if child.pid not in before:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Start a quiet local Ray unless one is running (or ``ray job submit`` connected us).
 
@@ -185,14 +212,23 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
             saved = ray_constants.ENABLE_RAY_CLUSTER
             ray_constants.ENABLE_RAY_CLUSTER = False
             try:
-                with scoped_environ(_loopback_environ()):
-                    ray.init(
-                        num_cpus=num_cpus,
-                        log_to_driver=False,
-                        logging_level=logging.WARNING,
-                        include_dashboard=False,
-                        _node_ip_address="127.0.0.1",
-                    )
+                for attempt in range(1, _START_ATTEMPTS + 1):
+                    before = _child_pids()
+                    try:
+                        with scoped_environ(_loopback_environ()):
+                            ray.init(
+                                num_cpus=num_cpus,
+                                log_to_driver=False,
+                                logging_level=logging.WARNING,
+                                include_dashboard=False,
+                                _node_ip_address="127.0.0.1",
+                            )
+                        break
+                    except Exception as exc:
+                        if attempt == _START_ATTEMPTS or _STARTUP_TIMEOUT not in str(exc):
+                            raise
+                        log.warning("local Ray did not start (%s); retrying", exc)
+                        _kill_unstarted_node(before)
             finally:
                 ray_constants.ENABLE_RAY_CLUSTER = saved
         else:

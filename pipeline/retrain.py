@@ -116,6 +116,7 @@ __all__ = [
     "open_lease",
     "promote_if_unchanged",
     "read_champion",
+    "record_outcome",
     "retrain",
 ]
 
@@ -149,7 +150,7 @@ def _prior_evaluation(
     return None
 
 
-def _record(client: MlflowClient, name: str, outcome: str, message: str) -> None:
+def record_outcome(client: MlflowClient, name: str, outcome: str, message: str) -> None:
     """What the last retrain concluded, as tags of the registered model (best effort)."""
     from pipeline.redact import scrub
 
@@ -270,7 +271,7 @@ def retrain(cfg: Config, *, print_fn: Callable[[str], None] | None = print) -> R
 
     def done(outcome: Outcome, message: str, champion: Champion | None, **kw) -> RetrainResult:
         say(f"[retrain] {message}")
-        _record(client, name, outcome, message)
+        record_outcome(client, name, outcome, message)
         return RetrainResult(
             outcome,
             message,
@@ -544,7 +545,7 @@ def _train_evaluate_promote(
         now_at = alias_version(client, name, alias) or "none"
         message = f"rejected {name} version {version}: {reason}; '{alias}' is at version {now_at}"
     say(f"[retrain] {message}")
-    _record(client, name, decision, message)
+    record_outcome(client, name, decision, message)
     return RetrainResult(
         "promoted" if promoted else "rejected",
         message,

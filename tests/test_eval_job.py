@@ -282,3 +282,100 @@ def test_sweep_tables_and_plots_quality_against_nfe(cfg, classifier, tmp_path) -
     artifacts = [a.path for a in client.list_artifacts(result.run_id, "eval")]
     assert "eval/sweep.png" in artifacts and "eval/sweep.txt" in artifacts, artifacts
     assert len(client.get_metric_history(result.run_id, "sweep/fd")) == 4
+
+
+def test_a_sweep_of_several_models_is_one_table_one_plot_and_one_run(cfg, classifier, tmp_path):
+    """fmpipe eval --sweep --model A --model B: the same seeds and reference for both, a curve
+    per model in one plot, each model's metrics under its own name in one MLflow run."""
+    from pipeline.eval.job import sweep_table
+
+    run = cfg.model_copy(deep=True)
+    run.eval.num_samples, run.eval.sweep_solvers, run.eval.sweep_steps = 40, ["euler"], [1, 2]
+    a = str(_checkpoint(run, tmp_path / "a" / "checkpoint_000000000064", 0.2))
+    b = str(_checkpoint(run, tmp_path / "b" / "checkpoint_000000000064", 0.05))
+    result = evaluate(run, model=[a, b], names=["base", "2-RF"], sweep=True, say=lambda _: None)
+    assert [(p.model, p.steps) for p in result.sweep] == [
+        ("base", 1), ("base", 2), ("2-RF", 1), ("2-RF", 2)
+    ]  # fmt: skip
+    fd = {(p.model, p.steps): p.scores.fd for p in result.sweep}
+    assert fd["base", 1] != fd["2-RF", 1]  # two models, not one scored twice
+    alone = evaluate(run, model=a, sweep=True, track=False, say=lambda _: None)
+    assert [p.scores.fd for p in alone.sweep] == [fd["base", 1], fd["base", 2]]  # same seeds
+    assert [p.nfe for p in alone.sweep] == [1, 2]  # sets reused: their NFE as recorded
+    table = sweep_table(result.sweep)
+    assert table.splitlines()[0].startswith("model") and table.count("2-RF") == 2, table
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    history = client.get_metric_history(result.run_id, "sweep/2-RF/fd")
+    assert [m.value for m in history] == pytest.approx([fd["2-RF", 1], fd["2-RF", 2]])
+    assert client.get_run(result.run_id).data.tags["fmpipe.eval.models"] == '["base", "2-RF"]'
+    assert "eval/sweep.png" in [a.path for a in client.list_artifacts(result.run_id, "eval")]
+    with pytest.raises(ValueError, match="add --sweep"):
+        evaluate(run, model=[a, b], say=lambda _: None)
+
+
+def _register_checkpoints(cfg: Config, name: str, checkpoints: list[Path]) -> list[str]:
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker.start(cfg, experiment="judge-test", run_name=name)
+    versions = []
+    for i, ckpt in enumerate(checkpoints):
+        tracker.log_artifacts(ckpt, f"checkpoints/{i}")
+        versions.append(tracker.register_model_version(name, f"checkpoints/{i}"))
+    tracker.end()
+    return versions
+
+
+def test_retrain_judges_a_registered_candidate_at_the_champions_nfe_budget(
+    cfg, classifier, tmp_path
+) -> None:
+    """fmpipe retrain --candidate: a 1-step version (a student's own rule) against a champion
+    sampled at 2 steps, by fd_classifier on the same seeds; promoted exactly when its figures
+    say so, a candidate that needs more NFE than the champion rejected for that alone, and a
+    decided candidate not scored again."""
+    from pipeline.config import ConfigError
+    from pipeline.promote import judge_candidate
+
+    run = cfg.model_copy(deep=True)
+    run.eval.num_samples, run.eval.solver, run.eval.steps = 40, "euler", 2
+    run.train.registered_model_name, run.retrain.metric = "judged", "fd_classifier"
+    champion, student, slow = _register_checkpoints(
+        run, "judged",
+        [_checkpoint(run, tmp_path / "c" / "checkpoint_000000000064", 1.0),  # saturated samples
+         _checkpoint(run, tmp_path / "s" / "checkpoint_000000000064", 0.2),
+         _checkpoint(run, tmp_path / "h" / "checkpoint_000000000064", 0.2)],
+    )  # fmt: skip
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    client.set_registered_model_alias("judged", "champion", champion)
+    client.set_model_version_tag("judged", student, "fmpipe.sample.solver", "euler")
+    client.set_model_version_tag("judged", student, "fmpipe.sample.steps", "1")
+    client.set_model_version_tag("judged", slow, "fmpipe.sample.solver", "heun")
+    client.set_model_version_tag("judged", slow, "fmpipe.sample.steps", "4")
+
+    run.retrain.candidate = f"models:/judged/{student}"
+    lines: list[str] = []
+    result = judge_candidate(run, print_fn=lines.append)
+    cand, champ = result.extra["candidate"], result.extra["champion"]
+    assert (cand.nfe, champ.nfe) == (1, 2) and cand.rule == "euler x 1", lines
+    tags = client.get_model_version("judged", student).tags
+    assert float(tags["fd_classifier"]) == pytest.approx(cand.fd, rel=1e-5)
+    assert float(tags["champion_fd_classifier"]) == pytest.approx(champ.fd, rel=1e-5)
+    assert tags["fmpipe.retrain.nfe"] == "1" and tags["fmpipe.retrain.champion_nfe"] == "2"
+    assert cand.fd < champ.fd, (cand, champ)  # the saturated champion is far from digits
+    assert result.outcome == "promoted" and tags["fmpipe.retrain.decision"] == "promoted"
+    assert str(client.get_model_version_by_alias("judged", "champion").version) == student
+
+    run.retrain.candidate = f"models:/judged/{slow}"  # heun x 4: 8 NFE against 1
+    rejected = judge_candidate(run, print_fn=lines.append)
+    assert rejected.outcome == "rejected"
+    assert "more than the champion's budget of 1 (euler x 1)" in rejected.message, rejected.message
+    assert str(client.get_model_version_by_alias("judged", "champion").version) == student
+    again = judge_candidate(run, print_fn=lines.append)
+    assert again.outcome == "already_evaluated" and "rejected" in again.message
+    assert "candidate" not in again.extra  # not scored again
+
+    run.retrain.metric = "val_loss"
+    with pytest.raises(ConfigError, match=r"retrain\.metric=fd_classifier"):
+        judge_candidate(run, print_fn=lines.append)
+    run.retrain.metric, run.retrain.candidate = "fd_classifier", "models:/other/1"
+    with pytest.raises(ConfigError, match=r"not a version of train\.registered_model_name"):
+        judge_candidate(run, print_fn=lines.append)

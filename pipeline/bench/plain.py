@@ -57,7 +57,7 @@ def sync(device: torch.device) -> None:
 class PlainTrainer:
     """The plain PyTorch training step (module doc) on one device.
 
-    ``step(x_1 (B, C, H, W), label (B,) | None)`` trains on one batch.
+    ``step(x_1 (B, C, H, W), label (B,) | None, x_0=None)`` trains on one batch.
     """
 
     def __init__(self, cfg: Config, data_shape: tuple[int, ...], device: torch.device) -> None:
@@ -81,10 +81,13 @@ class PlainTrainer:
         self.ema_beta = 0.5 ** (cfg.data.batch_size / t.ema_halflife_images)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
-    def step(self, x_1: Tensor, label: Tensor | None) -> None:
+    def step(self, x_1: Tensor, label: Tensor | None, x_0: Tensor | None = None) -> None:
+        """One step on ``x_1``; ``x_0`` (same shape) fixes each row's noise (reflow's
+        coupling), None draws it ~ N(0, I) from the trainer's generator."""
         t_cfg = self.cfg.train
         batch = x_1.shape[0]
-        x_0 = torch.randn(x_1.shape, generator=self.generator, device=self.device)
+        if x_0 is None:
+            x_0 = torch.randn(x_1.shape, generator=self.generator, device=self.device)
         t = torch.rand(batch, generator=self.generator, device=self.device)
         if self.num_classes > 0 and label is not None:
             label = label.clamp(min=0)  # unlabelled rows (-1) would be class 0; digits have none

@@ -3,14 +3,17 @@ samples/s each needs for the base's best quality.
 
 1. ``fmpipe reflow`` of the base (its pairs, sampled at ``sample.solver`` x ``sample.steps``,
    timed apart from the training: the pairs are a one-off cost, counted separately).
-2. The base and the reflowed model through ``fmpipe eval``'s sweep (Euler at each of
-   ``--steps``, ``eval.num_samples`` samples at ``eval.seed``, one reference): FD in the
-   dataset classifier's features, recall, conditional accuracy.
-3. Matched quality: the target is the base's FD at its largest step count; each model's
+2. With ``distill_steps`` K > 0, ``fmpipe reflow --distill K`` of the reflowed model: a
+   K-step student trained on the reflowed model's own pairs (``distill_images`` images).
+3. The base, the reflowed model and the student through ``fmpipe eval``'s sweep of several
+   models (Euler at each of ``--steps``, ``eval.num_samples`` samples at ``eval.seed``, one
+   reference): FD in the dataset classifier's features, recall, conditional accuracy; one
+   plot with the three curves, in one MLflow run.
+4. Matched quality: the target is the base's FD at its largest step count; each model's
    fewest NFE whose FD is at most that target.
-4. Samples/s at those NFE, measured side by side in this process with the sampler's own
-   :func:`pipeline.sample.sampler.integrate_range` on the same blocks; the ratio is the
-   reflowed model's against the base's (the named baseline: the base at its target NFE).
+5. Samples/s at those NFE, measured side by side in this process with the sampler's own
+   :func:`pipeline.sample.sampler.integrate_range` on the same blocks; the ratio is each
+   model's against the base's (the named baseline: the base at its target NFE).
 """
 
 from __future__ import annotations
@@ -59,15 +62,22 @@ def _samples_per_second(cfg: Config, model: str, steps: int, num_samples: int) -
     return count / (time.perf_counter() - began)
 
 
+def _registered(result) -> str:
+    return f"models:/{result.train.registered_model_name}/{result.train.registered_version}"
+
+
 def run_reflow_benchmark(
     cfg: Config,
     *,
     steps: tuple[int, ...] = (1, 2, 4, 8, 32),
     speed_samples: int = 200,
+    distill_steps: int = 1,
+    distill_images: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, float | None]:
     """Run the benchmark (module doc) on ``cfg.reflow.base``; prints the tables and returns
-    the figures (``speedup``: reflowed samples/s at its matched NFE over the base's)."""
+    the figures (``speedup``: the reflowed model's samples/s at its matched NFE over the
+    base's; ``student_speedup`` the student's; None where a model misses the target)."""
     from pipeline.eval.job import evaluate, sweep_table
     from pipeline.reflow import reflow
 
@@ -78,38 +88,55 @@ def run_reflow_benchmark(
     result = reflow(cfg, print_fn=log)
     total = time.perf_counter() - began
     train_s = result.train.wall_seconds
-    reflowed = f"models:/{result.train.registered_model_name}/{result.train.registered_version}"
+    rf_name = f"{result.k + 1}-RF"  # Liu et al.'s names: the base is 1-RF, k reflows (k + 1)-RF
+    models = {"base": cfg.reflow.base, rf_name: _registered(result)}
     log(f"\nreflow: {total:.0f} s in all, training {train_s:.0f} s, pairs and set-up "
         f"{total - train_s:.0f} s ({result.pairs_sampled:,} pairs sampled now)")  # fmt: skip
+    figures: dict[str, float | None] = {"pairs_s": total - train_s}
+    if distill_steps > 0:
+        dcfg = cfg.model_copy(deep=True)
+        dcfg.reflow.base, dcfg.reflow.pairs_out = models[rf_name], ""
+        dcfg.train.objective, dcfg.train.distill_steps = "distill", distill_steps
+        dcfg.train.run_name = ""  # distill-<reflowed>-<K>step
+        if distill_images:
+            dcfg.train.total_images = distill_images
+        began = time.perf_counter()
+        student = reflow(dcfg, print_fn=log)
+        models[f"student-{distill_steps}"] = _registered(student)
+        figures["student_pairs_s"] = time.perf_counter() - began - student.train.wall_seconds
+        log(f"\ndistillation: {time.perf_counter() - began:.0f} s in all, training "
+            f"{student.train.wall_seconds:.0f} s")  # fmt: skip
 
     sweep = cfg.model_copy(deep=True)
     sweep.eval.sweep_solvers, sweep.eval.sweep_steps = ["euler"], list(steps)
-    curves = []
-    # Liu et al.'s names: the base is 1-RF, k reflows make (k + 1)-RF
-    for name, model in (("base", cfg.reflow.base), (f"{result.k + 1}-RF", reflowed)):
-        done = evaluate(sweep, model=model, sweep=True, say=log)
-        curves.append(_Curve(name, model, done.sweep))
-        log(f"\n{name} ({model}):\n{sweep_table(done.sweep)}")
-
-    base, rf = curves
+    done = evaluate(sweep, model=list(models.values()), names=list(models), sweep=True, say=log)
+    log(f"\n{sweep_table(done.sweep)}")
+    log(f"plot: {done.plot_path}" + (f" (MLflow run {done.run_id})" if done.run_id else ""))
+    curves = [
+        _Curve(name, model, [p for p in done.sweep if p.model == name])
+        for name, model in models.items()
+    ]
+    base = curves[0]
     target = base.points[-1].scores.fd
-    figures: dict[str, float | None] = {"target_fd": target, "pairs_s": total - train_s}
+    figures["target_fd"] = target
     log(f"\nmatched quality: FD <= {target:.4f} (the base at {base.points[-1].nfe:g} NFE)")
     rates = {}
     for curve in curves:
         nfe = curve.fewest_nfe(target)
         figures[f"{curve.name}_nfe"] = nfe
         if nfe is None:
-            log(f"  {curve.name:<6} does not reach it at {', '.join(map(str, steps))} steps")
+            best = min(curve.points, key=lambda p: p.scores.fd)
+            log(f"  {curve.name:<10} does not reach it at {', '.join(map(str, steps))} steps "
+                f"(best FD {best.scores.fd:.4f} at {best.nfe:g} NFE)")  # fmt: skip
             continue
         rates[curve.name] = _samples_per_second(cfg, curve.model, int(nfe), speed_samples)
-        log(f"  {curve.name:<6} {nfe:g} NFE  {rates[curve.name]:8.1f} samples/s")
-    if "base" in rates and rf.name in rates:
-        figures["speedup"] = rates[rf.name] / rates["base"]
-        log(f"  ratio {rf.name} / base at equal quality: {figures['speedup']:.2f}x "
-            "(goal >= 8x)")  # fmt: skip
-    else:
-        figures["speedup"] = None
-        log(f"  ratio: {rf.name} does not reach the base's quality in this sweep")
-    log("  distilled student: not built yet (issue 16, item 3)")
+        log(f"  {curve.name:<10} {nfe:g} NFE  {rates[curve.name]:8.1f} samples/s")
+    for curve in curves[1:]:
+        key = "speedup" if curve.name == rf_name else "student_speedup"
+        if "base" in rates and curve.name in rates:
+            figures[key] = rates[curve.name] / rates["base"]
+            log(f"  ratio {curve.name} / base at equal quality: {figures[key]:.2f}x (goal >= 8x)")
+        else:
+            figures[key] = None
+            log(f"  ratio {curve.name} / base: {curve.name} does not reach the base's quality")
     return figures

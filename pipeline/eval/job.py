@@ -13,15 +13,19 @@
    (``eval.<network>.fd`` ...) when the model came from the registry.
 
 ``--sweep`` repeats 3-4 for every solver x steps of ``eval.sweep_solvers`` x
-``eval.sweep_steps`` and plots the metric against NFE (PNG on disk and in MLflow).
+``eval.sweep_steps`` and plots the metric against NFE (PNG on disk and in MLflow). Several
+models in one sweep (``--model A --model B ...``: a base, its reflow, a distilled student)
+are scored on the same seeds against one reference (the first model's data) and drawn as
+one plot, a curve per model and solver, in one MLflow run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ __all__ = [
     "evaluate_samples",
     "network_spec",
     "score_models",
+    "score_models_at",
     "with_reference_data",
 ]
 
@@ -112,6 +117,7 @@ class SweepPoint:
     steps: int
     nfe: float
     scores: Scores
+    model: str = ""  # its name in a sweep of several models (the plot's legend)
 
 
 @dataclass
@@ -148,12 +154,17 @@ class EvalResult:
 
 
 def sweep_table(points: list[SweepPoint]) -> str:
-    rows = ["solver   steps    NFE          FD     KIDx1e3  precision  recall  accuracy"]
+    """One row per point; a model column when the points come from several models."""
+    several = len({p.model for p in points}) > 1
+    width = max([len(p.model) for p in points] + [5]) if several else 0
+    head = "solver   steps    NFE          FD     KIDx1e3  precision  recall  accuracy"
+    rows = [(f"{'model':<{width}}  " if several else "") + head]
     for p in points:
         s = p.scores
         acc = f"{s.accuracy:8.4f}" if s.accuracy is not None else "       -"
         rows.append(
-            f"{p.solver:<8} {p.steps:>5} {p.nfe:>6g} {s.fd:>11.4f} {1e3 * s.kid:>11.4f} "
+            (f"{p.model:<{width}}  " if several else "")
+            + f"{p.solver:<8} {p.steps:>5} {p.nfe:>6g} {s.fd:>11.4f} {1e3 * s.kid:>11.4f} "
             f"{s.precision:>10.4f} {s.recall:>7.4f} {acc}"
         )
     return "\n".join(rows)
@@ -218,6 +229,11 @@ def generate_for_eval(
     return generate(run, track=False, log_line=say)
 
 
+def _metric_prefix(name: str) -> str:
+    """``sweep/`` for one model; ``sweep/<name>/`` (MLflow's allowed characters) for several."""
+    return f"sweep/{re.sub(r'[^A-Za-z0-9_. -]', '_', name)}/" if name else "sweep/"
+
+
 def _log(
     cfg: Config, result: EvalResult, model_name: str, model_version: str, title: str
 ) -> str | None:
@@ -227,6 +243,9 @@ def _log(
     tags = {"fmpipe.job": "eval", "fmpipe.eval_network": result.network}
     if model_name:
         tags |= {"fmpipe.model_name": model_name, "fmpipe.model_version": model_version}
+    several = len({p.model for p in result.sweep}) > 1
+    if several:
+        tags["fmpipe.eval.models"] = json.dumps(list(dict.fromkeys(p.model for p in result.sweep)))
     experiment = cfg.tracking.eval_experiment
     with Tracker.start(cfg, experiment=experiment, run_name=title, tags=tags) as tr:
         tr.log_params({"eval.network": result.network, "eval.samples": result.samples_uri,
@@ -234,8 +253,11 @@ def _log(
         if result.scores is not None:
             tr.log_metrics(result.scores.metrics("eval/"), step=0)
             tr.log_text(json.dumps(result.scores.to_dict(), indent=2), "eval/scores.json")
-        for i, point in enumerate(result.sweep):
-            tr.log_metrics({**point.scores.metrics("sweep/"), "sweep/nfe": point.nfe}, step=i)
+        steps: dict[str, int] = {}
+        for point in result.sweep:
+            step = steps[point.model] = steps.get(point.model, -1) + 1
+            prefix = _metric_prefix(point.model if several else "")
+            tr.log_metrics({**point.scores.metrics(prefix), f"{prefix}nfe": point.nfe}, step=step)
         if result.sweep:
             tr.log_text(sweep_table(result.sweep), "eval/sweep.txt")
         if result.plot_path is not None:
@@ -255,22 +277,34 @@ def evaluate(
     cfg: Config,
     *,
     samples: str = "",
-    model: str = "",
+    model: str | Sequence[str] = "",
+    names: Sequence[str] = (),
     sweep: bool = False,
     track: bool = True,
     say: Callable[[str], None] = print,
 ) -> EvalResult:
     """Evaluate ``samples`` (a sample output URI) or ``model`` (see module doc), on the
-    connected Ray or one local Ray started for the whole call."""
-    if bool(samples) == bool(model):
+    connected Ray or one local Ray started for the whole call.
+
+    ``model`` may be several models with ``sweep``: each is swept on the same seeds against
+    the first one's reference, ``names`` (default: the models as given) label their curves.
+    """
+    models = [model] if isinstance(model, str) else list(model)
+    models = [m for m in models if m]
+    if bool(samples) == bool(models):
         raise ValueError("give exactly one of --samples URI or --model MODEL")
-    if sweep and not model:
+    if sweep and not models:
         raise ValueError("--sweep evaluates a model over solvers and steps: give --model")
+    if len(models) > 1 and not sweep:
+        raise ValueError("several --model are compared over solvers and steps: add --sweep")
+    names = list(names) or models
+    if len(names) != len(models) or len(set(names)) != len(names):
+        raise ValueError(f"names {names} must name each of the models {models} once")
     from pipeline.rayenv import ensure_ray
 
     started = ensure_ray()
     try:
-        return _evaluate(cfg, samples, model, sweep, track, say)
+        return _evaluate(cfg, samples, models, names, sweep, track, say)
     finally:
         if started:
             import ray
@@ -279,17 +313,18 @@ def evaluate(
 
 
 def _evaluate(
-    cfg: Config, samples: str, model: str, sweep: bool, track: bool, say: Callable[[str], None]
-) -> EvalResult:
+    cfg: Config, samples: str, models: list[str], names: list[str], sweep: bool, track: bool,
+    say: Callable[[str], None],
+) -> EvalResult:  # fmt: skip
     began = time.perf_counter()
     model_name, model_version = "", ""
-    if model.startswith("models:/"):
+    if len(models) == 1 and models[0].startswith("models:/"):
         from pipeline.registry import resolve_model_uri
 
-        resolved = resolve_model_uri(model, cfg)
+        resolved = resolve_model_uri(models[0], cfg)
         model_name, model_version = resolved.name or "", resolved.version or ""
-    if model:
-        cfg = with_reference_data(cfg, model)
+    if models:
+        cfg = with_reference_data(cfg, models[0])
     network = network_spec(cfg)
     key, _ = network_identity(network)
     reference = reference_features(cfg, network, key, say=say)
@@ -301,23 +336,25 @@ def _evaluate(
     if samples:
         result.scores = scored(samples)
     elif not sweep:
-        made = generate_for_eval(cfg, model, cfg.eval.solver, cfg.eval.steps, say)
+        made = generate_for_eval(cfg, models[0], cfg.eval.solver, cfg.eval.steps, say)
         result.samples_uri, result.model = made.out_uri, made.model
         result.scores = scored(made.out_uri)
     else:
-        for solver in cfg.eval.sweep_solvers:
-            for steps in cfg.eval.sweep_steps:
-                made = generate_for_eval(cfg, model, solver, steps, say)
-                point = SweepPoint(solver, steps, made.nfe_per_sample, scored(made.out_uri))
-                result.sweep.append(point)
-                result.model = made.model
-                say(
-                    f"[eval] {solver} x {steps} steps ({point.nfe:g} NFE): FD {point.scores.fd:.4f}"
-                )
-        result.plot_path = _plot_sweep(result.sweep, key, model)
+        several = len(models) > 1
+        for model, name in zip(models, names, strict=True):
+            for solver in cfg.eval.sweep_solvers:
+                for steps in cfg.eval.sweep_steps:
+                    made = generate_for_eval(cfg, model, solver, steps, say)
+                    point = SweepPoint(solver, steps, made.nfe_per_sample, scored(made.out_uri),
+                                       model=name if several else "")  # fmt: skip
+                    result.sweep.append(point)
+                    result.model = made.model
+                    say(f"[eval] {name + ': ' if several else ''}{solver} x {steps} steps "
+                        f"({point.nfe:g} NFE): FD {point.scores.fd:.4f}")  # fmt: skip
+        result.plot_path = _plot_sweep(result.sweep, key, " vs ".join(names))
     if track:
-        result.run_id = _log(cfg, result, model_name, model_version,
-                             f"eval-{model_name or 'samples'}")  # fmt: skip
+        title = "eval-compare" if len(models) > 1 else f"eval-{model_name or 'samples'}"
+        result.run_id = _log(cfg, result, model_name, model_version, title)
     result.wall_seconds = time.perf_counter() - began
     return result
 
@@ -336,6 +373,23 @@ def score_models(
     """Scores of each model under ``metric``'s network (``fd_classifier``, ``fid``): the same
     ``eval.seed`` noise, solver and steps for all, one reference; samples under
     ``out_root/<i>`` (retraining: a temporary directory)."""
+    rule = (cfg.eval.solver, cfg.eval.steps)
+    points = score_models_at(cfg, metric, [(m, *rule) for m in models], out_root=out_root,
+                             say=say)  # fmt: skip
+    return [p.scores for p in points]
+
+
+def score_models_at(
+    cfg: Config,
+    metric: str,
+    models: list[tuple[str, str, int]],
+    *,
+    out_root: str,
+    say: Callable[[str], None] = print,
+) -> list[SweepPoint]:
+    """Each ``(model, solver, steps)`` scored under ``metric``'s network on the same
+    ``eval.seed`` noise against one reference, with the NFE per sample its solver spent;
+    samples under ``out_root/<i>``."""
     from pipeline.rayenv import ensure_ray
 
     cfg = cfg.model_copy(deep=True)
@@ -345,15 +399,14 @@ def score_models(
         network = network_spec(cfg)
         key, _ = network_identity(network)
         reference = reference_features(cfg, network, key, say=say)
-        scores = []
-        for i, model in enumerate(models):
+        points = []
+        for i, (model, solver, steps) in enumerate(models):
             out = f"{out_root.rstrip('/')}/{i}"
-            made = generate_for_eval(cfg, model, cfg.eval.solver, cfg.eval.steps, say, out=out)
-            scores.append(
-                evaluate_samples(cfg, made.out_uri, network=network, reference=reference,
-                                 say=say)[0]
-            )  # fmt: skip
-        return scores
+            made = generate_for_eval(cfg, model, solver, steps, say, out=out)
+            scores = evaluate_samples(cfg, made.out_uri, network=network, reference=reference,
+                                      say=say)[0]  # fmt: skip
+            points.append(SweepPoint(solver, steps, made.nfe_per_sample, scores, model=model))
+        return points
     finally:
         if started:
             import ray
@@ -362,14 +415,15 @@ def score_models(
 
 
 def _plot_sweep(points: list[SweepPoint], network: str, model: str) -> Path:
-    """Fréchet distance against NFE, one line per solver: ``<home>/eval/<hash>/sweep.png``."""
+    """Fréchet distance against NFE, one line per solver (per model and solver when the
+    points come from several models): ``<home>/eval/<hash>/sweep.png``."""
     from pipeline.viz import curves_png
 
-    curves = {
-        solver: ([p.nfe for p in points if p.solver == solver],
-                 [p.scores.fd for p in points if p.solver == solver])
-        for solver in dict.fromkeys(p.solver for p in points)
-    }  # fmt: skip
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    for p in points:
+        xs, ys = curves.setdefault(f"{p.model} {p.solver}".strip(), ([], []))
+        xs.append(p.nfe)
+        ys.append(p.scores.fd)
     digest = hashlib.sha256(f"{model}|{network}".encode()).hexdigest()[:12]
     path = fmpipe_home() / "eval" / digest / "sweep.png"
     return curves_png(curves, path, f"{model}: quality against NFE", xlabel="NFE per sample",

@@ -176,7 +176,16 @@ def _all_shards(plan: SamplePlan, rows: list[dict[str, Any]]) -> list[ShardInfo]
     return [done[j] for j in range(len(plan.ranges))]
 
 
-def _manifest(cfg: Config, plan: SamplePlan, shards: list[ShardInfo]) -> Manifest:
+def _recorded_nfe(out: Location) -> float:
+    """``nfe_per_sample`` of the manifest already at ``out`` (0.0: none, or none recorded)."""
+    try:
+        found = Manifest.from_json(out.child(MANIFEST_NAME).read_bytes().decode())
+        return float(found.extra.get("nfe_per_sample", 0.0))
+    except Exception:  # no manifest yet, or an older one: the figure is unknown
+        return 0.0
+
+
+def _manifest(cfg: Config, plan: SamplePlan, shards: list[ShardInfo], nfe: float) -> Manifest:
     source = plan.source
     return Manifest(
         split="samples",
@@ -193,6 +202,7 @@ def _manifest(cfg: Config, plan: SamplePlan, shards: list[ShardInfo]) -> Manifes
             "model_version": source.version,
             "train_run_id": source.train_run_id,
             "use_ema": cfg.sample.use_ema,
+            "nfe_per_sample": nfe,
         },
     )
 
@@ -236,12 +246,14 @@ def finalize(
     ``began``: ``time.perf_counter()`` at the start of the job (for the wall time).
     """
     rows = ran.rows
-    manifest = _manifest(cfg, plan, _all_shards(plan, rows))
+    blocks = sum(int(r["blocks"]) for r in rows)
+    # NFE per sample: of the blocks integrated now, else (a complete set found) as recorded
+    nfe = sum(int(r["nfe"]) for r in rows) / blocks if blocks else _recorded_nfe(plan.out)
+    manifest = _manifest(cfg, plan, _all_shards(plan, rows), nfe)
     plan.out.child(MANIFEST_NAME).write_bytes(manifest.to_json().encode())
     grid, grid_path = _save_grid(plan)
 
     written = sum(int(r["num_samples"]) for r in rows)
-    blocks = sum(int(r["blocks"]) for r in rows)
     result = SampleResult(
         out_uri=plan.out.uri,
         num_samples=manifest.num_samples,
@@ -251,7 +263,7 @@ def finalize(
         wall_seconds=time.perf_counter() - began,
         generate_seconds=ran.seconds,
         samples_per_sec=written / ran.seconds if ran.seconds > 0 else 0.0,
-        nfe_per_sample=sum(int(r["nfe"]) for r in rows) / blocks if blocks else 0.0,
+        nfe_per_sample=nfe,
         manifest=manifest,
         shard_seconds=sum(float(r["seconds"]) for r in rows),
         grid_path=grid_path,
