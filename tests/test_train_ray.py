@@ -132,32 +132,66 @@ def test_ddp_two_workers_match_one_worker(reference, tmp_path):
     assert_same(final_weights(result), reference, atol=2e-5, rtol=1e-4)
 
 
-def test_rerun_resumes_exactly_in_one_mlflow_run(reference, tmp_path, mlflow_server):
-    """Stop at 24 images (a checkpoint), re-run the same name to TOTAL: identical weights."""
+def test_rerun_resumes_exactly_in_one_mlflow_run_and_refuses_another_network(
+    reference, tmp_path, mlflow_server
+):
+    """Stop at 24 images (a checkpoint). A re-run with a changed model config is refused up
+    front (one line naming the key, before any worker; the run's MLflow status stays
+    FINISHED). Then two re-runs to TOTAL, each bit-exact with the uninterrupted reference:
+    the run itself (same MLflow run, each step logged once) and a copy of it whose newest
+    checkpoint is torn as a killed upload leaves it (it resumes from the newest COMPLETE
+    one and says so)."""
+    import shutil
+
     from mlflow import MlflowClient
+
+    from pipeline.config import ConfigError
 
     uri = mlflow_server.uri
 
-    def cfg_for(total: int):
+    def cfg_for(total: int, **model):
         cfg = tiny_cfg(tmp_path, "resume", total_images=total)
         cfg.tracking.uri, cfg.tracking.experiment = uri, "resume-test"
+        for key, value in model.items():
+            setattr(cfg.model, key, value)
         return cfg
 
     part = run(cfg_for(24), track=True)
     assert part.images_seen == 24 and part.mlflow_run_id
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(part.mlflow_run_id).info.status == "FINISHED"
+
+    # another network cannot continue the run
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"model\.base_channels=16 \(the run has 8\)"):
+        run(cfg_for(24, base_channels=16), track=True)
+    assert time.perf_counter() - started < 30  # refused up front, not by a worker
+    assert client.get_run(part.mlflow_run_id).info.status == "FINISHED"
+
+    # a copy of the stopped run with a torn newest checkpoint (untracked)
+    shutil.copytree(tmp_path / "runs" / "resume", tmp_path / "runs" / "torn")
+    torn = tmp_path / "runs" / "torn" / "checkpoint_000000000024" / "model.pt"
+    torn.write_bytes(torn.read_bytes()[:100])  # what a killed upload leaves
+
     rest = run(cfg_for(TOTAL), track=True)
     assert rest.resumed_from == 24 and rest.images_seen == TOTAL
     assert rest.metrics["step"] == 6
     assert any("resuming at 24 images" in line for line in rest.extra["lines"])
     assert_same(final_weights(rest), reference)  # bit-exact: state, RNG and data restored
 
-    client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("resume-test")
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [part.mlflow_run_id] == [rest.mlflow_run_id]
     assert runs[0].info.status == "FINISHED"
     history = client.get_metric_history(part.mlflow_run_id, "loss")
     assert sorted({m.step for m in history}) == [8, 16, 24, 32, 40, 44]
+
+    from_torn = run(tiny_cfg(tmp_path, "torn"))
+    lines = from_torn.extra["lines"]
+    assert any("found checkpoint_000000000016 (16 images)" in line for line in lines), lines
+    assert any("resuming at 16 images" in line for line in lines), lines
+    assert from_torn.resumed_from == 16 and from_torn.images_seen == TOTAL
+    assert_same(final_weights(from_torn), reference)  # weights, optimizer and data from one place
 
 
 def test_killed_worker_is_restarted_and_finishes_the_run(reference, tmp_path, mlflow_server):
@@ -185,46 +219,6 @@ def test_killed_worker_is_restarted_and_finishes_the_run(reference, tmp_path, ml
     history = MlflowClient(mlflow_server.uri).get_metric_history(result.mlflow_run_id, "loss")
     steps = [m.step for m in history]
     assert sorted(steps) == [8, 16, 24, 32, 40, 44], steps  # each step once, none twice
-
-
-def test_rerun_skips_an_interrupted_checkpoint_and_says_where_it_resumes(reference, tmp_path):
-    """An interrupted upload leaves a newer checkpoint directory with a short model.pt: the
-    re-run resumes from the newest COMPLETE one, says so, and ends bit-exact."""
-    part = run(tiny_cfg(tmp_path, "torn", total_images=24))
-    assert part.images_seen == 24
-    torn = tmp_path / "runs" / "torn" / "checkpoint_000000000024" / "model.pt"
-    torn.write_bytes(torn.read_bytes()[:100])  # what a killed upload leaves
-    rest = run(tiny_cfg(tmp_path, "torn"))
-    lines = rest.extra["lines"]
-    assert any("found checkpoint_000000000016 (16 images)" in line for line in lines), lines
-    assert any("resuming at 16 images" in line for line in lines), lines
-    assert rest.resumed_from == 16 and rest.images_seen == TOTAL
-    assert_same(final_weights(rest), reference)  # weights, optimizer and data from one place
-
-
-def test_resume_with_another_network_is_refused_before_workers_start(tmp_path, mlflow_server):
-    """A changed model config cannot continue a run: one line naming the key, raised before
-    any worker starts, and the run's MLflow status stays as it was."""
-    from mlflow import MlflowClient
-
-    from pipeline.config import ConfigError
-
-    def cfg_for(**model):
-        cfg = tiny_cfg(tmp_path, "changed", total_images=24)
-        cfg.tracking.uri, cfg.tracking.experiment = mlflow_server.uri, "changed-test"
-        for key, value in model.items():
-            setattr(cfg.model, key, value)
-        return cfg
-
-    first = run(cfg_for(), track=True)
-    client = MlflowClient(mlflow_server.uri)
-    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
-    started = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"model\.base_channels=16 \(the run has 8\)"):
-        run(cfg_for(base_channels=16), track=True)
-    assert time.perf_counter() - started < 30  # refused up front, not by a worker
-    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
-    assert len(client.search_runs([first_experiment(client, "changed-test")])) == 1
 
 
 def first_experiment(client, name: str) -> str:
