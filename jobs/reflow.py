@@ -5,11 +5,16 @@ sample's float32 x_1 kept, its x_0 regenerated from the seed), then trains a new
 those fixed pairs through the same Ray Train loop, starting from the base's weights, and
 registers it with its lineage (fmpipe.reflow.k, base, pair set). Its paths are straighter,
 so a few Euler steps reach what the base needed many for. Re-running the same command
-reuses the complete pair set and resumes the training run.
+reuses the complete pair set and resumes the training run. With train.eval_every_images the
+run also scores its EMA weights (eval.network: the dataset's classifier by default, see
+`fmpipe classifier`) and tags the registered version with the figures: sample, train,
+evaluate and register in one job, on a cluster with `fmpipe submit reflow ...`; then
+`fmpipe retrain --candidate` promotes it when it beats the champion at its NFE budget.
 
 Examples:
   fmpipe reflow --base models:/digits@champion --pairs 20000 --images 200000
   fmpipe reflow --base models:/digits/3 sample.steps=64 train.lr=1e-4
+  fmpipe submit reflow --base models:/digits@champion train.eval_every_images=40000
   fmpipe reflow --base models:/digits/4 --distill 1     # a 1-step student of the 2-RF v4
   fmpipe sample --model models:/digits/4 --steps 2       # then sample with 2 steps
 """
