@@ -49,6 +49,7 @@ from pipeline.retrain import (
     promote_if_unchanged,
     record_outcome,
 )
+from pipeline.sample.source import sampling_rule_from_tags
 
 __all__ = ["Budget", "judge_candidate"]
 
@@ -87,17 +88,7 @@ def verdict(candidate: Budget, champion: Budget, margin: float, metric: str) -> 
     return True, ""
 
 
-def _own_rule(tags: dict[str, str]) -> tuple[str, int] | None:
-    """A version's own sampling rule (its ``fmpipe.sample.*`` tags), or None."""
-    from pipeline.sample.source import SOLVER_TAG, STEPS_TAG
-
-    try:
-        return tags[SOLVER_TAG], int(tags[STEPS_TAG])
-    except (KeyError, ValueError):
-        return None
-
-
-def _check(cfg: Config) -> tuple[str, str]:
+def _check(cfg: Config, client: Any) -> tuple[str, str]:
     """``(registered name, candidate version)`` from ``retrain.candidate``, or a ConfigError."""
     uri = cfg.retrain.candidate.strip()
     if cfg.retrain.metric == "val_loss":
@@ -117,7 +108,6 @@ def _check(cfg: Config) -> tuple[str, str]:
             f"'{own}': the '{cfg.retrain.alias}' alias of {own} can point only at its own "
             "versions"
         )
-    client = registry_client(cfg)
     found = lookup_version(client, name, alias, version, where=str(cfg.tracking.uri))
     return name, str(found.version)
 
@@ -132,9 +122,9 @@ def judge_candidate(
         pipeline.registry.ModelNotFound: the candidate does not exist.
     """
     say = print_fn or (lambda _line: None)
-    name, version = _check(cfg)
-    alias = cfg.retrain.alias
     client = registry_client(cfg)
+    name, version = _check(cfg, client)
+    alias = cfg.retrain.alias
 
     def result(outcome: Any, message: str, champion: str | None, **kw: Any) -> RetrainResult:
         say(f"[retrain] {message}")
@@ -202,8 +192,8 @@ def _judge(
                    if decision == "promoted" else f"not promoted: {reason}")  # fmt: skip
         return result(decision, message, None)
     champ_uri = f"models:/{name}/{champion.version}"
-    champ_rule = _own_rule(champion.tags) or (cfg.eval.solver, int(cfg.eval.steps))
-    cand_rule = _own_rule(cand_tags) or champ_rule
+    champ_rule = sampling_rule_from_tags(champion.tags) or (cfg.eval.solver, int(cfg.eval.steps))
+    cand_rule = sampling_rule_from_tags(cand_tags) or champ_rule
     say(f"[retrain] judging {cand_uri} ({cand_rule[0]} x {cand_rule[1]}) against "
         f"{name}@{alias} = version {champion.version} ({champ_rule[0]} x {champ_rule[1]}) "
         f"by {metric} of {cfg.eval.num_samples} samples each")  # fmt: skip

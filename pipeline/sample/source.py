@@ -261,11 +261,15 @@ def model_sampling_rule(cfg: Config, uri: str) -> tuple[str, int] | None:
     server = tracking_uri(cfg)
     name, alias, version = parse_models_uri(uri)
     tags = dict(lookup_version(registry_client(server), name, alias, version, where=server).tags)
-    if SOLVER_TAG not in tags or STEPS_TAG not in tags:
-        return None
+    return sampling_rule_from_tags(tags)
+
+
+def sampling_rule_from_tags(tags: dict[str, str]) -> tuple[str, int] | None:
+    """``(solver, steps)`` from a version's ``fmpipe.sample.*`` tags, or None (absent or not
+    a number)."""
     try:
         return tags[SOLVER_TAG], int(tags[STEPS_TAG])
-    except ValueError:
+    except (KeyError, ValueError):
         return None
 
 
