@@ -128,10 +128,22 @@ def _run_ray_job(dashboard: str, token: str) -> str:
 def _check_stack_listeners(stack: Stack) -> list[tuple[str, int, int]]:
     """Every listening socket of the stack's process trees is loopback or refuses a request
     without the token; the Ray metrics ports (no token there) are loopback."""
-    pids: set[int] = set()
-    for record in stack.load_state()["services"].values():
-        pids |= set(process_tree(int(record["pid"])))
-    listeners = _listeners(pids)
+    ray_ports = stack.load_state()["services"]["ray"]["ports"]
+    metrics = {
+        ray_ports[n]
+        for n in ("metrics-export-port", "dashboard-metrics-port", "autoscaler-metrics-port")
+    }
+    # Ray's metrics agents open their ports some seconds after `ray start` returns (on a
+    # loaded 2-core machine, later than the check once did): wait for them, then check.
+    deadline = time.monotonic() + 60
+    while True:
+        pids: set[int] = set()
+        for record in stack.load_state()["services"].values():
+            pids |= set(process_tree(int(record["pid"])))
+        listeners = _listeners(pids)
+        if metrics <= {port for _, port, _ in listeners} or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert len(listeners) >= 10, listeners  # SeaweedFS alone has 10
     exposed = [
         (address, port, Path(f"/proc/{pid}/cmdline").read_bytes()[:80])
@@ -140,11 +152,6 @@ def _check_stack_listeners(stack: Stack) -> list[tuple[str, int, int]]:
     ]
     unguarded = [entry for entry in exposed if not _refuses_without_token(entry[1])]
     assert unguarded == [], f"listening beyond loopback without the token: {unguarded}"
-    ray_ports = stack.load_state()["services"]["ray"]["ports"]
-    metrics = {
-        ray_ports[n]
-        for n in ("metrics-export-port", "dashboard-metrics-port", "autoscaler-metrics-port")
-    }
     loopback = {
         port for address, port, _ in listeners if _is_loopback(ipaddress.ip_address(address))
     }
