@@ -379,6 +379,7 @@ class _BadSampleReport:
     ) -> None:
         self.cfg, self.info, self.say, self.handle = cfg, info, say, handle
         self.done: set[int] = set()  # epochs already reported
+        self.ended = -1  # the last data epoch the loop has seen end
 
     def _report(self, epoch: int) -> Any:
         from pipeline.data.stream import bad_sample_tracker
@@ -417,9 +418,13 @@ class _BadSampleReport:
             tracker.log_metrics({"data/bad_samples": report.skipped}, step=epoch)
 
     def on_event(self, event: Mapping[str, Any]) -> None:
+        # Every event retries the ended epochs not reported yet: a shard's record may land
+        # after its epoch's end event (decode tasks report asynchronously), and the next
+        # epoch end may be far off, or never come.
         if event.get("kind") == "epoch_end":
-            for epoch in range(min(self.done, default=0), int(event["epoch"]) + 1):
-                self.epoch(epoch)  # this one, and any earlier one that was still decoding
+            self.ended = max(self.ended, int(event["epoch"]))
+        for epoch in range(min(self.done, default=0), self.ended + 1):
+            self.epoch(epoch)  # this one, and any earlier one that was still decoding
 
     def finish(self, epochs: range) -> None:
         """The epochs not reported yet, then the artifact of every recorded bad sample."""
