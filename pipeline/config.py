@@ -102,6 +102,7 @@ class DataConfig(Section):
     # A coupled sample set (`fmpipe sample --pairs`) to train on instead of data.uri: reflow's
     # fixed (x_0, x_1) pairs, no noise drawn (pipeline/data/pairs.py)
     pairs: str = ""
+    # Left unset, training takes both from the dataset (stream.adopt_dataset_shape)
     resolution: int = Field(16, ge=2, le=1024)  # images are sized to this (data.resize)
     channels: Literal[1, 3] = 1  # images are converted to L (1) or RGB (3)
     hflip: bool = False  # random horizontal flip; off by default because it ruins digits

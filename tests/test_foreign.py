@@ -156,6 +156,22 @@ def test_config_that_disagrees_with_the_index_fails_before_any_worker(tmp_path, 
         train(classes, print_fn=None, track=False)
 
 
+def test_channels_left_unset_come_from_the_index(tmp_path):
+    """Colour foreign images: an unset data.channels becomes 3; the images' sizes vary,
+    so data.resolution keeps its value and a note names the range and the key."""
+    from pipeline.data.stream import adopt_dataset_shape
+
+    _dataset(tmp_path / "shards")
+    cfg = _cfg(str(tmp_path / "shards"), tmp_path)
+    unset = build_config({"seed": 0, "data": {"uri": cfg.data.uri}})
+    notes = adopt_dataset_shape(unset, open_dataset(unset, "train"))
+    assert unset.data.channels == 3 and unset.data.resolution == 16
+    assert notes[0] == "data.channels=3 (the dataset's)"
+    assert "data.resolution=16 (the default: images range from 8x8 to 12x10 px" in notes[1]
+    assert "set data.resolution" in notes[1], notes
+    assert adopt_dataset_shape(cfg, open_dataset(cfg, "train")) == []  # set: left alone
+
+
 def test_a_val_split_carved_by_seed_and_a_missing_one_named(tmp_path):
     folder = tmp_path / "many"
     _write(folder, _samples(0, 40), maxcount=4)  # 10 shards

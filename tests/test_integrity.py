@@ -166,6 +166,41 @@ def test_resolution_against_16px_data_fails_before_any_worker(tmp_path, no_ray):
         check_config_against_manifest(both, open_dataset(both, "train"))
 
 
+def test_channels_and_resolution_left_unset_come_from_the_dataset(tmp_path, no_ray):
+    """Issue 14 item 6: a config that does not set data.channels / data.resolution trains
+    at the dataset's own (RGB 8x8 here, against the defaults 1 and 16); one that sets
+    them is checked, never changed."""
+    import ray
+
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.data.stream import adopt_dataset_shape
+    from pipeline.train.trainer import _check_inputs
+
+    uri = str(tmp_path / "rgb8")
+    prep = build_config({"prepare": {"source": "digits", "out": uri, "resolution": RES,
+                                     "channels": 3, "shard_size": 400}})  # fmt: skip
+    prepare_dataset(prep, log=None)
+    unset = build_config({"seed": 0, "data": {"uri": uri}, "model": TINY_UNET})
+    default = (unset.data.channels, unset.data.resolution)
+    assert default == (1, 16)  # the library's defaults, not the dataset's
+    inputs = _check_inputs(unset, None, None)
+    assert inputs.data_shape == (3, RES, RES)
+    assert (unset.data.channels, unset.data.resolution) == (3, RES)
+    assert inputs.notes == [
+        "data.channels=3 (the dataset's)",
+        f"data.resolution={RES} (the dataset's)",
+    ]
+    assert not ray.is_initialized()
+    # set on the command line (an override): checked against the dataset, not replaced
+    given = build_config({"seed": 0, "data": {"uri": uri}, "model": TINY_UNET},
+                         ["data.channels=1"])  # fmt: skip
+    assert adopt_dataset_shape(given, open_dataset(given, "train")) == [
+        f"data.resolution={RES} (the dataset's)"
+    ]
+    with pytest.raises(ConfigMismatch, match=r"data\.channels=1 but dataset .* is RGB"):
+        _check_inputs(given, None, None)
+
+
 # --------------------------------------------------------------------------- final errors
 def test_final_data_error_looks_through_wrappers():
     inner = ShardIntegrityError("s3://b/train/shard-000001.tar", "a" * 64, "b" * 64, 10)

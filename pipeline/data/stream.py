@@ -121,6 +121,7 @@ __all__ = [
     "StorageError",
     "TooManyBadSamples",
     "TrainStreamStage",
+    "adopt_dataset_shape",
     "bad_sample_tracker",
     "build_train_stream",
     "check_config_against_manifest",
@@ -526,6 +527,43 @@ def open_dataset(cfg: Config, split: str, *, fresh: bool = True) -> DatasetInfo:
         loc = where.child(shard.name)
         shards.append(ShardRef(shard.name, loc.path, loc.uri, shard.num_samples, shard.sha256))
     return DatasetInfo(uri=uri, split=split, location=where, manifest=manifest, shards=shards)
+
+
+def adopt_dataset_shape(cfg: Config, info: DatasetInfo) -> list[str]:
+    """Set ``data.channels`` and ``data.resolution`` that the config leaves unset (not in
+    the YAML, the flags or the overrides) to the dataset's own; returns a line per key set.
+
+    A prepared dataset states both in its manifest. A foreign one states its channels (the
+    index's image modes); its resolution only when every image has one square size, since
+    the decoder sizes any image to ``data.resolution`` (``data.resize``) and no single
+    size is the dataset's own otherwise: then the config's default stays, and a line says
+    the range of sizes and the key to set. A key the config does set is checked, not
+    changed (:func:`check_config_against_manifest`).
+    """
+    manifest, given = info.manifest, cfg.data.model_fields_set
+    notes: list[str] = []
+    if "channels" not in given and cfg.data.channels != manifest.channels:
+        cfg.data.channels = manifest.channels
+        notes.append(f"data.channels={manifest.channels} (the dataset's)")
+    if "resolution" in given:
+        return notes
+    resolution = manifest.resolution if not info.foreign else 0
+    if info.foreign:
+        sizes = manifest.extra.get("image_sizes") or {}
+        sides = [int(sizes.get(key, 0)) for key in ("width_min", "width_max")]
+        sides += [int(sizes.get(key, 0)) for key in ("height_min", "height_max")]
+        if len(set(sides)) == 1 and 2 <= sides[0] <= 1024:
+            resolution = sides[0]
+        elif all(sides):
+            notes.append(
+                f"data.resolution={cfg.data.resolution} (the default: images range from "
+                f"{sides[0]}x{sides[2]} to {sides[1]}x{sides[3]} px; set data.resolution "
+                f"to train at another size)"
+            )
+    if resolution and resolution != cfg.data.resolution:
+        cfg.data.resolution = resolution
+        notes.append(f"data.resolution={resolution} (the dataset's)")
+    return notes
 
 
 def check_config_against_manifest(cfg: Config, info: DatasetInfo) -> None:

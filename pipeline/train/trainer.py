@@ -238,6 +238,7 @@ class _Inputs:
     val_info: Any = None  # DatasetInfo of the val split, if there is one
     pairs: Any = None  # data.pairs: the PairSet trained on (then info is None)
     pair_shards: tuple[list[Any], list[Any]] = ([], [])  # its (train, val) shards
+    notes: list[str] = field(default_factory=list)  # settings taken from the dataset
 
 
 def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> _Inputs:
@@ -259,9 +260,14 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
     if cfg.data.pairs.strip():
         return _check_pairs(cfg)
     from pipeline.data.manifest import MANIFEST_NAME
-    from pipeline.data.stream import check_config_against_manifest, open_dataset
+    from pipeline.data.stream import (
+        adopt_dataset_shape,
+        check_config_against_manifest,
+        open_dataset,
+    )
 
     info = open_dataset(cfg, "train")
+    notes = adopt_dataset_shape(cfg, info)  # keys the config leaves unset: the dataset's
     check_config_against_manifest(cfg, info)
     labels = info.manifest.num_classes
     if cfg.model.num_classes and labels and cfg.model.num_classes != labels:
@@ -285,7 +291,7 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
         val_info = open_dataset(cfg, "val", fresh=False)
     else:
         log.warning("no validation loss: dataset '%s' has no val split", cfg.data.uri)
-    return _Inputs(data_shape_of(cfg), info.manifest.content_hash(), info, val_info)
+    return _Inputs(data_shape_of(cfg), info.manifest.content_hash(), info, val_info, notes=notes)
 
 
 def _class_names(inputs: _Inputs) -> tuple[str, ...]:
@@ -563,6 +569,8 @@ def _train_leased(
         if val_shards and val_set is None:
             val_set = load_pairs_val_set(cfg, inputs.pairs, val_shards, t.val_max_images)
     say = print_fn or (lambda _line: None)
+    for note in inputs.notes:
+        say(f"[data] {note}")
     quality = None
     if t.eval_every_images:  # before any worker: a missing classifier fails here, at once
         from pipeline.eval.probe import QualityProbe
