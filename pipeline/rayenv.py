@@ -11,7 +11,8 @@ the module that needs it, and remove one when the test shows it no longer earns 
   Ray's error records off the console (a job reports the error as one line) and in the
   job's log file.
   A start whose raylet misses Ray's fixed 30 s registration window (an overloaded
-  machine) is retried once after its processes are killed; without it the job fails with
+  machine) is retried, twice at most, after its processes are killed and a pause that lets
+  the load settle; without it the job fails with
   "The current node timed out during startup".
 - :func:`interrupts_as_keyboard_interrupt`: Ray Train's own SIGINT handler turns Ctrl-C into
   ``sys.exit(0)`` inside ``fit()`` (exit 1, nothing said); inside the block Ctrl-C stops the
@@ -39,6 +40,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 
 __all__ = [
@@ -166,9 +168,11 @@ def _will_start_local_ray() -> bool:
 
 # Ray gives a new local node's raylet a fixed 30 s to register with its GCS
 # (ray/_private/node.py, not configurable); on an overloaded machine (2 cores, other jobs
-# starting their own Rays) it can miss that once and succeed at the next try.
+# starting their own Rays) it can miss that, even twice in a row (seen in the test suite),
+# and succeed at a later try once the load has passed.
 _STARTUP_TIMEOUT = "timed out during startup"
-_START_ATTEMPTS = 2
+_START_ATTEMPTS = 3
+_START_PAUSE_S = 5.0  # before attempt k+1: k times this
 
 
 def _child_pids() -> set[int]:
@@ -229,6 +233,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
                             raise
                         log.warning("local Ray did not start (%s); retrying", exc)
                         _kill_unstarted_node(before)
+                        time.sleep(_START_PAUSE_S * attempt)
             finally:
                 ray_constants.ENABLE_RAY_CLUSTER = saved
         else:
