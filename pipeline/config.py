@@ -77,7 +77,7 @@ class PrepareConfig(Section):
     source: str = "digits"  # digits | folder:PATH | synthetic:shapes | webdataset:ADDRESS
     out: str = ""  # dataset root (s3://bucket/prefix or a path); empty: $FMPIPE_HOME/store/<name>
     resolution: int = Field(16, ge=2, le=1024)  # stored image size (square)
-    channels: Literal[1, 3] = 1  # stored as L (1) or RGB (3)
+    channels: Literal[1, 3] = 1  # stored as L (1) or RGB (3); webdataset: unset, the images'
     shard_size: int = Field(1000, ge=1)  # samples per shard
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out into the val split
     num_samples: int = Field(10_000, ge=1)  # synthetic sources only

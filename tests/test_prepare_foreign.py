@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from foreign_data import _dataset, _samples, _write
+from foreign_data import PNG_L, _dataset, _samples, _write
 from PIL import Image
 
 from jobs import prepare as prepare_job
@@ -97,6 +97,29 @@ def test_webdataset_source_local(tmp_path: Path) -> None:
     result = prepare_dataset(config(source=listed, out=str(tmp_path / "out3"), resolution=8,
                                     channels=3), log=None)  # fmt: skip
     assert result.num_samples == 24  # a brace pattern + a list: the same samples
+
+
+def test_webdataset_channels_come_from_the_images_when_unset(tmp_path: Path) -> None:
+    """prepare.channels left unset: colour shards stay colour (3), grey ones grey (1)."""
+    from pipeline.data.sources import WebDatasetSource
+
+    shards = tmp_path / "shards"
+    _dataset(shards)  # grey png and RGB jpg, mixed
+    lines: list[str] = []
+    out = tmp_path / "out"
+    result = prepare_dataset(config(source=f"webdataset:{shards}", out=str(out),
+                                    resolution=8, shard_size=5), log=lines.append)  # fmt: skip
+    assert Manifest.from_json((out / "train" / MANIFEST_NAME).read_text()).channels == 3
+    assert any(line.startswith("channels: 3, from the images of webdataset:") for line in lines)
+    assert result.num_samples == 24
+    grey = tmp_path / "grey"
+    _write(grey, [{"__key__": f"k{i:02d}", "png": PNG_L, "cls": i % 2} for i in range(6)],
+           maxcount=3)  # fmt: skip
+    assert WebDatasetSource(str(grey), resolution=8, channels=None).channels == 1
+    assert WebDatasetSource(str(grey), resolution=8, channels=3).channels == 3  # as set
+    prepare_dataset(config(source=f"webdataset:{grey}", out=str(tmp_path / "g")), log=None)
+    manifest = Manifest.from_json((tmp_path / "g" / "train" / MANIFEST_NAME).read_text())
+    assert manifest.channels == 1
 
 
 def test_webdataset_source_s3(tmp_path: Path, s3_bucket: str) -> None:

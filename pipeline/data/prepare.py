@@ -591,7 +591,10 @@ def prepare_dataset(cfg: Config, log: Log | None = print) -> PrepareResult:
             say(f"  {what}: {why}")
         if len(skipped) > 20:
             say(f"  ... and {len(skipped) - 20:,} more")
-    settings = ShardSettings(pcfg.resolution, pcfg.channels, pcfg.image_format, key_width(n))
+    channels = source.channels or pcfg.channels  # webdataset: the images' when unset
+    if channels != pcfg.channels:
+        say(f"channels: {channels}, from the images of {source.name} (prepare.channels unset)")
+    settings = ShardSettings(pcfg.resolution, channels, pcfg.image_format, key_width(n))
     splits = split_indices(n, pcfg.val_fraction, cfg.seed)
     split_dirs = {split: root.child(split) for split in SPLITS}
     old_manifests = {

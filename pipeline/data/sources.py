@@ -50,6 +50,11 @@ class Source(ABC):
     name: str  # e.g. "digits", "synthetic:shapes", "folder:/data/pets"
     class_names: list[str]  # label i is class_names[i]; empty: unlabelled
 
+    @property
+    def channels(self) -> int | None:
+        """The channels the source's own images call for (None: ``prepare.channels``)."""
+        return None
+
     @abstractmethod
     def __len__(self) -> int: ...
 
@@ -461,7 +466,8 @@ def build_source(spec: str, cfg: PrepareConfig, seed: int, config: Config | None
         return WebDatasetSource(
             arg,
             resolution=cfg.resolution,
-            channels=cfg.channels,
+            # prepare.channels left unset: the images' own (1 when every one is grey)
+            channels=cfg.channels if "channels" in cfg.model_fields_set else None,
             storage=storage,
             label_source=data.label_source if data else "auto",
             label_field=data.label_field if data else "label",
@@ -495,6 +501,21 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].split("(", 1)[0].strip() or reason
 
 
+def _image_mode(members: dict[str, bytes]) -> str:
+    """The PIL mode of a sample's image from its header alone ("" when that does not
+    parse: the sample is then reported when its shard is built)."""
+    import io
+
+    from pipeline.data.stream import _IMAGE_PREFERENCE
+
+    ext = next(e for e in _IMAGE_PREFERENCE if e in members)
+    try:
+        with Image.open(io.BytesIO(members[ext])) as image:
+            return str(image.mode)
+    except Exception:  # any decoder error: not this scan's to judge
+        return ""
+
+
 class WebDatasetSource(Source):
     """Another tool's WebDataset shards (``webdataset:ADDRESS``), re-encoded by ``prepare``.
 
@@ -519,7 +540,7 @@ class WebDatasetSource(Source):
         address: str,
         *,
         resolution: int,
-        channels: int,
+        channels: int | None,
         storage: Any = None,
         label_source: str = "auto",
         label_field: str = "label",
@@ -535,9 +556,10 @@ class WebDatasetSource(Source):
         self.address = address_text(address)
         self.storage = storage
         self.labels_spec = LabelSpec(source=label_source, field=label_field)
+        self.modes: set[str] = set()  # the PIL modes of the usable samples' images
         self.decode = DecodeSpec(
             resolution=resolution,
-            channels=channels,
+            channels=channels or 3,  # None: set from the modes once every shard is scanned
             resize=resize,
             background=background,
             max_pixels=max_pixels,
@@ -567,6 +589,13 @@ class WebDatasetSource(Source):
                 keys.append(key)
                 raws.append(raw)
             del data  # one shard in memory at a time
+        if channels is None:
+            from dataclasses import replace
+
+            from pipeline.data.index import GREY_MODES
+
+            grey = bool(self.modes) and self.modes <= GREY_MODES  # the index's rule
+            self.decode = replace(self.decode, channels=1 if grey else 3)
         from pipeline.data.labels import class_map
 
         self.class_names, classes = class_map(raw for raw in raws if raw is not None)
@@ -596,6 +625,10 @@ class WebDatasetSource(Source):
                 f"webdataset source '{self.address}' holds no usable sample "
                 f"({len(self.skipped)} left out{': ' + shown if shown else ''})"
             )
+
+    @property
+    def channels(self) -> int | None:
+        return self.decode.channels
 
     # -- scanning
     def _location(self, number: int) -> Any:
@@ -647,6 +680,9 @@ class WebDatasetSource(Source):
                 self.skipped.append((f"{shard}:{sample.key}", exc.reason))
                 continue
             found.append((sample.key, spans[position][1:], raw))
+            mode = _image_mode(sample.members)
+            if mode:
+                self.modes.add(mode)
         if stats.error:
             self.skipped.append((shard, stats.error))
         return found
