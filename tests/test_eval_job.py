@@ -379,3 +379,34 @@ def test_retrain_judges_a_registered_candidate_at_the_champions_nfe_budget(
     run.retrain.metric, run.retrain.candidate = "fd_classifier", "models:/other/1"
     with pytest.raises(ConfigError, match=r"not a version of train\.registered_model_name"):
         judge_candidate(run, print_fn=lines.append)
+
+
+def test_retrain_scores_candidate_and_champion_by_the_chosen_metric(cfg, classifier, tmp_path):
+    """Retraining's evaluation step with retrain.metric=fd_classifier: the candidate (from its
+    MLflow run, as the retrain job reads it) and the champion get val loss on the same val
+    draws and the Fréchet distance on the same seeds and reference; the distance decides
+    whatever the val losses say, and both figures become tags."""
+    from pipeline.eval.job import score_models
+    from pipeline.retrain import _evaluate
+    from pipeline.tracking import Tracker
+
+    run = cfg.model_copy(deep=True)
+    run.eval.num_samples, run.eval.solver, run.eval.steps = 40, "euler", 2
+    run.retrain.metric = "fd_classifier"
+    worse = _checkpoint(run, tmp_path / "cand" / "checkpoint_000000000064", 1.0)  # saturated
+    champion = _checkpoint(run, tmp_path / "champ" / "checkpoint_000000000064", 0.2)
+    tracker = Tracker.start(run, experiment="retrain-metric-test", run_name="candidate")
+    tracker.log_artifacts(worse, "checkpoint")
+    tracker.end()
+    ev = _evaluate(run, str(tracker.run_id), "checkpoint", champion, str(tmp_path / "work"))
+    alone = score_models(run, "fd_classifier", [str(worse), str(champion)],
+                         out_root=str(tmp_path / "alone"), say=lambda _: None)  # fmt: skip
+    assert (ev.candidate_metric, ev.champion_metric) == (alone[0].fd, alone[1].fd)
+    assert ev.candidate_metric > ev.champion_metric  # the saturated samples are far from digits
+    assert ev.candidate is not None and ev.champion is not None  # val losses, both measured
+    assert ev.deciding() == ("fd_classifier", alone[0].fd, alone[1].fd)
+    better, reason = ev.verdict("7")
+    assert not better and "is not below the champion's (version 7)" in reason, reason
+    tags = ev.tags()
+    assert float(tags["fd_classifier"]) == pytest.approx(alone[0].fd, rel=1e-5)
+    assert float(tags["champion_fd_classifier"]) == pytest.approx(alone[1].fd, rel=1e-5)
