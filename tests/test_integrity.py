@@ -199,6 +199,13 @@ def test_channels_and_resolution_left_unset_come_from_the_dataset(tmp_path, no_r
     ]
     with pytest.raises(ConfigMismatch, match=r"data\.channels=1 but dataset .* is RGB"):
         _check_inputs(given, None, None)
+    # evaluation decodes the reference split as training would, leaving the config alone
+    from pipeline.eval.extract import dataset_shards
+
+    fresh = build_config({"seed": 0, "data": {"uri": uri}})
+    spec = dataset_shards(fresh, "val").spec
+    assert (spec.channels, spec.resolution) == (3, RES)
+    assert (fresh.data.channels, fresh.data.resolution) == default
 
 
 # --------------------------------------------------------------------------- final errors

@@ -36,6 +36,7 @@ from pipeline.data.manifest import MANIFEST_NAME, Manifest
 from pipeline.data.stream import (
     LabelRule,
     ShardRef,
+    adopt_dataset_shape,
     decode_spec,
     label_rule,
     open_dataset,
@@ -85,8 +86,11 @@ class ShardSet:
 
 
 def dataset_shards(cfg: Any, split: str) -> ShardSet:
-    """The ``split`` of ``data.uri`` (prepared or another tool's), decoded as training does."""
+    """The ``split`` of ``data.uri`` (prepared or another tool's), decoded as training does
+    (``data.channels`` / ``data.resolution`` left unset: the dataset's, as in training)."""
     info = open_dataset(cfg, split)
+    cfg = cfg.model_copy(deep=True)  # the caller's config is not changed
+    adopt_dataset_shape(cfg, info)
     return ShardSet(
         uri=f"{info.uri} ({split})",
         location=info.location,
