@@ -124,19 +124,55 @@ def first_loss(c, run_id: str) -> float:
     return history[0].value
 
 
+def race_two_retrains(cfg):
+    """Two retrains of ``cfg`` that reach the lease at the same moment (a barrier after the
+    fast path): exactly one must get it; returns that one's result, the other's checked."""
+    import pipeline.retrain as retrain_module
+
+    barrier = threading.Barrier(2, timeout=60)
+    real_open_lease = retrain_module.open_lease
+
+    def open_lease_together(*args, **kwargs):
+        lease = real_open_lease(*args, **kwargs)
+        barrier.wait()  # both runs passed the fast path and now race for the lease
+        return lease
+
+    results: list = [None, None]
+
+    def worker(i: int) -> None:
+        results[i] = run(cfg)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrain_module, "open_lease", open_lease_together)
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=900)
+    assert all(r is not None for r in results), "a racing retrain did not finish"
+    outcomes = sorted(r.outcome for r in results)
+    assert outcomes == ["busy", "promoted"], [r.extra["lines"] for r in results]
+    busy = next(r for r in results if r.outcome == "busy")
+    assert "another retrain" in busy.message
+    return next(r for r in results if r.outcome == "promoted")
+
+
 # --------------------------------------------------------------------------- the lifecycle
 @pytest.mark.slow
 def test_retrain_lifecycle(ray_local, env, s3_bucket, tmp_path):
-    """No champion -> train + promote; same data -> nothing; new data -> continue from the
-    champion, evaluate, promote or reject by the metric; a worse candidate -> rejected and
-    the alias stays; the same data again -> not retrained."""
+    """No champion -> train + promote (two retrains racing for it: one trains, one reports
+    busy); same data -> nothing; new data -> continue from the champion, evaluate, promote
+    or reject by the metric; a worse candidate -> rejected and the alias stays; the same
+    data again -> not retrained. One scenario, so the Ray Train runs are shared."""
     data, storage, name = f"{s3_bucket}/digits", f"{s3_bucket}/runs", "digits-rt"
     c = client(env)
     hash_1 = prepare(data, seed=0)
 
-    # 1. no champion: from scratch, registered, promoted
-    first = run(retrain_cfg(data, storage, name))
+    # 1. no champion, two retrains at the same moment: one trains from scratch, registers
+    # and promotes, the other reports busy; one version, promoted once
+    first = race_two_retrains(retrain_cfg(data, storage, name))
     assert first.outcome == "promoted", first.extra["lines"]
+    assert [v.version for v in versions(c, name)] == ["1"]
     assert first.champion_version is None and first.champion_val_loss is None
     assert champion(c, name) == first.candidate_version == "1"
     v1 = c.get_model_version(name, "1")
@@ -206,43 +242,6 @@ def test_retrain_lifecycle(ray_local, env, s3_bucket, tmp_path):
     assert fifth.outcome == "already_evaluated", fifth.extra["lines"]
     assert f"version {fourth.candidate_version} was rejected" in fifth.message
     assert len(versions(c, name)) == count and champion(c, name) == before
-
-
-# --------------------------------------------------------------------------- concurrency
-@pytest.mark.slow
-def test_concurrent_retrains_promote_at_most_once(ray_local, env, s3_bucket, monkeypatch):
-    """Two retrains reach the lease at the same moment (a barrier): one trains and promotes,
-    the other reports busy; one version, promoted once."""
-    import pipeline.retrain as retrain_module
-
-    data, storage, name = f"{s3_bucket}/digits", f"{s3_bucket}/runs", "digits-cc"
-    prepare(data, seed=0)
-    barrier = threading.Barrier(2, timeout=60)
-    real_open_lease = retrain_module.open_lease
-
-    def open_lease_together(*args, **kwargs):
-        lease = real_open_lease(*args, **kwargs)
-        barrier.wait()  # both runs passed the fast path and now race for the lease
-        return lease
-
-    monkeypatch.setattr(retrain_module, "open_lease", open_lease_together)
-    results: list = [None, None]
-
-    def worker(i: int) -> None:
-        results[i] = run(retrain_cfg(data, storage, name, images=64))
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    outcomes = sorted(r.outcome for r in results)
-    assert outcomes == ["busy", "promoted"], [r.extra["lines"] for r in results]
-    busy = next(r for r in results if r.outcome == "busy")
-    assert "another retrain" in busy.message
-    c = client(env)
-    assert [v.version for v in versions(c, name)] == ["1"]
-    assert champion(c, name) == "1"
 
 
 def register_versions(uri: str, name: str, n: int) -> list[str]:
