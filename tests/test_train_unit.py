@@ -400,3 +400,32 @@ def test_the_distillation_objective_trains_on_the_k_step_grid_with_its_landing_l
         assert float(outcome.loss_sum) == pytest.approx(float(expected), rel=1e-4), objective
     with pytest.raises(ConfigError, match=r"train\.objective=distill .* set data\.pairs"):
         train(build_config({"train": {"objective": "distill"}}), print_fn=None, track=False)
+
+
+def test_a_run_is_not_resumed_on_other_data(tmp_path, monkeypatch):
+    """The job defaults give every run one name (`digits`): a re-run on another dataset (or
+    other pairs) must not continue that run's checkpoint; the same data, however it is
+    written (empty = the default dataset, a trailing slash), does."""
+    from tiny import TINY_UNET, tiny_checkpoint
+
+    from pipeline.config import ConfigError, build_config
+    from pipeline.home import store_uri
+    from pipeline.storage import resolve
+    from pipeline.train.resume import check_resumable, find_resume_point
+
+    monkeypatch.setenv("FMPIPE_HOME", str(tmp_path / "home"))
+    tiny_checkpoint(tmp_path / "run" / "checkpoint_000000000064")  # data.uri empty: digits
+    point = find_resume_point(resolve(str(tmp_path / "run")))
+    assert point is not None
+
+    def cfg(**data):
+        tree = {"data": {"resolution": 8, "channels": 1, **data},
+                "model": {**TINY_UNET, "num_classes": 3}}  # fmt: skip
+        return build_config(tree)
+
+    check_resumable(cfg(), point)
+    check_resumable(cfg(uri=store_uri("digits") + "/"), point)  # the same dataset, spelled out
+    with pytest.raises(ConfigError, match=r"data\.uri='s3://b/cats' \(the run has '.*digits'\)"):
+        check_resumable(cfg(uri="s3://b/cats"), point)
+    with pytest.raises(ConfigError, match=r"data\.pairs='s3://b/pairs' \(the run has ''\)"):
+        check_resumable(cfg(pairs="s3://b/pairs"), point)

@@ -30,6 +30,7 @@ import yaml
 
 from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, CheckpointError, TrainState
 from pipeline.config import Config, ConfigError, build_config
+from pipeline.home import data_uri
 from pipeline.storage import Location, read_whole
 
 __all__ = [
@@ -132,8 +133,9 @@ def _checkpoint_config(point: ResumePoint) -> Config:
 def check_resumable(cfg: Config, point: ResumePoint) -> None:
     """Raise ConfigError (one line) when ``cfg`` cannot continue the run of ``point``.
 
-    What must stay: the network (``model.*``) and the image it takes (``data.resolution``,
-    ``data.channels``). Everything else (duration, learning rate, intervals, workers, ...)
+    What must stay: the network (``model.*``), the image it takes (``data.resolution``,
+    ``data.channels``) and the data (``data.uri`` as :func:`~pipeline.home.data_uri` resolves
+    it, ``data.pairs``). Everything else (duration, learning rate, intervals, workers, ...)
     may change between invocations of one run.
     """
     saved = _checkpoint_config(point)
@@ -150,11 +152,19 @@ def check_resumable(cfg: Config, point: ResumePoint) -> None:
         for key, mine in mine_tree.items()
         if (theirs := their_tree.get(key)) != mine
     ]
+    # The run's data: continuing a run on another dataset would silently mix two datasets
+    # in one model (the job defaults give every run the same name, `digits`).
+    for key, mine, theirs in (
+        ("data.uri", data_uri(cfg), data_uri(saved)),
+        ("data.pairs", cfg.data.pairs, saved.data.pairs),
+    ):
+        if mine.strip().rstrip("/") != theirs.strip().rstrip("/"):
+            changed.append(f"{key}={mine!r} (the run has {theirs!r})")
     if changed:
         raise ConfigError(
             f"cannot resume run '{cfg.train.run_name}' from {point.location.uri}: "
-            f"{'; '.join(changed)}. Resuming needs the same network; use the run's values, "
-            "or give this config another train.run_name to start a new run"
+            f"{'; '.join(changed)}. Resuming needs the same network and data; use the run's "
+            "values, or give this config another train.run_name to start a new run"
         )
 
 
