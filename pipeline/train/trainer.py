@@ -381,10 +381,12 @@ class _BadSampleReport:
     listing every recorded ``{epoch, shard, key, reason}``."""
 
     def __init__(
-        self, cfg: Config, info: Any, say: Callable[[str], None], handle: TrackingHandle | None
-    ) -> None:
+        self, cfg: Config, info: Any, say: Callable[[str], None], handle: TrackingHandle | None,
+        start_epoch: int = 0,
+    ) -> None:  # fmt: skip
         self.cfg, self.info, self.say, self.handle = cfg, info, say, handle
         self.done: set[int] = set()  # epochs already reported
+        self.pending = start_epoch  # the first epoch not reported yet (a resume starts later)
         self.ended = -1  # the last data epoch the loop has seen end
 
     def _report(self, epoch: int) -> Any:
@@ -429,8 +431,10 @@ class _BadSampleReport:
         # epoch end may be far off, or never come.
         if event.get("kind") == "epoch_end":
             self.ended = max(self.ended, int(event["epoch"]))
-        for epoch in range(min(self.done, default=0), self.ended + 1):
+        for epoch in range(self.pending, self.ended + 1):
             self.epoch(epoch)  # this one, and any earlier one that was still decoding
+        while self.pending in self.done:  # no remote call for an epoch once reported
+            self.pending += 1
 
     def finish(self, epochs: range) -> None:
         """The epochs not reported yet, then the artifact of every recorded bad sample."""
@@ -580,7 +584,7 @@ def _train_leased(
         say(f"[train] found {describe(resume)} in {run_dir.uri}")
     status = "FAILED"
     try:
-        bad = _BadSampleReport(cfg, inputs.info, say, handle) if inputs.info else None
+        bad = _BadSampleReport(cfg, inputs.info, say, handle, start_epoch) if inputs.info else None
         printer = (
             _ProgressPrinter(say, bad.on_event if bad else None)
             if print_fn
