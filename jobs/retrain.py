@@ -53,7 +53,7 @@ from jobs._common import (
     run_job,
     shortcut_values,
 )
-from pipeline.config import default_model_name
+from pipeline.config import default_names
 from pipeline.home import data_uri
 
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = resolve_config(args, defaults=("train", "retrain"), shortcuts=SHORTCUTS)
         cfg.data.uri = data_uri(cfg)
-        default_model_name(cfg)  # an empty train.registered_model_name: the dataset's name
+        default_names(cfg)  # empty train.registered_model_name / run_name: the dataset's name
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0

@@ -193,7 +193,7 @@ class TrainConfig(Section):
     # samples at eval.seed scored by eval.network against the stored reference; the last
     # figures are tagged on the registered version (pipeline.eval.probe).
     eval_every_images: int = Field(0, ge=0)
-    # MLflow registry name; empty: the jobs name it after the dataset (default_model_name),
+    # MLflow registry name; empty: the jobs name it after the dataset (default_names),
     # a library train() registers nothing; "none": never register
     registered_model_name: str = ""
     alias: str = ""  # registry alias pointed at the version this run registers; empty: none
@@ -512,14 +512,19 @@ def dataset_name(address: str) -> str:
 NO_REGISTRATION = "none"  # train.registered_model_name=none: `fmpipe train` registers nothing
 
 
-def default_model_name(cfg: Config) -> None:
-    """What ``fmpipe train`` / ``fmpipe retrain`` register as when the config leaves
-    ``train.registered_model_name`` empty: the dataset's name (:func:`dataset_name` of
-    ``data.uri``; ``digits`` for the demo's dataset, whose folder is ``digits``), else
-    ``dataset``. ``none`` means do not register. The job configs name ``digits`` outright;
-    programmatic configs (the library default, ``""``) keep registering nothing."""
-    name = cfg.train.registered_model_name.strip()
-    if name.lower() == NO_REGISTRATION:
+def default_names(cfg: Config) -> None:
+    """Fill the names ``fmpipe train`` / ``fmpipe retrain`` take from the dataset when the
+    config leaves them empty: ``train.registered_model_name`` and ``train.run_name`` become
+    the dataset's name (:func:`dataset_name` of ``data.uri``; ``digits`` for the demo's
+    dataset, whose folder is ``digits``), else ``dataset``. So a second dataset trains in a
+    run (and registers a model) of its own instead of meeting the first one's checkpoints.
+    ``registered_model_name=none`` means do not register. Programmatic configs keep the
+    library defaults (run ``fmpipe``, registering nothing): only the jobs call this."""
+    name = dataset_name(cfg.data.uri) or "dataset"
+    registered = cfg.train.registered_model_name.strip()
+    if registered.lower() == NO_REGISTRATION:
         cfg.train.registered_model_name = ""
-    elif not name:
-        cfg.train.registered_model_name = dataset_name(cfg.data.uri) or "dataset"
+    elif not registered:
+        cfg.train.registered_model_name = name
+    if not cfg.train.run_name.strip():
+        cfg.train.run_name = name

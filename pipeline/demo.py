@@ -45,8 +45,10 @@ def with_home_paths(cfg: Config) -> Config:
     cfg.prepare.out = prepare_out(cfg, DEFAULT_DATASET)
     cfg.data.uri = cfg.data.uri or cfg.prepare.out
     cfg.sample.out = sample_out(cfg, DEFAULT_DATASET)
-    if not cfg.train.registered_model_name:
-        cfg.train.registered_model_name = "digits"
+    # The run and the model sample.model (models:/digits@champion) names, wherever the
+    # dataset is written.
+    cfg.train.registered_model_name = cfg.train.registered_model_name or "digits"
+    cfg.train.run_name = cfg.train.run_name or "digits"
     if not cfg.train.alias:
         cfg.train.alias = CHAMPION  # the trainer points it at the version it registers
     return cfg

@@ -308,6 +308,29 @@ def test_workers_that_do_not_split_the_batch_fail_before_any_work(
     assert captured.out == ""  # not even the start line
 
 
+def test_a_network_that_does_not_fit_the_data_fails_before_any_work(
+    digits8: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Attention at a size the U-Net never has (8x8 digits: sizes 8 and 4): one line naming
+    the key, the sizes and the data's shape, exit 2, before Ray, an MLflow run or a run
+    folder; no worker tries (and retries) to build it."""
+    import ray
+
+    home, runs = tmp_path / "home", tmp_path / "runs"
+    monkeypatch.setenv("FMPIPE_HOME", str(home))
+    argv = _train_argv(digits8, runs)
+    overrides = [a for a in argv if not a.startswith("model.attention_resolutions=")]
+    code = train_job.main([*overrides[1:], "model.attention_resolutions=[2]"])
+    captured = capsys.readouterr()
+    assert code == EXIT_BAD_INPUT, captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured.err
+    for part in ("attention_resolutions contains 2", "sizes are [8, 4]", "(1, 8, 8)"):
+        assert part in captured.err, captured.err
+    assert not ray.is_initialized() and not runs.exists()
+    assert not (home / "mlflow.db").exists() and "MLflow run" not in captured.out
+
+
 # --------------------------------------------------------------------------- local Ray ports
 def test_local_ray_serves_nothing_beyond_loopback_without_the_token(tmp_path: Path) -> None:
     """Item 9: every port of a Ray that ensure_ray starts is loopback or refuses a caller

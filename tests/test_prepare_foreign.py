@@ -224,9 +224,13 @@ def test_registered_model_name_defaults_from_the_dataset(capsys) -> None:
 
     from jobs import train as train_job
 
-    def printed(*argv: str) -> str:
+    def names(*argv: str) -> tuple[str, str]:
         assert train_job.main([*argv, "--print-config"]) == 0
-        return build_config(yaml.safe_load(capsys.readouterr().out)).train.registered_model_name
+        train = build_config(yaml.safe_load(capsys.readouterr().out)).train
+        return train.registered_model_name, train.run_name
+
+    def printed(*argv: str) -> str:
+        return names(*argv)[0]
 
     assert printed() == "digits"  # train.yaml names the demo's model
     assert printed("--data", "s3://data/pets", "train.registered_model_name=") == "pets"
@@ -234,3 +238,8 @@ def test_registered_model_name_defaults_from_the_dataset(capsys) -> None:
     pattern = "s3://b/laion/part-{000000..000009}.tar"
     assert printed("--data", pattern, "train.registered_model_name=") == "laion"
     assert printed("train.registered_model_name=none") == ""  # register nothing
+    # The run is named the same way (so another dataset does not meet digits' checkpoints),
+    # unless the config names it.
+    assert names() == ("digits", "digits")
+    assert names("--data", pattern) == ("laion", "laion")
+    assert names("--data", pattern, "--run-name", "mine") == ("laion", "mine")

@@ -294,6 +294,27 @@ def _check_inputs(cfg: Config, batch_source: BatchSource | None, shape: Any) -> 
     return _Inputs(data_shape_of(cfg), info.manifest.content_hash(), info, val_info, notes=notes)
 
 
+def check_model_fits(cfg: Config, data_shape: tuple[int, ...]) -> None:
+    """Raise ConfigError if ``cfg.model`` cannot be built for samples of ``data_shape``.
+
+    The network is built on PyTorch's meta device (shapes only: no memory, no init work), in
+    the driver: a worker that fails to build it would fail again at every restart that
+    ``train.max_failures`` allows, and each restart costs a worker's start.
+    """
+    import torch
+
+    from pipeline.models import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(cfg.model, data_shape)
+    except ValueError as exc:
+        raise ConfigError(
+            f"model.kind={cfg.model.kind!r} does not fit the data (samples of shape "
+            f"{tuple(data_shape)}): {exc}; change the model.* settings or data.resolution"
+        ) from None
+
+
 def _class_names(inputs: _Inputs) -> tuple[str, ...]:
     """Label id -> name of what the run trains on (the dataset's, or the coupled set's)."""
     if inputs.info is not None:
@@ -523,6 +544,7 @@ def train(
     """
     started = time.perf_counter()
     inputs = _check_inputs(cfg, batch_source, data_shape)
+    check_model_fits(cfg, inputs.data_shape)
     storage = storage_location(cfg)
     if storage.is_s3:
         check_access(storage, must_exist=False)
