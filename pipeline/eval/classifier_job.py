@@ -76,7 +76,7 @@ def fit_classifier(
             f"dataset '{cfg.data.uri}' has {train_set.num_classes} classes: the classifier "
             "needs a labelled dataset (use --network inception for unlabelled data)"
         )
-    val_set = dataset_shards(cfg, HELD_OUT)
+    val_set = dataset_shards(cfg, HELD_OUT, fresh=False)
     images, labels = (torch.from_numpy(a) for a in load_images(train_set))
     val_images, val_labels = (torch.from_numpy(a) for a in load_images(val_set))
     spec = ClassifierSpec(train_set.spec.channels, train_set.spec.resolution, train_set.num_classes)

@@ -85,10 +85,12 @@ class ShardSet:
         return sum(s.num_samples for s in self.shards)
 
 
-def dataset_shards(cfg: Any, split: str) -> ShardSet:
+def dataset_shards(cfg: Any, split: str, *, fresh: bool = True) -> ShardSet:
     """The ``split`` of ``data.uri`` (prepared or another tool's), decoded as training does
-    (``data.channels`` / ``data.resolution`` left unset: the dataset's, as in training)."""
-    info = open_dataset(cfg, split)
+    (``data.channels`` / ``data.resolution`` left unset: the dataset's, as in training).
+    ``fresh=False``: another tool's shards are not listed again when this process indexed
+    them already (the second split of one dataset)."""
+    info = open_dataset(cfg, split, fresh=fresh)
     cfg = cfg.model_copy(deep=True)  # the caller's config is not changed
     adopt_dataset_shape(cfg, info)
     return ShardSet(
