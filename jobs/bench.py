@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--distill-images", type=int, metavar="N", help="the student's training images "
         "(default train.total_images)",
     )  # fmt: skip
+    rf.add_argument(
+        "--distill-pair-steps", type=int, metavar="K", help="Euler steps of the reflowed "
+        "model's pairs for the student (default sample.steps; its paths are straight, so "
+        "fewer steps give nearly the same map for a fraction of the sampling)",
+    )  # fmt: skip
     add_config_arguments(rf)
     gpu = sub.add_parser(
         "gpu",
@@ -282,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.reflow.base = args.base or cfg.reflow.base.strip() or DEFAULT_SAMPLE_MODEL
             run_reflow_benchmark(cfg, steps=tuple(args.steps), speed_samples=args.speed_samples,
                                  distill_steps=args.distill,
-                                 distill_images=args.distill_images)  # fmt: skip
+                                 distill_images=args.distill_images,
+                                 distill_pair_steps=args.distill_pair_steps)  # fmt: skip
         elif args.bench == "eval":
             from pipeline.bench.eval import run_eval_benchmark
             from pipeline.home import data_uri

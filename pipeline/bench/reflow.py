@@ -4,7 +4,8 @@ samples/s each needs for the base's best quality.
 1. ``fmpipe reflow`` of the base (its pairs, sampled at ``sample.solver`` x ``sample.steps``,
    timed apart from the training: the pairs are a one-off cost, counted separately).
 2. With ``distill_steps`` K > 0, ``fmpipe reflow --distill K`` of the reflowed model: a
-   K-step student trained on the reflowed model's own pairs (``distill_images`` images).
+   K-step student trained on the reflowed model's own pairs (``distill_images`` images;
+   the pairs at ``distill_pair_steps`` Euler steps, default ``sample.steps``).
 3. The base, the reflowed model and the student through ``fmpipe eval``'s sweep of several
    models (Euler at each of ``--steps``, ``eval.num_samples`` samples at ``eval.seed``, one
    reference): FD in the dataset classifier's features, recall, conditional accuracy; one
@@ -73,6 +74,7 @@ def run_reflow_benchmark(
     speed_samples: int = 200,
     distill_steps: int = 1,
     distill_images: int | None = None,
+    distill_pair_steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, float | None]:
     """Run the benchmark (module doc) on ``cfg.reflow.base``; prints the tables and returns
@@ -100,6 +102,8 @@ def run_reflow_benchmark(
         dcfg.train.run_name = ""  # distill-<reflowed>-<K>step
         if distill_images:
             dcfg.train.total_images = distill_images
+        if distill_pair_steps:
+            dcfg.sample.steps = distill_pair_steps
         began = time.perf_counter()
         student = reflow(dcfg, print_fn=log)
         models[f"student-{distill_steps}"] = _registered(student)
