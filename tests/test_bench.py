@@ -88,6 +88,43 @@ def test_steady_state_reads_the_trainers_progress_lines():
     assert wait == pytest.approx(0.25)
 
 
+def test_reflow_bench_matches_quality_at_the_fewest_nfe_and_times_only_those():
+    """`fmpipe bench reflow`'s verdict (pipeline.bench.reflow.matched_quality) on made-up
+    sweeps: the target is the base's last FD; a curve's matched NFE is the fewest that
+    reaches it; only those are timed; a curve that never reaches it has no ratio."""
+    from pipeline.bench.reflow import Curve, matched_quality
+    from pipeline.eval.job import SweepPoint
+    from pipeline.eval.scores import Scores
+
+    def curve(name: str, fds: dict[int, float]) -> Curve:
+        points = [
+            SweepPoint("euler", k, float(k), Scores("classifier", fd, 0, 0, 0, 0, 9, 9, 9, 9))
+            for k, fd in fds.items()
+        ]
+        return Curve(name, f"models:/m-{name}/1", points)
+
+    curves = [
+        curve("base", {1: 4.5, 2: 0.9, 4: 0.35, 8: 0.21, 32: 0.17}),
+        curve("2-RF", {1: 0.30, 2: 0.17, 4: 0.16, 8: 0.16, 32: 0.16}),  # reaches it at 2
+        curve("student-1", {1: 0.21, 2: 0.29, 4: 0.35, 8: 0.37, 32: 0.40}),  # never does
+    ]
+    timed: list[tuple[str, int]] = []
+
+    def rate(c: Curve, nfe: int) -> float:
+        timed.append((c.name, nfe))
+        return 320.0 / nfe  # samples/s of an NFE-bound sampler
+
+    lines: list[str] = []
+    figures = matched_quality(curves, rate, "2-RF", lines.append)
+    assert figures["target_fd"] == 0.17
+    assert (figures["base_nfe"], figures["2-RF_nfe"], figures["student-1_nfe"]) == (32, 2, None)
+    assert timed == [("base", 32), ("2-RF", 2)]  # the student is not timed
+    assert figures["speedup"] == pytest.approx(16.0) and figures["student_speedup"] is None
+    text = "\n".join(lines)
+    assert "student-1  does not reach it at 1, 2, 4, 8, 32 steps (best FD 0.2100 at 1 NFE)" in text
+    assert "ratio 2-RF / base at equal quality: 16.00x (goal >= 8x)" in text
+
+
 def test_scoped_environ_sets_then_restores_exactly(monkeypatch: pytest.MonkeyPatch):
     import os
 

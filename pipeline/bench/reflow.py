@@ -28,11 +28,11 @@ import torch
 
 from pipeline.config import Config
 
-__all__ = ["run_reflow_benchmark"]
+__all__ = ["Curve", "matched_quality", "run_reflow_benchmark"]
 
 
 @dataclass
-class _Curve:
+class Curve:
     name: str
     model: str
     points: list  # pipeline.eval.job.SweepPoint, in steps order
@@ -117,12 +117,34 @@ def run_reflow_benchmark(
     log(f"\n{sweep_table(done.sweep)}")
     log(f"plot: {done.plot_path}" + (f" (MLflow run {done.run_id})" if done.run_id else ""))
     curves = [
-        _Curve(name, model, [p for p in done.sweep if p.model == name])
+        Curve(name, model, [p for p in done.sweep if p.model == name])
         for name, model in models.items()
     ]
+
+    def rate(curve: Curve, nfe: int) -> float:
+        return _samples_per_second(cfg, curve.model, nfe, speed_samples)
+
+    figures.update(matched_quality(curves, rate, rf_name, log))
+    return figures
+
+
+def matched_quality(
+    curves: list[Curve],
+    rate: Callable[[Curve, int], float],
+    rf_name: str,
+    log: Callable[[str], None] = print,
+) -> dict[str, float | None]:
+    """Steps 4 and 5 of the module doc over swept ``curves`` (the base first).
+
+    The target is the base's FD at its last (largest-steps) point; each curve's matched NFE
+    is its fewest NFE with FD <= target (``<name>_nfe``, None if none reaches it); ``rate``
+    (curve, NFE) -> samples/s is called once per curve that reaches it; ``speedup`` (the
+    curve named ``rf_name``) and ``student_speedup`` (the others) are rates over the base's,
+    None where either side misses the target.
+    """
     base = curves[0]
     target = base.points[-1].scores.fd
-    figures["target_fd"] = target
+    figures: dict[str, float | None] = {"target_fd": target}
     log(f"\nmatched quality: FD <= {target:.4f} (the base at {base.points[-1].nfe:g} NFE)")
     rates = {}
     for curve in curves:
@@ -130,10 +152,11 @@ def run_reflow_benchmark(
         figures[f"{curve.name}_nfe"] = nfe
         if nfe is None:
             best = min(curve.points, key=lambda p: p.scores.fd)
-            log(f"  {curve.name:<10} does not reach it at {', '.join(map(str, steps))} steps "
+            steps = ", ".join(f"{p.steps}" for p in curve.points)
+            log(f"  {curve.name:<10} does not reach it at {steps} steps "
                 f"(best FD {best.scores.fd:.4f} at {best.nfe:g} NFE)")  # fmt: skip
             continue
-        rates[curve.name] = _samples_per_second(cfg, curve.model, int(nfe), speed_samples)
+        rates[curve.name] = rate(curve, int(nfe))
         log(f"  {curve.name:<10} {nfe:g} NFE  {rates[curve.name]:8.1f} samples/s")
     for curve in curves[1:]:
         key = "speedup" if curve.name == rf_name else "student_speedup"
