@@ -549,9 +549,7 @@ def adopt_dataset_shape(cfg: Config, info: DatasetInfo) -> list[str]:
         return notes
     resolution = manifest.resolution if not info.foreign else 0
     if info.foreign:
-        sizes = manifest.extra.get("image_sizes") or {}
-        sides = [int(sizes.get(key, 0)) for key in ("width_min", "width_max")]
-        sides += [int(sizes.get(key, 0)) for key in ("height_min", "height_max")]
+        sides = _image_size_range(manifest)
         if len(set(sides)) == 1 and 2 <= sides[0] <= 1024:
             resolution = sides[0]
         elif all(sides):
@@ -564,6 +562,14 @@ def adopt_dataset_shape(cfg: Config, info: DatasetInfo) -> list[str]:
         cfg.data.resolution = resolution
         notes.append(f"data.resolution={resolution} (the dataset's)")
     return notes
+
+
+def _image_size_range(manifest: Manifest) -> tuple[int, int, int, int]:
+    """(width_min, width_max, height_min, height_max) of a foreign dataset's images, from
+    its index (0 where the index has no figure)."""
+    sizes = manifest.extra.get("image_sizes") or {}
+    keys = ("width_min", "width_max", "height_min", "height_max")
+    return tuple(int(sizes.get(key, 0)) for key in keys)  # type: ignore[return-value]
 
 
 def check_config_against_manifest(cfg: Config, info: DatasetInfo) -> None:
@@ -590,8 +596,7 @@ def check_config_against_manifest(cfg: Config, info: DatasetInfo) -> None:
                 f"index ({manifest.source.removeprefix('index:')}): set "
                 f"data.channels={manifest.channels}"
             )
-        sizes = manifest.extra.get("image_sizes") or {}
-        largest = max(int(sizes.get("width_max", 0)), int(sizes.get("height_max", 0)))
+        largest = max(_image_size_range(manifest)[1::2])
         if largest and cfg.data.resolution > largest:
             logger.warning(
                 "data.resolution=%d but the largest image of dataset '%s' is %d px: every "
