@@ -5,7 +5,8 @@ generates eval.num_samples samples at the fixed eval.seed with --solver/--steps)
 reference statistics of a dataset split (data.uri, eval.reference_split: train, as FID is
 usually reported; computed once by a Ray Data job and stored under
 train.storage_path/eval-reference/, reused afterwards). A model's reference is the data it
-learnt (its checkpoint's data.uri) unless --data says otherwise.
+learnt (its checkpoint's data.uri) unless --data says otherwise; so is a sample set's (the
+data its model learnt, by the model its manifest names).
 
 Feature networks (--network):
   classifier  fmpipe's classifier of the dataset (`fmpipe classifier` trains and registers it
@@ -121,10 +122,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         # Imported here: `fmpipe eval --help` stays fast.
         from pipeline.eval.job import evaluate
-        from pipeline.home import data_uri
-
-        if not args.model:  # a model's own data.uri is its reference unless --data says
-            cfg.data.uri = data_uri(cfg)
 
         def action() -> None:
             result = evaluate(cfg, samples=args.samples or "", model=args.model or [],

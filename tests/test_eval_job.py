@@ -193,6 +193,47 @@ def _checkpoint(cfg: Config, directory: Path, scale: float) -> Path:
     return save_checkpoint(directory, model=network, ema=network, state=state, config=cfg)
 
 
+def test_a_sample_set_is_scored_against_the_data_its_model_learnt(cfg, classifier, tmp_path):
+    """`fmpipe eval --samples` without --data: the reference is the dataset its model learnt
+    (the model the sample set's manifest names), read with that run's dataset settings;
+    keys the caller sets win. A model that can no longer be read is one clear error naming
+    --data, before any Ray work."""
+    import shutil
+
+    from pipeline.eval.job import with_reference_data
+
+    model = _checkpoint(cfg, tmp_path / "m" / "checkpoint_000000000064", 0.2)
+    run = cfg.model_copy(deep=True)
+    run.sample.model, run.sample.out = str(model), str(tmp_path / "samples")
+    run.sample.num_samples, run.sample.steps = 20, 1
+    out = generate(run, track=False, log_line=None).out_uri
+    assert Path(sample_shards(out).made_by.removeprefix("file://")) == Path(model)
+    assert dataset_shards(cfg, "val").made_by == ""  # a dataset split names no model
+
+    bare = build_config({"train": {"storage_path": cfg.train.storage_path},
+                         "tracking": {"uri": cfg.tracking.uri}})  # fmt: skip
+    assert bare.data.uri == ""
+    result = evaluate(bare, samples=out, track=False, say=lambda _: None)
+    assert result.scores is not None and result.scores.n == 20
+    assert result.scores.n_reference == dataset_shards(cfg, "train").num_samples
+    given = evaluate(cfg, samples=out, track=False, say=lambda _: None)
+    assert given.reference.location.uri == result.reference.location.uri
+    assert given.scores is not None and given.scores.fd == result.scores.fd
+
+    # The dataset keys of the model's run come along; training-only keys and set keys do not.
+    learnt = cfg.model_copy(deep=True)
+    learnt.data.val_fraction, learnt.data.label_field, learnt.data.batch_size = 0.25, "a.b", 7
+    other = _checkpoint(learnt, tmp_path / "o" / "checkpoint_000000000064", 0.2)
+    mine = build_config({"data": {"label_field": "mine"}})
+    got = with_reference_data(mine, str(other)).data
+    assert (got.uri, got.val_fraction, got.label_field) == (cfg.data.uri, 0.25, "mine")
+    assert got.batch_size == 128 and got.resolution == cfg.data.resolution
+
+    shutil.rmtree(model.parent)
+    with pytest.raises(ValueError, match=r"made by .*give the reference dataset with --data"):
+        evaluate(bare, samples=out, track=False, say=lambda _: None)
+
+
 def test_models_are_scored_on_identical_seeds_and_one_reference(cfg, classifier, tmp_path):
     """What retraining compares: the same checkpoint twice scores exactly alike (same noise,
     solver and reference); another one does not."""

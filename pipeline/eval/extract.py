@@ -79,6 +79,7 @@ class ShardSet:
     num_classes: int
     class_names: tuple[str, ...] = ()
     labels: LabelRule | None = None  # another tool's label rule; None: read .cls
+    made_by: str = ""  # a sample set's model (as `fmpipe sample` recorded it); "" otherwise
 
     @property
     def num_samples(self) -> int:
@@ -131,6 +132,7 @@ def sample_shards(uri: str, storage: Any = None) -> ShardSet:
         content_hash=manifest.content_hash(),
         num_classes=manifest.num_classes,
         class_names=tuple(manifest.class_names),
+        made_by=str(manifest.extra.get("model_uri") or "") if manifest.split == "samples" else "",
     )
 
 

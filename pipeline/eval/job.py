@@ -72,9 +72,18 @@ def classifier_uri(cfg: Config) -> str:
 def classifier_bytes(cfg: Config, uri: str) -> bytes:
     """The classifier file that ``uri`` names: ``models:/`` / ``runs:/`` (the version's
     artifact directory holds ``classifier.pt``), a directory holding it, or the file."""
-    from pipeline.registry import resolve_model_uri
+    from pipeline.registry import ModelNotFound, resolve_model_uri
 
-    where = resolve_model_uri(uri, cfg).checkpoint_uri
+    try:
+        where = resolve_model_uri(uri, cfg).checkpoint_uri
+    except ModelNotFound as exc:
+        if cfg.eval.classifier.strip():
+            raise
+        raise ModelNotFound(
+            f"{exc}. The classifier network is the dataset's own: train it with `fmpipe "
+            f"classifier --data {cfg.data.uri or '<dataset>'}`, or set eval.classifier to a "
+            "classifier file, or eval.network=inception"
+        ) from None
     location = resolve(where, cfg.storage)
     if location.child(CLASSIFIER_FILE).exists():
         location = location.child(CLASSIFIER_FILE)
@@ -98,17 +107,48 @@ def network_spec(cfg: Config) -> NetworkSpec:
     return NetworkSpec("classifier", classifier=classifier_bytes(cfg, classifier_uri(cfg)))
 
 
+# What names the images a model learnt and how they were decoded: the reference statistics
+# of a model's own dataset must read the same split (a foreign dataset's val carve-out and
+# labels) at the same size, or the figures compare against other images.
+_REFERENCE_DATA_KEYS = (
+    "uri", "index_uri", "val_uri", "val_fraction", "label_source", "label_field", "resize",
+    "alpha_background", "max_pixels", "channels", "resolution",
+)  # fmt: skip
+
+
 def with_reference_data(cfg: Config, model: str) -> Config:
     """``cfg`` with ``data.uri`` filled: as given, else the data ``model`` learnt (its
-    checkpoint's config), else the embedded default dataset."""
+    checkpoint's config: the dataset keys of :data:`_REFERENCE_DATA_KEYS` that ``cfg`` does
+    not set), else the embedded default dataset."""
     if cfg.data.uri.strip():
         return cfg
     from pipeline.home import data_uri
-    from pipeline.sample.source import training_data_uri
+    from pipeline.sample.source import training_data_section
 
+    learnt = training_data_section(cfg, model)
     cfg = cfg.model_copy(deep=True)
-    cfg.data.uri = training_data_uri(cfg, model) or data_uri(cfg)
+    if not str(learnt.get("uri") or "").strip():
+        cfg.data.uri = data_uri(cfg)
+        return cfg
+    given = cfg.data.model_fields_set
+    for key in _REFERENCE_DATA_KEYS:
+        if key in learnt and key not in given:
+            setattr(cfg.data, key, learnt[key])
     return cfg
+
+
+def _reference_data_of_samples(cfg: Config, samples: str, model: str) -> Config:
+    """``cfg`` with ``data.uri`` the data that ``model`` (the sample set's own, from its
+    manifest) learnt: samples are scored against their model's dataset unless ``--data``
+    says otherwise, as a model is."""
+    try:
+        return with_reference_data(cfg, model)
+    except Exception as exc:  # registry, storage: the reason is the problem's own text
+        raise ValueError(
+            f"the samples at '{samples}' were made by '{model}', whose training data cannot "
+            f"be read to score them against ({type(exc).__name__}: {exc}); give the "
+            "reference dataset with --data URI"
+        ) from None
 
 
 @dataclass
@@ -300,6 +340,12 @@ def evaluate(
     names = list(names) or models
     if len(names) != len(models) or len(set(names)) != len(names):
         raise ValueError(f"names {names} must name each of the models {models} once")
+    if samples:  # a missing or unfinished sample set fails before Ray and the network
+        from pipeline.eval.extract import sample_shards
+
+        made_by = sample_shards(samples, cfg.storage).made_by
+        if made_by and not cfg.data.uri.strip():
+            cfg = _reference_data_of_samples(cfg, samples, made_by)
     from pipeline.rayenv import ensure_ray
 
     started = ensure_ray()

@@ -46,6 +46,7 @@ __all__ = [
     "CheckpointBuilder",
     "ModelSource",
     "load_model_source",
+    "training_data_section",
     "training_data_uri",
     "weights_digest",
 ]
@@ -273,8 +274,8 @@ def sampling_rule_from_tags(tags: dict[str, str]) -> tuple[str, int] | None:
         return None
 
 
-def training_data_uri(cfg: Config, uri: str) -> str:
-    """``data.uri`` in the checkpoint's own config ("" when it has none)."""
+def training_data_section(cfg: Config, uri: str) -> dict[str, Any]:
+    """The ``data`` section of the checkpoint's own config (``{}`` when it has none)."""
     import yaml
 
     from pipeline.checkpoint import CONFIG_FILE
@@ -288,4 +289,9 @@ def training_data_uri(cfg: Config, uri: str) -> str:
     elif uri.startswith("file://"):
         where = uri[len("file://") :]
     tree = yaml.safe_load(resolve(where, cfg.storage).child(CONFIG_FILE).read_bytes()) or {}
-    return str((tree.get("data") or {}).get("uri") or "")
+    return dict(tree.get("data") or {})
+
+
+def training_data_uri(cfg: Config, uri: str) -> str:
+    """``data.uri`` in the checkpoint's own config ("" when it has none)."""
+    return str(training_data_section(cfg, uri).get("uri") or "")
