@@ -232,6 +232,11 @@ def test_a_sample_set_is_scored_against_the_data_its_model_learnt(cfg, classifie
     shutil.rmtree(model.parent)
     with pytest.raises(ValueError, match=r"made by .*give the reference dataset with --data"):
         evaluate(bare, samples=out, track=False, say=lambda _: None)
+    # A set that names no model (a dataset split) keeps the default dataset, as before.
+    from pipeline.data.stream import DatasetError
+
+    with pytest.raises(DatasetError, match=r"store/digits.* does not exist"):
+        evaluate(bare, samples=str(Path(cfg.data.uri) / "val"), track=False, say=lambda _: None)
 
 
 def test_models_are_scored_on_identical_seeds_and_one_reference(cfg, classifier, tmp_path):

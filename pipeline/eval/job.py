@@ -344,8 +344,14 @@ def evaluate(
         from pipeline.eval.extract import sample_shards
 
         made_by = sample_shards(samples, cfg.storage).made_by
-        if made_by and not cfg.data.uri.strip():
-            cfg = _reference_data_of_samples(cfg, samples, made_by)
+        if not cfg.data.uri.strip():  # the data of the samples' model, else the default's
+            if made_by:
+                cfg = _reference_data_of_samples(cfg, samples, made_by)
+            else:
+                from pipeline.home import data_uri
+
+                cfg = cfg.model_copy(deep=True)
+                cfg.data.uri = data_uri(cfg)
     from pipeline.rayenv import ensure_ray
 
     started = ensure_ray()
