@@ -198,6 +198,104 @@ def find_run_id(
     return runs[0].info.run_id if runs else None
 
 
+# A tracker that tolerates outages (`Tracker.tolerate_outages`) makes each MLflow request
+# short: MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) hold one call, and
+# with it the training step that made it, for minutes when the server is down.
+_OUTAGE_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+MAX_PENDING_METRICS = 200_000  # kept through an outage (~20 MB); older ones are dropped
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the tracking server or its artifact store cannot be reached
+    (connection refused or reset, a timeout, a 5xx), rather than that a request was wrong
+    (a 4xx: an invalid metric, a deleted run), which stays an error."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        text = str(exc)
+        return status >= 500 or "Max retries exceeded" in text or "failed with exception" in text
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return False
+    return isinstance(exc, BotoCoreError)
+
+
+class _Outage:
+    """What a tolerant tracker does while MLflow is down: metrics wait (in order, up to
+    :data:`MAX_PENDING_METRICS`) and go out with the first call that gets through; grids
+    and other artifacts of the outage are skipped and counted; a call is tried again every
+    ``retry_every_s`` at most, so training is not held up by each one."""
+
+    def __init__(self, where: str, retry_every_s: float) -> None:
+        self.where, self.retry_every_s = where, retry_every_s
+        self.pending: list[Any] = []  # mlflow.entities.Metric, oldest first
+        self.down_since: float | None = None
+        self.retry_at = 0.0
+        self.dropped = 0  # metrics beyond MAX_PENDING_METRICS
+        self.skipped = 0  # artifacts not logged
+
+    def _waiting(self) -> bool:
+        return self.down_since is not None and time.monotonic() < self.retry_at
+
+    def _went_down(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            log.warning(
+                "MLflow at %s cannot be reached (%s); training goes on: metrics are kept and "
+                "sent when it is back, sample grids of the outage are skipped",
+                self.where, scrub(f"{type(exc).__name__}: {exc}")[:300],
+            )  # fmt: skip
+        self.retry_at = now + self.retry_every_s
+
+    def _came_back(self, sent: int) -> None:
+        if self.down_since is not None:
+            log.warning(
+                "MLflow at %s is reachable again after %.0f s: %d metric(s) sent late, "
+                "%d dropped, %d artifact(s) skipped", self.where,
+                time.monotonic() - self.down_since, sent, self.dropped, self.skipped,
+            )  # fmt: skip
+        self.down_since, self.dropped, self.skipped = None, 0, 0
+
+    def metrics(self, items: list[Any], send: Any) -> None:
+        self.pending.extend(items)
+        if len(self.pending) > MAX_PENDING_METRICS:
+            self.dropped += len(self.pending) - MAX_PENDING_METRICS
+            del self.pending[: len(self.pending) - MAX_PENDING_METRICS]
+        if self._waiting():
+            return
+        try:
+            send(self.pending)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self._went_down(exc)
+            return
+        sent, self.pending = len(self.pending), []
+        self._came_back(sent - len(items))
+
+    def artifact(self, call: Any) -> None:
+        if self._waiting():
+            self.skipped += 1
+            return
+        try:
+            call()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self.skipped += 1
+            self._went_down(exc)
+
+
 class Tracker:
     """One MLflow run, written through an explicit client. Disabled trackers do nothing.
 
@@ -212,6 +310,7 @@ class Tracker:
         self._run_id = run_id
         self._uri = uri
         self._ended = False
+        self._outage: _Outage | None = None  # set by tolerate_outages()
 
     # ---- construction
 
@@ -278,6 +377,29 @@ class Tracker:
             log.info("created MLflow run %s (%s) in '%s'", run.info.run_id, run_name, experiment)
         tracker.set_tags(all_tags)
         return tracker
+
+    def tolerate_outages(self, retry_every_s: float = 30.0) -> Tracker:
+        """From now on a server that cannot be reached does not fail :meth:`log_metrics`,
+        :meth:`log_image` or :meth:`log_text`: metrics wait and are sent when it is back,
+        artifacts of the outage are skipped (one warning when it starts, one when it ends).
+        For a long job whose MLflow is observability, not its output (training: the
+        checkpoints are). Makes this process's MLflow requests short (fewer retries, a
+        20 s timeout) unless the ``MLFLOW_HTTP_REQUEST_*`` variables are set. Returns self.
+        """
+        if self._client is not None and self._outage is None:
+            for key, value in _OUTAGE_HTTP_ENV.items():
+                os.environ.setdefault(key, value)
+            self._outage = _Outage(scrub(str(self._uri)), retry_every_s)
+        return self
+
+    def flush(self) -> None:
+        """Send the metrics an outage kept, now; raises if the server still cannot be
+        reached (call before what must not be lost, such as the final model's artifacts)."""
+        if self._outage is not None and self._outage.pending:
+            pending = self._outage.pending
+            self._send_metrics(pending)
+            self._outage.pending = []
+            self._outage._came_back(len(pending))
 
     # ---- properties
 
@@ -369,6 +491,12 @@ class Tracker:
             if math.isinf(number):  # MLflow stores inf as +-max float; say so in the log
                 log.warning("metric %s is %s at step %d", key, number, step)
             items.append(Metric(str(key), number, now, int(step)))
+        if self._outage is not None:
+            self._outage.metrics(items, self._send_metrics)
+        else:
+            self._send_metrics(items)
+
+    def _send_metrics(self, items: list[Any]) -> None:
         for i in range(0, len(items), METRICS_PER_BATCH):
             self._client.log_batch(self._run_id, metrics=items[i : i + METRICS_PER_BATCH])
 
@@ -389,7 +517,7 @@ class Tracker:
         """Write ``text`` (scrubbed) as run artifact ``artifact_file`` (e.g. ``notes/a.txt``)."""
         if self._client is None:
             return
-        self._client.log_text(self._run_id, scrub(text), artifact_file)
+        self._artifact(lambda: self._client.log_text(self._run_id, scrub(text), artifact_file))
 
     def log_image(self, image: Any, artifact_file: str) -> None:
         """Log a PIL image, uint8 array (H,W[,C]) or (C,H,W) tensor as ``artifact_file``.
@@ -406,9 +534,17 @@ class Tracker:
             local = Path(tmp) / (Path(artifact_file).stem + suffix)
             pil.save(local)
             parent = str(Path(artifact_file).parent).replace(os.sep, "/")
-            self._client.log_artifact(
-                self._run_id, str(local), artifact_path=None if parent in ("", ".") else parent
+            where = None if parent in ("", ".") else parent
+            self._artifact(
+                lambda: self._client.log_artifact(self._run_id, str(local), artifact_path=where)
             )
+
+    def _artifact(self, call: Any) -> None:
+        """``call()``; through the outage rule once :meth:`tolerate_outages` was called."""
+        if self._outage is not None:
+            self._outage.artifact(call)
+        else:
+            call()
 
     def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None):
         """Log one local file under ``artifact_path`` (a directory in the run's artifacts)."""

@@ -247,3 +247,65 @@ def test_save_png_and_loss_curve(tmp_path):
     )
     img = Image.open(curve)
     assert img.format == "PNG" and img.size == (600, 400)
+
+
+def test_a_tolerant_tracker_keeps_metrics_through_a_real_outage_and_sends_them_late(
+    tmp_path, monkeypatch, caplog
+):
+    """Training's tracker (`Tracker.tolerate_outages`) against an MLflow server of its own
+    that is stopped (its whole process group) mid-run and started again on the same port
+    and store: no call raises while it is down, no call waits longer than the short
+    retries, every metric step reaches the run in the end (sent late, in order), a grid of
+    the outage is skipped, and one warning marks each end of the outage. A request MLflow
+    refuses (4xx: a run that does not exist) still raises."""
+    import logging
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.stack.servers import MLflowServer
+
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT"):  # fmt: skip
+        monkeypatch.delenv(key, raising=False)  # tolerate_outages sets them; undone after
+    server = MLflowServer(tmp_path / "mlflow.db", str(tmp_path / "artifacts"))
+    server.start(timeout=180)
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(server.uri)
+        experiment = client.create_experiment("outage")
+        run_id = client.create_run(experiment).info.run_id
+        tracker = Tracker.attach(server.uri, run_id).tolerate_outages(retry_every_s=3.0)
+        for step in range(5):
+            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        port = server.port
+        server.stop()
+        caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+        slowest = 0.0
+        for step in range(5, 10):
+            began = time.monotonic()
+            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+            tracker.log_image(np.zeros((4, 4), dtype=np.uint8), "grids/outage.png")
+            slowest = max(slowest, time.monotonic() - began)
+        assert slowest < 30, slowest  # MLflow's own defaults: minutes per call
+        assert sum("cannot be reached" in r.getMessage() for r in caplog.records) == 1
+
+        server = MLflowServer(tmp_path / "mlflow.db", str(tmp_path / "artifacts"), port=port)
+        server.start(timeout=180)
+        time.sleep(3.0)  # past the tracker's retry interval
+        for step in range(10, 12):
+            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        back = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
+        assert len(back) == 1 and "metric(s) sent late" in back[0], back
+        history = sorted(MlflowClient(server.uri).get_metric_history(run_id, "loss"),
+                         key=lambda m: m.step)  # fmt: skip
+        assert [m.step for m in history] == list(range(12))  # none lost
+        assert [m.value for m in history] == pytest.approx([1.0 / (s + 1) for s in range(12)])
+        assert "grids/outage.png" not in [
+            a.path for a in MlflowClient(server.uri).list_artifacts(run_id, "grids")
+        ]
+        with pytest.raises(MlflowException):
+            Tracker.attach(server.uri, "0" * 32).tolerate_outages().log_metrics({"x": 1}, 0)
+    finally:
+        server.stop()

@@ -279,6 +279,7 @@ class Events:
         """The final checkpoint as run artifacts; a registered version (and alias) if asked."""
         t, state = self.cfg.train, self.parts.state
         artifact_path = f"{CHECKPOINT_ARTIFACTS}/images_{state.images_seen:012d}"
+        self.tracker.flush()  # metrics an outage kept: sent (or this fails) before the model
         self.tracker.log_artifacts(directory, artifact_path)
         out: dict[str, Any] = {"checkpoint_artifacts": artifact_path}
         if not t.registered_model_name:

@@ -55,7 +55,9 @@ def _open_tracker(ctx: RunContext, chief: bool) -> Any:
 
     if not chief or ctx.tracking is None:
         return Tracker.disabled()
-    return Tracker.attach(ctx.tracking.uri, ctx.tracking.run_id)
+    # An MLflow outage must not stop training (the checkpoints are its output): metrics wait
+    # for the server, and the final checkpoint's publication flushes them first.
+    return Tracker.attach(ctx.tracking.uri, ctx.tracking.run_id).tolerate_outages()
 
 
 def _batches(cfg: Config, ctx: RunContext, parts: TrainingParts, group: WorkerGroup, micro: int):

@@ -409,6 +409,7 @@ class _BadSampleReport:
         self.done: set[int] = set()  # epochs already reported
         self.pending = start_epoch  # the first epoch not reported yet (a resume starts later)
         self.ended = -1  # the last data epoch the loop has seen end
+        self._attached: Any = None  # the MLflow run's tracker, once needed
 
     def _report(self, epoch: int) -> Any:
         from pipeline.data.stream import bad_sample_tracker
@@ -418,7 +419,11 @@ class _BadSampleReport:
     def _tracker(self) -> Any:
         from pipeline.tracking import Tracker
 
-        return Tracker.attach(self.handle.uri, self.handle.run_id) if self.handle else None
+        if self.handle is None:
+            return None
+        if self._attached is None:  # one, outage-tolerant like the workers' (bad-sample counts)
+            self._attached = Tracker.attach(self.handle.uri, self.handle.run_id).tolerate_outages()
+        return self._attached
 
     def epoch(self, epoch: int, final: bool = False) -> None:
         """Report ``epoch`` once, when every shard of it has been decoded (decode tasks run in
@@ -474,6 +479,10 @@ class _BadSampleReport:
         tracker = self._tracker()
         if tracker is not None and self.done:
             tracker.log_text(json.dumps(records, indent=1) + "\n", "data/bad_samples.json")
+            try:
+                tracker.flush()  # counts an MLflow outage kept
+            except Exception as exc:
+                log.warning("bad-sample counts not sent to MLflow: %s", scrub(str(exc)))
 
 
 def _trainer(cfg: Config, spec: WorkerSpec, storage: Location, datasets: Any) -> Any:
