@@ -273,15 +273,18 @@ class _Outage:
             del self.pending[: len(self.pending) - MAX_PENDING_METRICS]
         if self._waiting():
             return
+        late = len(self.pending) - len(items)
         try:
-            send(self.pending)
+            while self.pending:  # batch by batch: a batch sent is never sent again
+                batch = self.pending[:METRICS_PER_BATCH]
+                send(batch)
+                del self.pending[: len(batch)]
         except Exception as exc:
             if not is_outage(exc):
                 raise
             self._went_down(exc)
             return
-        sent, self.pending = len(self.pending), []
-        self._came_back(sent - len(items))
+        self._came_back(max(late, 0))
 
     def artifact(self, call: Any) -> None:
         if self._waiting():
@@ -395,11 +398,14 @@ class Tracker:
     def flush(self) -> None:
         """Send the metrics an outage kept, now; raises if the server still cannot be
         reached (call before what must not be lost, such as the final model's artifacts)."""
-        if self._outage is not None and self._outage.pending:
-            pending = self._outage.pending
-            self._send_metrics(pending)
-            self._outage.pending = []
-            self._outage._came_back(len(pending))
+        outage = self._outage
+        if outage is not None and outage.pending:
+            late = len(outage.pending)
+            while outage.pending:
+                batch = outage.pending[:METRICS_PER_BATCH]
+                self._send_metrics(batch)
+                del outage.pending[: len(batch)]
+            outage._came_back(late)
 
     # ---- properties
 
