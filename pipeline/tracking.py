@@ -381,16 +381,18 @@ class Tracker:
         tracker.set_tags(all_tags)
         return tracker
 
-    def tolerate_outages(self, retry_every_s: float = 30.0) -> Tracker:
+    def tolerate_outages(self, retry_every_s: float = 30.0, short_requests: bool = True) -> Tracker:
         """From now on a server that cannot be reached does not fail :meth:`log_metrics`,
         :meth:`log_image` or :meth:`log_text`: metrics wait and are sent when it is back,
         artifacts of the outage are skipped (one warning when it starts, one when it ends).
         For a long job whose MLflow is observability, not its output (training: the
-        checkpoints are). Makes this process's MLflow requests short (fewer retries, a
-        20 s timeout) unless the ``MLFLOW_HTTP_REQUEST_*`` variables are set. Returns self.
+        checkpoints are). ``short_requests``: make this process's MLflow requests short
+        (fewer retries, a 20 s timeout) unless the ``MLFLOW_HTTP_REQUEST_*`` variables are
+        set; for a process that does nothing else with MLflow (a training worker), not for
+        one whose later calls must ride out a blip (the driver). Returns self.
         """
         if self._client is not None and self._outage is None:
-            for key, value in _OUTAGE_HTTP_ENV.items():
+            for key, value in _OUTAGE_HTTP_ENV.items() if short_requests else ():
                 os.environ.setdefault(key, value)
             self._outage = _Outage(scrub(str(self._uri)), retry_every_s)
         return self

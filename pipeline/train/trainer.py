@@ -422,7 +422,9 @@ class _BadSampleReport:
         if self.handle is None:
             return None
         if self._attached is None:  # one, outage-tolerant like the workers' (bad-sample counts)
-            self._attached = Tracker.attach(self.handle.uri, self.handle.run_id).tolerate_outages()
+            tracker = Tracker.attach(self.handle.uri, self.handle.run_id)
+            # MLflow's full retries stay in this process: its end of the run must get through.
+            self._attached = tracker.tolerate_outages(short_requests=False)
         return self._attached
 
     def epoch(self, epoch: int, final: bool = False) -> None:
