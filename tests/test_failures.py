@@ -610,8 +610,10 @@ def test_ctrl_c_then_s3_down_during_sample_keep_the_shards_and_a_rerun_completes
         code, err = job.finish(timeout=300)
     finally:
         job.kill()
+    # The exit code first: its message carries the job's whole output (a job that ended by
+    # itself before the signal, or died of it, says so there).
+    assert code == EXIT_INTERRUPTED, (code, job.output()[-4000:])
     line = assert_one_line(err, "sample")
-    assert code == EXIT_INTERRUPTED, job.output()[-4000:]
     assert line == (
         "fmpipe sample: interrupted; re-run the same command to write the missing shards "
         "(the complete ones are kept)"
