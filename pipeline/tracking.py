@@ -275,16 +275,21 @@ class _Outage:
             return
         late = len(self.pending) - len(items)
         try:
-            while self.pending:  # batch by batch: a batch sent is never sent again
-                batch = self.pending[:METRICS_PER_BATCH]
-                send(batch)
-                del self.pending[: len(batch)]
+            self.send_pending(send)
         except Exception as exc:
             if not is_outage(exc):
                 raise
             self._went_down(exc)
             return
         self._came_back(max(late, 0))
+
+    def send_pending(self, send: Any) -> None:
+        """``send`` the kept metrics batch by batch, each batch dropped once sent, so a
+        failure half way never sends one twice; raises what ``send`` raises."""
+        while self.pending:
+            batch = self.pending[:METRICS_PER_BATCH]
+            send(batch)
+            del self.pending[: len(batch)]
 
     def artifact(self, call: Any) -> None:
         if self._waiting():
@@ -403,10 +408,7 @@ class Tracker:
         outage = self._outage
         if outage is not None and outage.pending:
             late = len(outage.pending)
-            while outage.pending:
-                batch = outage.pending[:METRICS_PER_BATCH]
-                self._send_metrics(batch)
-                del outage.pending[: len(batch)]
+            outage.send_pending(self._send_metrics)
             outage._came_back(late)
 
     # ---- properties
