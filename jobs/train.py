@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", metavar="URI", help="dataset root (data.uri)")
     parser.add_argument(
-        "--run-name", metavar="N", help="run name; the same name resumes (train.run_name)"
-    )
+        "--run-name", metavar="N",
+        help="run name; the same name resumes (train.run_name; default: the dataset's name)",
+    )  # fmt: skip
     parser.add_argument(
         "--storage",
         metavar="URI",
