@@ -602,7 +602,7 @@ def test_ctrl_c_then_s3_down_during_sample_keep_the_shards_and_a_rerun_completes
     bucket = "samples-" + uuid.uuid4().hex[:12]
     _client(own_s3).create_bucket(Bucket=bucket)
     home = tmp_path / "home"
-    argv = _sample_argv(checkpoint, f"s3://{bucket}/out")
+    argv = _sample_argv(checkpoint, f"s3://{bucket}/out", steps=32)
     job = Job(argv, _s3_env(own_s3, home), tmp_path / "sample-1.log")
     try:
         job.wait_for("[sample] 1 / ", timeout=400)

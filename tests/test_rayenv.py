@@ -176,3 +176,51 @@ def test_a_local_ray_that_times_out_at_startup_is_started_again(tmp_path):
         done.stdout,
         done.stderr[-2000:],
     )
+
+
+WATCHER_SCRIPT = """
+import os, ray
+from ray._private import state
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from pipeline import rayenv
+
+def actor_classes():
+    return sorted(a["ActorClassName"] for a in state.actors().values())
+
+def run(name):
+    trainer = TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                           run_config=RunConfig(name=name, storage_path=os.getcwd()))
+    with rayenv.scoped_environ(rayenv.train_environ()):
+        trainer.fit()
+
+rayenv.ensure_ray(num_cpus=2)
+print("local", rayenv.on_local_ray(), rayenv.train_environ())
+run("default")
+print("after default", [c for c in actor_classes() if "Preemption" in c])
+os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"  # the user's choice is kept
+print("user set", rayenv.train_environ())
+run("user")
+print("after user", [c for c in actor_classes() if "Preemption" in c])
+ray.shutdown()
+print("shut down", rayenv.on_local_ray(), rayenv.train_environ())
+"""
+
+
+def test_a_local_ray_trains_without_a_preemption_watcher_unless_the_user_asks(tmp_path):
+    """The Ray that ensure_ray starts is one machine nothing drains: a Ray Train run on it
+    starts no PreemptionWatcher actor (one process fewer per run); a user who sets
+    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER gets theirs (which shows the check can see one)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"}
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
+    done = subprocess.run(
+        [sys.executable, "-c", WATCHER_SCRIPT],
+        capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "local True {'RAY_TRAIN_ENABLE_PREEMPTION_WATCHER': '0'}" in lines, done.stdout
+    assert "after default []" in lines, done.stdout
+    assert "user set {}" in lines, done.stdout
+    assert "after user ['PreemptionWatcher']" in lines, done.stdout
+    assert "shut down False {}" in lines, done.stdout

@@ -737,6 +737,27 @@ def test_bad_sample_counts_keep_running_totals_that_match_a_recount():
     assert outcomes == {True, False}  # both sides of the limit were exercised
 
 
+def test_the_bad_sample_counter_actor_imports_no_heavy_library():
+    """The counter runs as an actor in its own process, which imports the module of the
+    class it wraps: that module must load neither torch, Ray Data nor SciPy (~4 s of CPU per
+    training job from ``pipeline.data.stream``, for a process that adds integers)."""
+    import subprocess
+    import sys
+
+    import pipeline.data.stream as stream
+
+    module = stream._BadSampleCounter.__ray_metadata__.modified_class.__module__
+    probe = (
+        f"import sys, {module}; "
+        "print(sorted(m for m in ('torch', 'ray.data', 'scipy', 'numpy') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert module == "pipeline.data.bad_samples"
+    assert loaded == "[]", f"{module} loads {loaded}"
+
+
 def test_too_many_bad_samples_stops_naming_the_worst_shard(tmp_path):
     root = str(tmp_path / "bad")
     _bad_dataset(root)

@@ -39,7 +39,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.stream import final_data_error, fresh_error
 from pipeline.home import storage_path
 from pipeline.lease import hold_run_lease
-from pipeline.rayenv import ensure_ray
+from pipeline.rayenv import ensure_ray, scoped_environ, train_environ
 from pipeline.redact import scrub
 from pipeline.storage import Location, check_access, resolve
 from pipeline.train.data import (
@@ -525,7 +525,8 @@ def _trainer(cfg: Config, spec: WorkerSpec, storage: Location, datasets: Any) ->
 def _fit(trainer: Any) -> Any:
     """``trainer.fit()``; a final data error inside Ray's wrappers is raised as itself."""
     try:
-        return trainer.fit()
+        with scoped_environ(train_environ()):
+            return trainer.fit()
     except Exception as exc:
         final = final_data_error(exc)
         if final is not None:
