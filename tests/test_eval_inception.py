@@ -280,8 +280,9 @@ def test_resolve_http_failures_leave_no_file(server: _Server, tmp_path: Path) ->
         resolve_weights(f"{server.url}/short.pt", cache)
     closed = _Server({})
     closed.close()  # nothing listens on this port any more
-    with pytest.raises(FeatureNetworkError, match=r"gone\.pt"):
+    with pytest.raises(FeatureNetworkError, match=r"gone\.pt") as info:
         resolve_weights(f"{closed.url}/gone.pt", cache)
+    assert "set eval.inception_uri to that copy" in str(info.value)  # what an offline user does
     assert _leftovers(cache) == []
 
 

@@ -161,6 +161,18 @@ def test_eval_refuses_a_missing_sample_set_and_a_missing_classifier(cfg, tmp_pat
     other.eval.classifier = str(tmp_path / "missing.pt")
     with pytest.raises(FeatureNetworkError, match=r"missing\.pt"):
         classifier_bytes(other, other.eval.classifier)
+    # No classifier registered for this dataset: the error says how to get one, and what
+    # scores a dataset that has no labels to train one on.
+    from pipeline.eval.job import classifier_uri
+    from pipeline.registry import ModelNotFound
+
+    untrained = cfg.model_copy(deep=True)
+    untrained.data.uri = str(tmp_path / "photos")
+    with pytest.raises(ModelNotFound) as info:
+        classifier_bytes(untrained, classifier_uri(untrained))
+    message = str(info.value)
+    assert f"fmpipe classifier --data {tmp_path / 'photos'}`" in message, message
+    assert "--network inception" in message and "unlabelled" in message, message
 
 
 def test_bench_eval_prints_the_ratio_of_the_ray_job_to_the_plain_loop(cfg, classifier) -> None:

@@ -174,6 +174,13 @@ def _download(
         raise
 
 
+# What a user without a route to the weights' host (an offline cluster) does instead.
+_ELSEWHERE = (
+    "; where this machine cannot reach it, copy the file to a local path or s3:// and set "
+    "eval.inception_uri to that copy"
+)
+
+
 def resolve_weights(uri: str, cache_dir: Path, sha256: str | None = None) -> Path:
     """The local weights file for ``uri``, downloaded once when remote.
 
@@ -218,12 +225,13 @@ def resolve_weights(uri: str, cache_dir: Path, sha256: str | None = None) -> Pat
         except urllib.error.HTTPError as exc:
             raise FeatureNetworkError(
                 f"cannot download feature network weights from '{shown}': HTTP {exc.code}"
+                + _ELSEWHERE
             ) from None
         except Exception as exc:
             # from None: the wrapped exception's text may quote a signed URL or a key
             raise FeatureNetworkError(
                 f"cannot download feature network weights from '{shown}': "
-                f"{type(exc).__name__}: {scrub(exc)}"
+                f"{type(exc).__name__}: {scrub(exc)}" + _ELSEWHERE
             ) from None
     _check_sha256(dest, sha256, f"weights file {dest} (from '{shown}')")
     return dest

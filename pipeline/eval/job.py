@@ -82,7 +82,8 @@ def classifier_bytes(cfg: Config, uri: str) -> bytes:
         raise ModelNotFound(
             f"{exc}. The classifier network is the dataset's own: train it with `fmpipe "
             f"classifier --data {cfg.data.uri or '<dataset>'}`, or set eval.classifier to a "
-            "classifier file, or eval.network=inception"
+            "classifier file, or score with --network inception (eval.network; the one "
+            "choice for an unlabelled dataset)"
         ) from None
     location = resolve(where, cfg.storage)
     if location.child(CLASSIFIER_FILE).exists():
