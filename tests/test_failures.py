@@ -8,6 +8,7 @@ can be killed), a tmpfs of a few hundred KiB (a disk that really fills up), loca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -645,23 +646,83 @@ def test_ctrl_c_then_s3_down_during_sample_keep_the_shards_and_a_rerun_completes
         restarted.stop()
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real filesystem of 512 KiB (tmpfs, mounted as root): three shards fill it up."""
+@contextlib.contextmanager
+def _tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` (tmpfs, mounted as root) at ``where``."""
     if shutil.which("mount") is None or os.geteuid() != 0:
         pytest.skip("needs root and mount(8) for a small tmpfs")
-    disk = tmp_path / "disk"
-    disk.mkdir()
+    where.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0755", "tmpfs", str(disk)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
         capture_output=True, text=True,
     )  # fmt: skip
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
-        yield disk
+        yield where
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """512 KiB: three sample shards fill it up."""
+    with _tmpfs(tmp_path / "disk", "512k") as disk:
+        yield disk
+
+
+@pytest.fixture
+def run_disk(tmp_path: Path) -> Iterator[Path]:
+    """1200 KiB: one checkpoint of the tiny U-Net (~0.95 MB) fits, the second does not."""
+    with _tmpfs(tmp_path / "run-disk", "1200k") as disk:
+        yield disk
+
+
+def test_disk_full_during_train_is_one_line_and_a_rerun_resumes_from_the_newest_complete(
+    run_disk: Path, digits8: Path, tmp_path: Path
+) -> None:
+    """The second checkpoint fills the disk: one line naming the run's folder, exit 1.
+    Depending on which write meets the full disk, Ray Train's own checkpoint list (rewritten
+    in place) is left empty too (seen 2 of 3 times by hand), which would stop every later
+    start of the run: the test leaves it so. Once there is room, the same command sets that
+    list aside and resumes from the newest complete checkpoint to the end."""
+    from pipeline.storage import resolve
+    from pipeline.train.resume import find_resume_point
+
+    runs, home = run_disk / "runs", tmp_path / "home"
+    argv = [*_train_argv(digits8, runs), "train.max_failures=0"]
+    argv[argv.index("--images") + 1] = "640"
+    argv[argv.index("--run-name") + 1] = "full"
+
+    def run(log: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", *argv], cwd=REPO, env=job_env(home), capture_output=True,
+            text=True, timeout=600,
+        )  # fmt: skip
+        (tmp_path / log).write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+        return done
+
+    done = run("train-disk.log")
+    assert done.returncode == EXIT_FAILED, done.stdout[-3000:] + done.stderr[-3000:]
+    line = assert_one_line(done.stderr, "train")
+    assert "No space left on device" in line and str(runs / "full") in line, line
+    point = find_resume_point(resolve(str(runs / "full")))
+    assert point is not None, line  # the disk held one whole checkpoint before it filled
+    ray_list = runs / "full" / "checkpoint_manager_snapshot.json"
+    assert ray_list.is_file(), line  # Ray wrote it when it registered that checkpoint
+    ray_list.write_bytes(b"")  # what the full disk leaves when it meets this write
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(run_disk)], check=True)
+    total = point.images_seen + 64
+    argv[argv.index("--images") + 1] = str(total)
+    again = run("train-disk-2.log")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = again.stdout
+    assert f"resuming at {point.images_seen:,} images" in out, out[-3000:]
+    assert f"trained to {total:,} images" in out, out[-3000:]
+    assert "checkpoint_manager_snapshot.json was empty" in again.stderr, again.stderr[-3000:]
+    (kept,) = (runs / "full").glob("checkpoint_manager_snapshot.json.broken-*")
+    assert kept.read_bytes() == b"" and kept.name in again.stderr
 
 
 def test_disk_full_during_sample_is_one_line_and_a_rerun_completes(

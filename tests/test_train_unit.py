@@ -320,6 +320,46 @@ def test_an_incomplete_checkpoint_is_skipped_for_the_newest_complete_one(tmp_pat
     assert point is not None and point.name == "checkpoint_000000000016"
 
 
+def test_ray_trains_checkpoint_list_is_set_aside_only_when_it_would_stop_the_run(tmp_path):
+    """Ray Train refuses to start a run whose checkpoint_manager_snapshot.json is empty, half
+    written or names a folder that is gone; such a file is moved aside (its bytes kept under
+    a new name), a sound one and a missing one are left alone."""
+    import json
+
+    from pipeline.storage import resolve
+    from pipeline.train.resume import RAY_SNAPSHOT, set_aside_broken_ray_snapshot
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint_000000000016").mkdir(parents=True)
+    location = resolve(str(run_dir))
+    assert set_aside_broken_ray_snapshot(location) == ""  # none yet: nothing to do
+
+    def snapshot(*names: str) -> bytes:
+        results = [{"checkpoint_dir_name": name, "metrics": {}} for name in names]
+        return json.dumps({"ray_version": "2.60.0", "checkpoint_results": results}).encode()
+
+    sound = snapshot("checkpoint_000000000016")
+    cases = {
+        b"": "was empty",
+        sound[: len(sound) // 2]: "was unreadable (JSONDecodeError",
+        snapshot("checkpoint_000000000016", "checkpoint_000000000032"): (
+            "names checkpoint folders that are gone: checkpoint_000000000032"
+        ),
+    }
+    for raw, problem in cases.items():
+        for old in run_dir.glob(f"{RAY_SNAPSHOT}*"):
+            old.unlink()
+        (run_dir / RAY_SNAPSHOT).write_bytes(raw)
+        line = set_aside_broken_ray_snapshot(location)
+        assert problem in line and str(run_dir / RAY_SNAPSHOT) in line, line
+        assert not (run_dir / RAY_SNAPSHOT).exists()
+        (kept,) = run_dir.glob(f"{RAY_SNAPSHOT}.broken-*")
+        assert kept.read_bytes() == raw and kept.name in line
+    (run_dir / RAY_SNAPSHOT).write_bytes(sound)
+    assert set_aside_broken_ray_snapshot(location) == ""
+    assert (run_dir / RAY_SNAPSHOT).read_bytes() == sound
+
+
 def test_transient_worker_errors_back_off_and_are_reported(monkeypatch):
     """StopOnDataErrors on the controller: before restart n it waits backoff * 2**(n-1)
     (capped), sends a one-line, scrubbed retry event, and stays quiet once Ray Train gives

@@ -36,6 +36,7 @@ from pipeline.config import Config
 from pipeline.data.coupling import sample_generator
 from pipeline.flow import solve_ode
 from pipeline.models import guided_velocity
+from pipeline.storage import StorageError
 from pipeline.train.dist import WorkerGroup, report
 from pipeline.train.setup import TrainingParts
 from pipeline.train.spec import RunContext, checkpoint_dir_name
@@ -266,8 +267,12 @@ class Events:
             )  # fmt: skip
             if final and self.tracker.enabled:
                 metrics.update(self._publish(tmp))
+        name = checkpoint_dir_name(state.images_seen)
         try:
-            report(metrics, tmp, checkpoint_dir_name(state.images_seen))
+            report(metrics, tmp, name)
+        except OSError as exc:  # Ray Train's copy into storage: disk full, S3 down, read-only
+            where = f"{self.ctx.run_uri.rstrip('/')}/{name}" if self.ctx.run_uri else name
+            raise StorageError(f"cannot write checkpoint {where}: {exc}") from None
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -14,13 +14,24 @@ the workers (:class:`ResumePoint` in the run context). A worker restores it, unl
 Train hands it a *newer* one (a worker restarted by ``FailureConfig`` within this
 invocation, after it reported a checkpoint): weights, optimizer, data epoch and images seen
 then always come from one and the same checkpoint.
+
+Ray Train keeps its own list of the run's checkpoints in ``checkpoint_manager_snapshot.json``
+(for ``CheckpointConfig.num_to_keep``), rewritten in place after every checkpoint. A write
+cut short (a full disk, storage gone) leaves it empty or half written, and a user who
+deletes a checkpoint folder leaves it naming one that is gone; Ray then refuses to start the
+run at all, every time. fmpipe does not need that list to resume, so
+:func:`set_aside_broken_ray_snapshot` moves such a file aside (kept, renamed) before the
+run starts; Ray begins a new list, and checkpoints written before it are no longer pruned
+by ``train.keep_checkpoints`` (nothing is deleted that the user may want).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +51,7 @@ __all__ = [
     "find_resume_point",
     "incomplete",
     "local_copy",
+    "set_aside_broken_ray_snapshot",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,6 +119,40 @@ def find_resume_point(run_dir: Location) -> ResumePoint | None:
             continue
         return ResumePoint(directory, name, state)
     return None
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
+
+
+def _snapshot_problem(raw: bytes, folders: set[str]) -> str:
+    """Why Ray Train could not start from snapshot bytes ``raw`` ("" if it could)."""
+    try:
+        snapshot = json.loads(raw.decode())
+        results = snapshot["checkpoint_results"]
+        names = [r["checkpoint_dir_name"] for r in results]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        return "empty" if not raw.strip() else f"unreadable ({type(exc).__name__}: {exc})"
+    gone = sorted(name for name in names if name not in folders)
+    return f"names checkpoint folders that are gone: {', '.join(gone)}" if gone else ""
+
+
+def set_aside_broken_ray_snapshot(run_dir: Location) -> str:
+    """Move Ray Train's checkpoint list out of the way when it would stop the run starting
+    (see the module doc); returns the line that says so ("" when it is sound or absent)."""
+    snapshot = run_dir.child(RAY_SNAPSHOT)
+    if not snapshot.exists():
+        return ""
+    raw = snapshot.read_bytes()
+    problem = _snapshot_problem(raw, set(_subdirectories(run_dir)))
+    if not problem:
+        return ""
+    kept = run_dir.child(f"{RAY_SNAPSHOT}.broken-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    kept.write_bytes(raw)
+    snapshot.delete()
+    return (
+        f"Ray Train's checkpoint list {snapshot.uri} was {problem} (a write cut short?): "
+        f"kept as {kept.name}; the run resumes from its checkpoint folders"
+    )
 
 
 def _subdirectories(run_dir: Location) -> list[str]:

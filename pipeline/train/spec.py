@@ -107,6 +107,7 @@ class RunContext:
     val_set: ValSet | None = None  # fixed validation draws; None: no validation loss
     quality: QualityProbe | None = None  # train.eval_every_images: network + reference
     progress_queue: Any = None  # ray.util.queue.Queue for the driver's progress lines
+    run_uri: str = ""  # the run's folder (its checkpoints' home), named by a failed write
     # lineage set on the MLflow run and the registered version (reflow: base, pair set, k)
     lineage: dict[str, str] = field(default_factory=dict)
 

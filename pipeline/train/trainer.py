@@ -41,7 +41,7 @@ from pipeline.home import storage_path
 from pipeline.lease import hold_run_lease
 from pipeline.rayenv import ensure_ray, scoped_environ, train_environ
 from pipeline.redact import scrub
-from pipeline.storage import Location, check_access, resolve
+from pipeline.storage import Location, StorageError, check_access, resolve
 from pipeline.train.data import (
     BatchSource,
     StopOnDataErrors,
@@ -51,7 +51,12 @@ from pipeline.train.data import (
     load_val_set,
 )
 from pipeline.train.loop import train_loop_per_worker
-from pipeline.train.resume import check_resumable, describe, find_resume_point
+from pipeline.train.resume import (
+    check_resumable,
+    describe,
+    find_resume_point,
+    set_aside_broken_ray_snapshot,
+)
 from pipeline.train.spec import (
     InitWeights,
     RunContext,
@@ -522,8 +527,10 @@ def _trainer(cfg: Config, spec: WorkerSpec, storage: Location, datasets: Any) ->
     )
 
 
-def _fit(trainer: Any) -> Any:
-    """``trainer.fit()``; a final data error inside Ray's wrappers is raised as itself."""
+def _fit(trainer: Any, run_uri: str) -> Any:
+    """``trainer.fit()``; a final data error inside Ray's wrappers is raised as itself, and
+    a failed write of Ray Train's controller into the run's folder (its checkpoint index:
+    disk full, storage down) as a :class:`StorageError` naming the folder."""
     try:
         with scoped_environ(train_environ()):
             return trainer.fit()
@@ -531,6 +538,9 @@ def _fit(trainer: Any) -> Any:
         final = final_data_error(exc)
         if final is not None:
             raise fresh_error(final) from None
+        cause = getattr(exc, "controller_failure", None)  # ray.train.ControllerError
+        if isinstance(cause, OSError):
+            raise StorageError(f"cannot write to the run's folder {run_uri}: {cause}") from None
         raise
 
 
@@ -577,6 +587,9 @@ def _train_leased(
     t = cfg.train
     run_dir = storage.child(t.run_name)
     resume = find_resume_point(run_dir)
+    set_aside = set_aside_broken_ray_snapshot(run_dir)
+    if set_aside:
+        log.warning("%s", set_aside)
     if resume is not None:
         check_resumable(cfg, resume)  # before MLflow: a refused resume changes nothing there
     previous = resume.state if resume else None
@@ -630,9 +643,9 @@ def _train_leased(
                 tracking=handle, resume=resume, init=init, batch_source=batch_source,
                 val_set=val_set, quality=quality,
                 class_names=_class_names(inputs), lineage=lineage,
-                progress_queue=p.queue if p is not None else None,
+                progress_queue=p.queue if p is not None else None, run_uri=run_dir.uri,
             )  # fmt: skip
-            result = _fit(_trainer(cfg, WorkerSpec(cfg, context), storage, datasets))
+            result = _fit(_trainer(cfg, WorkerSpec(cfg, context), storage, datasets), run_dir.uri)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
