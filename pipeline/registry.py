@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import Config
 from pipeline.home import model_cache_dir
 from pipeline.redact import scrub
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import check_reachable, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -113,6 +113,7 @@ def registry_client(cfg_or_uri: Config | str) -> MlflowClient:
     from mlflow import MlflowClient
 
     uri = cfg_or_uri if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
+    check_reachable(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

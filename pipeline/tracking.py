@@ -46,6 +46,8 @@ if TYPE_CHECKING:  # mlflow takes ~2 s to import: only the functions that talk t
 
 __all__ = [
     "Tracker",
+    "TrackingUnreachable",
+    "check_reachable",
     "embedded_tracking_uri",
     "find_run_id",
     "standard_tags",
@@ -137,6 +139,62 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     root = db.absolute().parent / "mlartifacts" / safe
     root.mkdir(parents=True, exist_ok=True)
     return root.as_uri()
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server did not answer at all (refused, unknown host, timed out): a job
+    fails at once, exit 1 (running it again once the server is up may succeed)."""
+
+
+_ANSWERED: set[str] = set()  # server URIs that answered in this process
+_PROBE_TRIES, _PROBE_TIMEOUT_S = 2, 10.0
+
+
+def check_reachable(uri: str) -> None:
+    """Raise :class:`TrackingUnreachable` in one line when an ``http(s)://`` tracking server
+    does not answer; nothing for sqlite or file stores, or a server already heard from.
+
+    MLflow's client retries a refused connection 7 times with exponential backoff before
+    it gives up (about 4 minutes, a urllib3 warning on the console per try); a job's driver
+    asks once, up front, with a short timeout. Any HTTP answer (401, 404 too) or a TLS
+    error (MLflow's own certificate settings may differ) counts as an answer.
+    """
+    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
+        return
+    import requests
+
+    problem = ""
+    for attempt in range(_PROBE_TRIES):
+        if attempt:
+            time.sleep(1.0)
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=_PROBE_TIMEOUT_S)
+        except requests.exceptions.SSLError:
+            break
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            problem = _connection_problem(exc)
+            continue
+        break
+    else:
+        raise TrackingUnreachable(
+            f"MLflow tracking server {scrub(uri)} cannot be reached ({problem}): start it, or "
+            "point tracking.uri / MLFLOW_TRACKING_URI at one that runs"
+        )
+    _ANSWERED.add(uri)
+
+
+def _connection_problem(exc: BaseException) -> str:
+    """The innermost reason of a requests connection error, in a few words."""
+    text = str(exc)
+    for needle, words in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "unknown host"),
+        ("Temporary failure in name resolution", "unknown host"),
+        ("timed out", f"no answer in {_PROBE_TIMEOUT_S:g} s"),
+    ):
+        if needle in text:
+            return words
+    return type(exc).__name__
 
 
 def _client(uri: str) -> MlflowClient:
@@ -354,6 +412,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         uri = tracking_uri(cfg)
+        check_reachable(uri)
         client = _client(uri)
         all_tags = {**standard_tags(), **dict(tags or {})}
         if run_id:

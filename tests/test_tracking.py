@@ -309,3 +309,33 @@ def test_a_tolerant_tracker_keeps_metrics_through_a_real_outage_and_sends_them_l
             Tracker.attach(server.uri, "0" * 32).tolerate_outages().log_metrics({"x": 1}, 0)
     finally:
         server.stop()
+
+
+def test_a_tracking_server_that_does_not_answer_fails_at_once_in_one_line(
+    server_cfg, monkeypatch, tmp_path
+):
+    """MLflow's client would retry a refused connection for ~4 minutes (a console warning
+    per try); a job's driver asks once: one error naming the server and the reason, in
+    seconds. A live server and a sqlite store pass; a registry lookup is checked too."""
+    import socket
+    import time
+
+    from pipeline.registry import registry_client
+    from pipeline.tracking import TrackingUnreachable, check_reachable
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = build_config(overrides=[f"tracking.uri={dead}"])
+    began = time.monotonic()
+    with pytest.raises(TrackingUnreachable) as info:
+        Tracker.start(cfg, experiment="e", run_name="r")
+    assert time.monotonic() - began < 30
+    assert str(info.value).startswith(f"MLflow tracking server {dead} cannot be reached")
+    assert "connection refused" in str(info.value) and "tracking.uri" in str(info.value)
+    with pytest.raises(TrackingUnreachable, match="unknown host"):
+        registry_client("http://fmpipe-no-such-host.invalid:5000")
+    check_reachable(server_cfg.tracking.uri)  # the live server answers
+    check_reachable(f"sqlite:///{tmp_path / 'mlflow.db'}")  # nothing to reach
+    Tracker.start(server_cfg, experiment="reachable", run_name="r").end()
