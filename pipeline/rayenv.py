@@ -52,6 +52,7 @@ __all__ = [
     "ensure_ray",
     "interrupts_as_keyboard_interrupt",
     "keep_freed_memory",
+    "on_local_ray",
     "quiet_cpp_notices",
     "quiet_library_loggers",
     "quiet_ray_console",
