@@ -24,7 +24,7 @@ import yaml
 
 from jobs._failures import EXIT_BAD_INPUT, JobLog, run_ending
 from pipeline.config import Config, ConfigError, load_config, merge_trees, parse_override
-from pipeline.rayenv import quiet_library_loggers
+from pipeline.rayenv import ctrl_c_raises, quiet_library_loggers
 from pipeline.redact import redacted_console
 
 # ``seed=3``, ``train.lr=1e-3``: a dotted key of identifiers, then ``=``. A token of this form
@@ -212,6 +212,7 @@ def run_job(body: Callable[[], int], job: str | None = None) -> int:
     scrubbed.
     """
     name = job or "job"
+    ctrl_c_raises()  # Ctrl-C means "interrupted" even where the parent ignored it
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_library_loggers()  # their detail stays in Ray's log files (pipeline.rayenv)
     fresh = _Hints()

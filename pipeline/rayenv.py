@@ -17,6 +17,10 @@ the module that needs it, and remove one when the test shows it no longer earns 
 - :func:`train_environ`: Ray Train starts a preemption watcher (one more actor process per
   run, a link in the chain of process starts before the first step) even on the one-machine
   Ray that :func:`ensure_ray` started, where no node is ever drained; it is off there.
+- :func:`ctrl_c_raises`: a process started with SIGINT ignored or blocked (a non-interactive
+  shell's ``job &``, some supervisors, a parent that blocked it) keeps it so across exec, and
+  Python then installs no handler: Ctrl-C and ``kill -INT`` are lost and a job runs to its
+  end. Every job makes SIGINT raise ``KeyboardInterrupt`` at its start.
 - :func:`interrupts_as_keyboard_interrupt`: Ray Train's own SIGINT handler turns Ctrl-C into
   ``sys.exit(0)`` inside ``fit()`` (exit 1, nothing said); inside the block Ctrl-C stops the
   run and raises ``KeyboardInterrupt``, which the jobs report as "interrupted" (exit 130).
@@ -49,6 +53,7 @@ from collections.abc import Iterable, Iterator, Mapping
 __all__ = [
     "MMAP_THRESHOLD",
     "TRIM_THRESHOLD",
+    "ctrl_c_raises",
     "ensure_ray",
     "interrupts_as_keyboard_interrupt",
     "keep_freed_memory",
@@ -477,6 +482,24 @@ def _apply_mallopt() -> bool:
 
 # --------------------------------------------------------------------------- Ctrl-C
 ABORT_TIMEOUT_S = 30.0  # how long Ctrl-C waits for Ray Train to stop its workers
+
+
+def ctrl_c_raises() -> None:
+    """SIGINT raises ``KeyboardInterrupt`` in this process, whatever it inherited.
+
+    Ignored and blocked signals survive ``exec``; Python installs its SIGINT handler only
+    where the signal was not ignored, and a blocked one never arrives. So a job started that
+    way (``fmpipe sample ... &`` from a script, a supervisor) would ignore Ctrl-C and
+    ``kill -INT`` and run to its end, never saying "interrupted". Main thread only (signal
+    handlers live there); elsewhere nothing changes.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager

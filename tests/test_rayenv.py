@@ -224,3 +224,49 @@ def test_a_local_ray_trains_without_a_preemption_watcher_unless_the_user_asks(tm
     assert "user set {}" in lines, done.stdout
     assert "after user ['PreemptionWatcher']" in lines, done.stdout
     assert "shut down False {}" in lines, done.stdout
+
+
+SIGINT_SCRIPT = """
+import sys, time
+from pipeline.rayenv import ctrl_c_raises
+if sys.argv[1] == "fix":
+    ctrl_c_raises()
+print("ready", flush=True)
+try:
+    time.sleep(20)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    raise SystemExit(130)
+print("slept to the end", flush=True)
+"""
+
+
+@pytest.mark.parametrize("inherited", ["ignored", "blocked"])
+def test_ctrl_c_raises_even_where_the_parent_ignored_or_blocked_sigint(inherited, tmp_path):
+    """A child started with SIGINT ignored or blocked (as `job &` in a script starts it)
+    sleeps through a SIGINT; after ctrl_c_raises() the same SIGINT interrupts it."""
+    import signal
+
+    def inherit() -> None:
+        if inherited == "ignored":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    outcomes = {}
+    for mode in ("plain", "fix"):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SIGINT_SCRIPT, mode], stdout=subprocess.PIPE, text=True,
+            cwd=tmp_path, preexec_fn=inherit,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=2)  # well before the 20 s sleep ends
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            out += "still sleeping"
+        outcomes[mode] = (proc.returncode, out.strip())
+    assert outcomes["plain"][1] == "still sleeping"  # the condition the fix is for
+    assert outcomes["fix"] == (130, "interrupted")
