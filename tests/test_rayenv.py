@@ -231,8 +231,8 @@ import sys, time
 from pipeline.rayenv import ctrl_c_raises
 if sys.argv[1] == "fix":
     ctrl_c_raises()
-print("ready", flush=True)
-try:
+try:  # "ready" inside the try: a SIGINT right after it is still caught here
+    print("ready", flush=True)
     time.sleep(20)
 except KeyboardInterrupt:
     print("interrupted", flush=True)
