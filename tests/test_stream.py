@@ -739,7 +739,7 @@ def test_bad_sample_counts_keep_running_totals_that_match_a_recount():
 
 def test_the_bad_sample_counter_actor_imports_no_heavy_library():
     """The counter runs as an actor in its own process, which imports the module of the
-    class it wraps: that module must load neither torch, Ray Data nor SciPy (~4 s of CPU per
+    class it wraps: that module must load neither torch, Ray Data nor SciPy (seconds of CPU per
     training job from ``pipeline.data.stream``, for a process that adds integers)."""
     import subprocess
     import sys

@@ -4,7 +4,8 @@ counter behind the named actor every decode task reports to.
 Standard library only, on purpose: the counter runs as a Ray actor (``pipeline.data.stream``
 wraps :class:`BadSampleCounts` in ``ray.remote``), and an actor's process imports the module
 that defines its class. From ``pipeline.data.stream`` that meant torch, Ray Data and SciPy:
-~4 s of CPU in a process that only adds integers, paid in every training job
+seconds of CPU (its import took 8.6 s on the loaded 2-core VM) in a process that only adds
+integers, paid in every training job
 (``tests/test_stream.py`` checks that importing this module loads none of them).
 """
 
