@@ -56,6 +56,11 @@ _DROPPED_ENV = (
 )
 
 
+# A node's daemon logs worth showing when it does not come up (under session_latest/logs).
+_DAEMON_LOGS = ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err")
+START_ATTEMPTS = 3
+
+
 class ClusterError(RuntimeError):
     pass
 
@@ -85,7 +90,11 @@ class LocalRayCluster:
     dashboard_port: int = 0
 
     def __post_init__(self) -> None:
+        self._make_root()
+
+    def _make_root(self) -> None:
         # short root: Ray's unix sockets live under <temp-dir>/session_*/sockets (108 chars max)
+        self.root.mkdir(parents=True, exist_ok=True)
         self.token_path = self.root / "auth_token"
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
@@ -165,11 +174,19 @@ class LocalRayCluster:
         return node
 
     def _fail(self, what: str) -> ClusterError:
+        """The error, with the tails of each node's `ray start` output and of its daemons'
+        logs (read now: :meth:`stop` removes them)."""
         tails = []
         for node in self.nodes:
-            with contextlib.suppress(OSError):
-                lines = node.log_path.read_text(errors="replace").splitlines()[-30:]
-                tails.append(f"--- {node.log_path} ---\n" + "\n".join(lines))
+            session_logs = self.root / node.name / "session_latest" / "logs"
+            for path, count in (
+                (node.log_path, 30),
+                *((session_logs / name, 10) for name in _DAEMON_LOGS),
+            ):
+                with contextlib.suppress(OSError):
+                    lines = path.read_text(errors="replace").splitlines()[-count:]
+                    if lines:
+                        tails.append(f"--- {path} ---\n" + "\n".join(lines))
         return ClusterError(what + "\n" + "\n".join(tails))
 
     def _wait(self, what: str, ready, timeout: float) -> None:
@@ -190,6 +207,23 @@ class LocalRayCluster:
         return [row for row in rows if row.get("state") == "ALIVE"]
 
     def start(self, timeout: float = 120.0) -> LocalRayCluster:
+        """Start both nodes; a start that fails (on 2 cores a raylet can miss Ray's fixed
+        30 s registration window, as ``rayenv.ensure_ray`` also meets) is reported on
+        stderr and tried again from scratch (new root, token and ports), up to
+        :data:`START_ATTEMPTS` times."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return self._start_once(timeout)
+            except ClusterError as exc:
+                if attempt == START_ATTEMPTS:
+                    raise
+                print(f"cluster start {attempt} failed, trying again: {exc}", file=sys.stderr)
+                self.root = Path(tempfile.mkdtemp(prefix="fmr-", dir="/tmp"))
+                self._make_root()
+                time.sleep(5.0 * attempt)  # let the load that made it miss pass
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> LocalRayCluster:
         self.gcs_port, self.dashboard_port = free_port(HOST), free_port(HOST)
         self._spawn(
             "node_a",
