@@ -138,6 +138,39 @@ def _ray_logs_to_root_files() -> None:
                     logger.addHandler(handler)
 
 
+# Messages the GCS pushes to the driver ("(raylet) A worker died ...", "(raylet) Task X
+# failed. There are 1 retries remaining ..."): Ray prints them on the driver's stdout
+# whatever ``log_to_driver`` says (ray._private.worker.listen_error_messages calls the module's
+# print_to_stdstream). Ray Data retries such a task itself, and a failure that stops a job
+# reaches it as an exception (one line, jobs._failures); on the console they are a
+# paragraph of worker ids in the middle of a job's progress (seen on Ctrl-C of `fmpipe
+# sample`). They go to the job's log file instead, beside Ray's own record in raylet.out:
+# logged at INFO under Ray's logger, whose console handler shows WARNING and up
+# (quiet_ray_console) and whose file handlers (the job's log) take INFO.
+_ray_messages = logging.getLogger("ray.fmpipe_driver_messages")
+
+
+def _driver_messages_to_files() -> None:
+    """Route the driver's pushed Ray messages (pid ``raylet``) to :data:`_ray_messages`."""
+    import ray._private.worker as ray_worker
+
+    _ray_messages.setLevel(logging.INFO)  # "ray" itself is at WARNING (quiet_library_loggers)
+
+    printer = ray_worker.print_to_stdstream
+    if getattr(printer, "fmpipe_routed", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            printer(data, ignore_prefix)
+            return
+        for line in data.get("lines") or ():
+            _ray_messages.info("(raylet) %s", line)
+
+    print_to_stdstream.fmpipe_routed = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
 def _loopback_environ() -> dict[str, str]:
     """What a local Ray needs to keep its unauthenticated ports on loopback (Ray 2.60).
 
@@ -262,6 +295,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         started = True
     quiet_ray_console()
     _ray_logs_to_root_files()
+    _driver_messages_to_files()
     return started
 
 

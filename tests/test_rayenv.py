@@ -270,3 +270,63 @@ def test_ctrl_c_raises_even_where_the_parent_ignored_or_blocked_sigint(inherited
         outcomes[mode] = (proc.returncode, out.strip())
     assert outcomes["plain"][1] == "still sleeping"  # the condition the fix is for
     assert outcomes["fix"] == (130, "interrupted")
+
+
+DRIVER_MESSAGES_SCRIPT = """
+import glob, os, sys, time
+import ray._private.worker as ray_worker
+from jobs._common import run_job
+from pipeline import rayenv
+
+def crash_once(marker):
+    @ray.remote(max_retries=1)
+    def task():
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # the worker dies; Ray retries the task
+        return 1
+    return ray.get(task.remote())
+
+def logged(text):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(text in open(p).read() for p in glob.glob(os.environ["FMPIPE_HOME"] + "/logs/*")):
+            return True
+        time.sleep(0.5)
+    return False
+
+def body():
+    global ray
+    original = ray_worker.print_to_stdstream
+    rayenv.ensure_ray(num_cpus=1)
+    import ray
+    print("routed task", crash_once("routed"), flush=True)
+    print("in the job log", logged("(raylet) A worker died"), flush=True)
+    ray_worker.print_to_stdstream = original  # Ray's own printer: the message reaches stdout
+    print("restored", flush=True)
+    print("plain task", crash_once("plain"), flush=True)
+    time.sleep(5)  # the pushed message arrives after the retried task's result
+    print("end", flush=True)
+    ray.shutdown()
+    return 0
+
+sys.exit(run_job(body, "messages"))
+"""
+
+
+def test_ray_messages_pushed_to_the_driver_go_to_the_job_log_not_the_console(tmp_path):
+    """A task whose worker dies is retried by Ray, which pushes "(raylet) A worker died ..."
+    and "Task ... failed. There are 1 retries remaining" to the driver: under ensure_ray they
+    are in the job's log file and not on the console; with Ray's own printer back they are
+    on stdout (the condition the routing is for)."""
+    env = {**os.environ, "FMPIPE_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER_MESSAGES_SCRIPT],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    routed, plain = out.split("restored")
+    assert "routed task 1" in routed and "in the job log True" in routed, out
+    assert "A worker died" not in routed + done.stderr, out + done.stderr
+    assert "A worker died" in plain and "retries remaining" in plain, out
