@@ -63,6 +63,7 @@ BAD_INPUT_ERRORS = frozenset(
         "pipeline.sample.plan.SampleJobError",
         "pipeline.storage.StorageInputError",  # its exit_code says so too; this, for remote text
         "pipeline.eval.features.FeatureNetworkError",
+        "pipeline.eval.reference.PublishedStatsError",
         "pipeline.data.pairs.PairSetError",
     }
 )

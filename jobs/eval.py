@@ -16,6 +16,12 @@ Feature networks (--network):
               bilinearly to 299x299; weights from eval.inception_uri (default: NVIDIA's
               public TorchScript file, cached under $FMPIPE_HOME/cache/features).
 
+Published statistics (--reference-stats, eval.reference_stats): an .npz with mu (d,) and
+sigma (d, d), as pytorch-fid, clean-fid and ADM's reference batches store them, replaces the
+split's reference, so the FID can stand beside a published one (same network, images and
+resolution; KID and precision/recall need features and are not computed). edm2's .pkl files
+are pickles, never loaded: save their mu and sigma with numpy.savez first.
+
 Each figure is printed with the sample counts behind it, logged to an MLflow run (experiment
 tracking.eval_experiment) and, for a registered model, set as tags eval.<network>.<figure> on its
 version. --sweep evaluates a model for every solver x steps of eval.sweep_solvers and
@@ -29,6 +35,7 @@ Examples:
   fmpipe eval --model models:/digits@champion --sweep eval.sweep_steps=[2,4,8,16]
   fmpipe eval --sweep --model models:/digits/2 --model models:/digits/3 eval.sweep_steps=[1,2,4]
   fmpipe eval --samples s3://samples/d3 --network inception --data s3://datasets/digits
+  fmpipe eval --samples s3://samples/c10 --network inception --reference-stats ./cifar10.npz
 """
 
 from __future__ import annotations
@@ -74,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", metavar="NAME", help="the reference split (eval.reference_split; train)"
     )
     parser.add_argument(
+        "--reference-stats",
+        metavar="URI",
+        help="published mu/sigma .npz instead of the split (eval.reference_stats)",
+    )
+    parser.add_argument(
         "--num-samples",
         type=int,
         metavar="N",
@@ -95,6 +107,7 @@ SHORTCUTS = {
     "classifier": "eval.classifier",
     "data": "data.uri",
     "split": "eval.reference_split",
+    "reference_stats": "eval.reference_stats",
     "num_samples": "eval.num_samples",
     "solver": "eval.solver",
     "steps": "eval.steps",

@@ -290,6 +290,11 @@ class EvalConfig(Section):
     # "": models:/<registered model>-classifier@champion (written by `fmpipe classifier`).
     classifier: str = ""
     reference_split: str = Field("train", min_length=1)
+    # Statistics another tool published (path, s3://): an .npz with mu (d,) and sigma (d, d),
+    # as pytorch-fid, clean-fid and ADM's reference batches store them, or an fmpipe
+    # eval-reference file. Scores are then against it, not reference_split: FD only for
+    # mu/sigma files (KID and precision/recall need the reference's features). "": none.
+    reference_stats: str = ""
     num_samples: int = Field(1000, ge=2)  # samples a model's evaluation generates
     seed: int = 1_000_003  # their noise seed: fixed, so candidate and champion share it
     solver: SolverName = "euler"  # a model's evaluation integrates with this solver...

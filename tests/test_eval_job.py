@@ -151,6 +151,53 @@ def test_eval_scores_real_digits_above_generated_noise(cfg, classifier, tmp_path
     assert run.data.tags["fmpipe.job"] == "eval"
 
 
+def test_published_statistics_give_the_same_fd_and_no_other_figure(cfg, classifier, tmp_path):
+    """eval.reference_stats: an .npz of mu/sigma (pytorch-fid's / clean-fid's / ADM's format)
+    made from the split's own statistics scores the same sample set to the same FD, with KID
+    and precision/recall not computed (nor logged); fmpipe's own reference file, given the
+    same way, gives every figure; statistics of another dimension are refused by name."""
+    from pipeline.eval.reference import PublishedStatsError
+
+    val = str(Path(cfg.data.uri) / "val")
+    own = evaluate(cfg, samples=val, say=lambda _: None)
+    assert own.scores is not None
+    stats = own.reference.features.stats
+    published = tmp_path / "digits-train.npz"
+    np.savez(published, mu=stats.mean, sigma=stats.cov)  # what pytorch-fid's --save-stats writes
+
+    run = cfg.model_copy(deep=True)
+    run.eval.reference_stats = str(published)
+    lines: list[str] = []
+    result = evaluate(run, samples=val, say=lines.append)
+    scores = result.scores
+    assert scores is not None
+    assert scores.fd == pytest.approx(own.scores.fd, rel=1e-9, abs=1e-12)
+    assert np.isnan(scores.kid) and np.isnan(scores.precision) and np.isnan(scores.recall)
+    assert scores.n == own.scores.n and scores.n_reference == 0  # the file states no count
+    assert scores.accuracy == pytest.approx(own.scores.accuracy)  # the samples' own figure
+    assert any("published statistics" in line and "FD only" in line for line in lines), lines
+    table = "\n".join(result.summary_lines())
+    assert "vs published statistics" in table and "not computed" in table, table
+    assert f"reference: published statistics at {published}" in table, table
+    logged = mlflow.MlflowClient(cfg.tracking.uri).get_run(result.run_id).data
+    assert logged.metrics["eval/fd"] == pytest.approx(scores.fd)
+    assert not {"eval/kid", "eval/precision", "eval/recall", "eval/n_reference"} & set(
+        logged.metrics
+    ), logged.metrics
+    assert logged.params["eval.reference"] == str(published)
+
+    run.eval.reference_stats = own.reference.location.uri  # fmpipe's own file: every figure
+    again = evaluate(run, samples=val, say=lambda _: None).scores
+    assert again is not None and again.kid == pytest.approx(own.scores.kid)
+    assert again.fd == pytest.approx(own.scores.fd) and again.recall == own.scores.recall
+
+    wrong = tmp_path / "inception.npz"
+    np.savez(wrong, mu=np.zeros(2048), sigma=np.eye(2048))
+    run.eval.reference_stats = str(wrong)
+    with pytest.raises(PublishedStatsError, match=r"2048-d statistics; the .* gives \d+-d"):
+        evaluate(run, samples=val, say=lambda _: None)
+
+
 def test_eval_refuses_a_missing_sample_set_and_a_missing_classifier(cfg, tmp_path) -> None:
     from pipeline.eval.features import FeatureNetworkError
     from pipeline.storage import StorageInputError

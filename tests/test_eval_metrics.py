@@ -142,17 +142,32 @@ def test_accumulator_float32_input_and_errors():
         StatsAccumulator().result()
 
 
-def test_npz_round_trip(tmp_path):
+def test_reference_file_round_trip_and_other_tools_read_its_mu_sigma(tmp_path):
+    """fmpipe's reference file (FeatureSet.to_bytes) reads back exactly, holds mu/sigma under
+    the names pytorch-fid and clean-fid load, and a file of the older mean/cov names still
+    reads; one without its moments is refused naming the file."""
+    import io
+    import json
+
+    from pipeline.eval.extract import FeatureSet
+
     x = np.random.default_rng(7).standard_normal((40, 5))
     s = FeatureStats.from_features(x)
-    path = tmp_path / "ref.npz"
-    s.to_npz(path)
-    back = FeatureStats.from_npz(path)
-    assert back.n == 40
-    assert np.array_equal(back.mean, s.mean) and np.array_equal(back.cov, s.cov)
-    np.savez(tmp_path / "bad.npz", mean=s.mean)
-    with pytest.raises(ValueError, match="cov"):
-        FeatureStats.from_npz(tmp_path / "bad.npz")
+    features = FeatureSet("net", s, x[:8].astype(np.float32), np.full(40, -1, np.int64))
+    data = features.to_bytes()
+    back = FeatureSet.from_bytes(data, "ref.npz")
+    assert back.n == 40 and back.network_key == "net"
+    assert np.array_equal(back.stats.mean, s.mean) and np.array_equal(back.stats.cov, s.cov)
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:  # as pytorch-fid reads a .npz
+        assert np.array_equal(z["mu"], s.mean) and np.array_equal(z["sigma"], s.cov)
+    older = io.BytesIO()
+    np.savez(older, n=np.array(40), mean=s.mean, cov=s.cov, kept=features.kept,
+             labels=features.labels, meta=np.array(json.dumps({"network_key": "net"})))  # fmt: skip
+    assert np.array_equal(FeatureSet.from_bytes(older.getvalue(), "old.npz").stats.cov, s.cov)
+    bad = io.BytesIO()
+    np.savez(bad, n=np.array(40), meta=np.array(json.dumps({"network_key": "net"})))
+    with pytest.raises(ValueError, match=r"bad\.npz is not a feature-statistics file"):
+        FeatureSet.from_bytes(bad.getvalue(), "bad.npz")
 
 
 # --- KID ----------------------------------------------------------------------------

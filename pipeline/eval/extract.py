@@ -56,6 +56,7 @@ __all__ = [
     "extract_local",
     "extract_ray",
     "load_images",
+    "network_dim",
     "network_identity",
     "sample_shards",
 ]
@@ -196,11 +197,13 @@ class FeatureSet:
         return self.stats.n
 
     def to_bytes(self) -> bytes:
-        """An ``.npz`` (no pickle: arrays and one JSON string)."""
+        """An ``.npz`` (no pickle: arrays and one JSON string). The moments are stored as
+        ``mu`` and ``sigma``, the names pytorch-fid, clean-fid and ADM read, so another
+        tool can take the file as its reference statistics."""
         arrays: dict[str, np.ndarray] = {
             "n": np.array(self.stats.n),
-            "mean": self.stats.mean,
-            "cov": self.stats.cov,
+            "mu": self.stats.mean,
+            "sigma": self.stats.cov,
             "kept": self.kept,
             "labels": self.labels,
             "meta": np.array(json.dumps({"network_key": self.network_key, **self.meta})),
@@ -217,7 +220,9 @@ class FeatureSet:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
-                stats = FeatureStats(int(z["n"]), z["mean"], z["cov"])
+                # files written before the standard names: mean / cov
+                mu, sigma = ("mu", "sigma") if "mu" in z.files else ("mean", "cov")
+                stats = FeatureStats(int(z["n"]), z[mu], z[sigma])
                 has_pred = "predicted" in z.files
                 return cls(
                     network_key=meta.pop("network_key"),
@@ -401,6 +406,11 @@ def network_identity(network: NetworkSpec) -> tuple[str, str]:
     work, so missing or foreign weights fail here with the file's name, not in an actor."""
     built = _built(network)
     return built.key, built.name
+
+
+def network_dim(network: NetworkSpec) -> int:
+    """The feature dimension d of the network (built as in :func:`network_identity`)."""
+    return int(_built(network).dim)
 
 
 def extract_ray(

@@ -10,7 +10,6 @@ that stores reference statistics, sit elsewhere. Written from the definitions:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,8 @@ class FeatureStats:
     """Sample mean and covariance of n feature vectors.
 
     Attributes:
-        n: number of vectors the statistics were computed from.
+        n: number of vectors the statistics were computed from (0: not stated, as in
+            published statistics files).
         mean: (d,) float64, mu = (1/n) sum_i x_i.
         cov: (d, d) float64, the unbiased S = (1/(n-1)) sum_i (x_i - mu)(x_i - mu)^T.
     """
@@ -61,20 +61,6 @@ class FeatureStats:
     def from_features(cls, x: np.ndarray) -> FeatureStats:
         """Statistics of an (n, d) array in one pass (n >= 2)."""
         return StatsAccumulator().add(x).result()
-
-    def to_npz(self, path: str | os.PathLike[str]) -> None:
-        """Write ``n``, ``mean`` and ``cov`` with ``np.savez`` (which appends ``.npz`` if
-        ``path`` lacks it)."""
-        np.savez(path, n=np.int64(self.n), mean=self.mean, cov=self.cov)
-
-    @classmethod
-    def from_npz(cls, path: str | os.PathLike[str]) -> FeatureStats:
-        """Read statistics written by :meth:`to_npz` (no pickles are loaded)."""
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"n", "mean", "cov"} - set(data.files)
-            if missing:
-                raise ValueError(f"{os.fspath(path)} lacks FeatureStats keys {sorted(missing)}")
-            return cls(n=int(data["n"]), mean=data["mean"], cov=data["cov"])
 
 
 class StatsAccumulator:
@@ -142,7 +128,7 @@ class StatsAccumulator:
 
 
 def _check_stats(s: FeatureStats, name: str) -> None:
-    if s.n < 2:
+    if s.n < 2 and s.n != 0:  # 0: published statistics that state no count
         raise ValueError(f"{name} comes from n={s.n} vectors; a covariance needs n >= 2")
     if not (np.isfinite(s.mean).all() and np.isfinite(s.cov).all()):
         raise ValueError(f"{name} holds non-finite mean or covariance values")

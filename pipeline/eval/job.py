@@ -182,10 +182,13 @@ class EvalResult:
         if self.sweep:
             lines.append(sweep_table(self.sweep))
         ref = self.reference
-        lines.append(
-            f"reference: {ref.features.n:,} images, "
-            f"{'computed now' if ref.computed else 'reused'}, at {ref.location.uri}"
-        )
+        if "published" in ref.features.meta:
+            lines.append(f"reference: published statistics at {ref.location.uri}")
+        else:
+            lines.append(
+                f"reference: {ref.features.n:,} images, "
+                f"{'computed now' if ref.computed else 'reused'}, at {ref.location.uri}"
+            )
         if self.plot_path is not None:
             lines.append(f"plot: {self.plot_path}")
         if self.run_id:
@@ -311,6 +314,10 @@ def _log(
                     model_name, model_version, prefix + name, f"{value:.6g}"
                 )
             tr.client.set_model_version_tag(model_name, model_version, prefix + "run_id", run_id)
+            # what the figures are against: a split's statistics or a published file
+            tr.client.set_model_version_tag(
+                model_name, model_version, prefix + "reference", result.reference.location.uri
+            )
     return run_id
 
 

@@ -67,7 +67,10 @@ class Scores:
         }
         if self.accuracy is not None and self.confidence is not None:
             out["accuracy"], out["confidence"] = self.accuracy, self.confidence
-        return {f"{prefix}{k}": float(v) for k, v in out.items()}
+        # A figure not computed (NaN: a statistics-only reference) or a count not known (0)
+        # is left out rather than logged as a number.
+        known = {k: v for k, v in out.items() if v == v and not (k == "n_reference" and v == 0)}
+        return {f"{prefix}{k}": float(v) for k, v in known.items()}
 
     def to_dict(self) -> dict[str, object]:
         body = asdict(self)
@@ -76,13 +79,19 @@ class Scores:
 
     def table(self, title: str) -> str:
         """A short plain-text table for the console."""
+        against = f"{self.n_reference:,} reference" if self.n_reference else "published statistics"
         lines = [
-            f"{title} ({self.network}; {self.n:,} samples vs {self.n_reference:,} reference)",
+            f"{title} ({self.network}; {self.n:,} samples vs {against})",
             f"  Fréchet distance   {self.fd:10.4f}",
-            f"  KID x 1e3          {1e3 * self.kid:10.4f} ± {1e3 * self.kid_std:.4f}"
-            f"   ({self.n_kept:,} vs {self.n_reference_kept:,} kept)",
-            f"  precision / recall {self.precision:10.4f} / {self.recall:.4f}",
         ]
+        if self.n_reference_kept < 2:
+            lines.append("  KID, precision / recall: not computed (the reference has no features)")
+        else:
+            lines += [
+                f"  KID x 1e3          {1e3 * self.kid:10.4f} ± {1e3 * self.kid_std:.4f}"
+                f"   ({self.n_kept:,} vs {self.n_reference_kept:,} kept)",
+                f"  precision / recall {self.precision:10.4f} / {self.recall:.4f}",
+            ]
         if self.accuracy is not None:
             lines.append(
                 f"  cond. accuracy     {self.accuracy:10.4f}  confidence {self.confidence:.4f}"
@@ -117,12 +126,20 @@ def score(
             f"candidate features come from {candidate.network_key!r}, reference from "
             f"{reference.network_key!r}: compare sets of one network"
         )
+    if candidate.stats.mean.shape != reference.stats.mean.shape:
+        raise ValueError(
+            f"candidate features are {candidate.stats.mean.shape[0]}-d, the reference's "
+            f"{reference.stats.mean.shape[0]}-d: compare sets of one network"
+        )
     m = min(kid_subset_size, len(candidate.kept), len(reference.kept))
-    kid_mean, kid_std = kid(candidate.kept, reference.kept, subsets=kid_subsets, subset_size=m,
-                            seed=seed)  # fmt: skip
-    # k-NN balls need k other points: a set smaller than k + 1 rows gets a smaller k.
-    k = max(1, min(k, len(candidate.kept) - 1, len(reference.kept) - 1))
-    precision, recall = precision_recall(reference.kept, candidate.kept, k=k)
+    if m < 2:  # statistics only (published mu/sigma): no rows for KID or the k-NN balls
+        kid_mean = kid_std = precision = recall = float("nan")
+    else:
+        kid_mean, kid_std = kid(candidate.kept, reference.kept, subsets=kid_subsets,
+                                subset_size=m, seed=seed)  # fmt: skip
+        # k-NN balls need k other points: a set smaller than k + 1 rows gets a smaller k.
+        k = max(1, min(k, len(candidate.kept) - 1, len(reference.kept) - 1))
+        precision, recall = precision_recall(reference.kept, candidate.kept, k=k)
     scores = Scores(
         network=candidate.network_key,
         fd=frechet_distance(candidate.stats, reference.stats),
