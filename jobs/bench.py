@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         "reflowed model, on its own pairs (default 1; 0: none)",
     )  # fmt: skip
     rf.add_argument(
+        "--distill-from", choices=("reflowed", "base"), default="reflowed",
+        help="the student's teacher: the reflowed model on its own new pairs (default), or "
+        "the base on the pairs its reflow was trained on (no new sampling)",
+    )  # fmt: skip
+    rf.add_argument(
         "--distill-images", type=int, metavar="N", help="the student's training images "
         "(default train.total_images)",
     )  # fmt: skip
@@ -288,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             run_reflow_benchmark(cfg, steps=tuple(args.steps), speed_samples=args.speed_samples,
                                  distill_steps=args.distill,
                                  distill_images=args.distill_images,
-                                 distill_pair_steps=args.distill_pair_steps)  # fmt: skip
+                                 distill_pair_steps=args.distill_pair_steps,
+                                 distill_from=args.distill_from)  # fmt: skip
         elif args.bench == "eval":
             from pipeline.bench.eval import run_eval_benchmark
             from pipeline.home import data_uri

@@ -3,9 +3,11 @@ samples/s each needs for the base's best quality.
 
 1. ``fmpipe reflow`` of the base (its pairs, sampled at ``sample.solver`` x ``sample.steps``,
    timed apart from the training: the pairs are a one-off cost, counted separately).
-2. With ``distill_steps`` K > 0, ``fmpipe reflow --distill K`` of the reflowed model: a
-   K-step student trained on the reflowed model's own pairs (``distill_images`` images;
-   the pairs at ``distill_pair_steps`` Euler steps, default ``sample.steps``).
+2. With ``distill_steps`` K > 0, ``fmpipe reflow --distill K``: a K-step student
+   (``distill_images`` images) of the reflowed model on its own pairs (at
+   ``distill_pair_steps`` Euler steps, default ``sample.steps``), or with
+   ``distill_from="base"`` of the base on the pairs step 1 sampled (no new sampling: the
+   student's target is then the base's own many-step map, not the reflowed one's).
 3. The base, the reflowed model and the student through ``fmpipe eval``'s sweep of several
    models (Euler at each of ``--steps``, ``eval.num_samples`` samples at ``eval.seed``, one
    reference): FD in the dataset classifier's features, recall, conditional accuracy; one
@@ -75,6 +77,7 @@ def run_reflow_benchmark(
     distill_steps: int = 1,
     distill_images: int | None = None,
     distill_pair_steps: int | None = None,
+    distill_from: str = "reflowed",
     log: Callable[[str], None] = print,
 ) -> dict[str, float | None]:
     """Run the benchmark (module doc) on ``cfg.reflow.base``; prints the tables and returns
@@ -95,14 +98,19 @@ def run_reflow_benchmark(
     log(f"\nreflow: {total:.0f} s in all, training {train_s:.0f} s, pairs and set-up "
         f"{total - train_s:.0f} s ({result.pairs_sampled:,} pairs sampled now)")  # fmt: skip
     figures: dict[str, float | None] = {"pairs_s": total - train_s}
+    if distill_from not in ("reflowed", "base"):
+        raise ValueError(f"distill_from={distill_from!r}: 'reflowed' or 'base'")
     if distill_steps > 0:
         dcfg = cfg.model_copy(deep=True)
-        dcfg.reflow.base, dcfg.reflow.pairs_out = models[rf_name], ""
+        if distill_from == "base":  # the same base and sampler: the pairs sampled above
+            dcfg.reflow.pairs_out = result.pairs_uri
+        else:
+            dcfg.reflow.base, dcfg.reflow.pairs_out = models[rf_name], ""
         dcfg.train.objective, dcfg.train.distill_steps = "distill", distill_steps
         dcfg.train.run_name = ""  # distill-<reflowed>-<K>step
         if distill_images:
             dcfg.train.total_images = distill_images
-        if distill_pair_steps:
+        if distill_pair_steps and distill_from == "reflowed":
             dcfg.sample.steps = distill_pair_steps
         began = time.perf_counter()
         student = reflow(dcfg, print_fn=log)
