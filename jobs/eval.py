@@ -17,10 +17,11 @@ Feature networks (--network):
               public TorchScript file, cached under $FMPIPE_HOME/cache/features).
 
 Published statistics (--reference-stats, eval.reference_stats): an .npz with mu (d,) and
-sigma (d, d), as pytorch-fid, clean-fid and ADM's reference batches store them, replaces the
-split's reference, so the FID can stand beside a published one (same network, images and
-resolution; KID and precision/recall need features and are not computed). edm2's .pkl files
-are pickles, never loaded: save their mu and sigma with numpy.savez first.
+sigma (d, d), as pytorch-fid, clean-fid, edm's fid-refs and ADM's reference batches store
+them, replaces the split's reference, so the FID can stand beside a published one (same
+network, images and resolution; KID and precision/recall need features and are not
+computed). edm2's .pkl files are pickles, never loaded: save their mu and sigma with
+numpy.savez first.
 
 Each figure is printed with the sample counts behind it, logged to an MLflow run (experiment
 tracking.eval_experiment) and, for a registered model, set as tags eval.<network>.<figure> on its

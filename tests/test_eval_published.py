@@ -34,6 +34,9 @@ def test_mu_sigma_and_an_optional_count_are_read_as_written() -> None:
     assert stats.n == 0 and np.array_equal(stats.mean, mu) and np.array_equal(stats.cov, sigma)
     counted = read_published_stats(_npz(mu=mu, sigma=sigma, n=np.array(50_000)), "ref.npz")
     assert counted.n == 50_000
+    compressed = io.BytesIO()  # pytorch-fid's --save-stats and clean-fid write compressed
+    np.savez_compressed(compressed, mu=mu, sigma=sigma)
+    assert np.array_equal(read_published_stats(compressed.getvalue(), "c.npz").cov, sigma)
     # ADM's reference batches carry more arrays (mu_s, sigma_s, the images): mu/sigma are used
     extra = _npz(mu=mu, sigma=sigma, mu_s=mu[:2], arr_0=np.zeros((2, 4, 4, 3), np.uint8))
     assert np.array_equal(read_published_stats(extra, "adm.npz").mean, mu)

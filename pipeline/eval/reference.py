@@ -10,9 +10,10 @@ read-only). The content hash changes whenever a shard does, so a rewritten datas
 new statistics and an old file is never used for new data.
 
 Published statistics (``eval.reference_stats``) take the place of a split's: an ``.npz``
-with ``mu`` (d,) and ``sigma`` (d, d), the format pytorch-fid, clean-fid and ADM's
-reference batches share, read with ``allow_pickle=False`` (edm2's ``.pkl`` files are
-pickles: save their ``mu``/``sigma`` with ``numpy.savez`` first). They carry no feature
+with ``mu`` (d,) and ``sigma`` (d, d), the format pytorch-fid, clean-fid, edm's
+``fid-refs/*.npz`` and ADM's reference batches share, read with ``allow_pickle=False``
+(edm2's ``.pkl`` files are pickles: save their ``mu``/``sigma`` with ``numpy.savez``
+first). They carry no feature
 rows, so only the Fréchet distance is computed against them. The figure is comparable
 to a published FID only when the file was made with the same network (Inception-v3 of
 2015-12-05, 2048-d) on the same images at the same resolution.
