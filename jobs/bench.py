@@ -17,6 +17,7 @@ import logging
 import sys
 
 from jobs._common import add_config_arguments, parse_job_args, resolve_config, run_job
+from pipeline.config import ConfigError
 from pipeline.flow.solver_specs import SOLVERS
 
 DEFAULT_SAMPLE_MODEL = "models:/digits@champion"  # what `make demo` registers
@@ -156,10 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         "reflow",
         help="quality vs NFE of a model, its reflow and a student; samples/s at equal quality",
         description="fmpipe reflow of --base (default the demo's models:/digits@champion; "
-        "reflow.* / sample.* / train.* settings), a --distill K-step student of the reflowed "
-        "model, then fmpipe eval's Euler sweep of the three (one plot, one MLflow run); the "
-        "fewest NFE at which each reaches the base's largest-steps FD, and the samples/s "
-        "there, side by side in this process (ratio to the base).",
+        "reflow.* / sample.* / train.* settings), a --distill K-step student (of the reflowed "
+        "model, or of the base with --distill-from base), then fmpipe eval's Euler sweep of "
+        "the three (one plot, one MLflow run); the fewest NFE at which each reaches the "
+        "base's largest-steps FD, and the samples/s there, side by side in this process "
+        "(ratio to the base).",
     )
     rf.add_argument("--base", metavar="MODEL", help="the base model (reflow.base)")
     rf.add_argument(
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rf.add_argument(
         "--distill", type=int, default=1, metavar="K", help="also a K-step student of the "
-        "reflowed model, on its own pairs (default 1; 0: none)",
+        "teacher --distill-from names (default 1; 0: none)",
     )  # fmt: skip
     rf.add_argument(
         "--distill-from", choices=("reflowed", "base"), default="reflowed",
@@ -184,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     rf.add_argument(
         "--distill-pair-steps", type=int, metavar="K", help="Euler steps of the reflowed "
-        "model's pairs for the student (default sample.steps; its paths are straight, so "
-        "fewer steps give nearly the same map for a fraction of the sampling)",
+        "model's pairs for its student (--distill-from reflowed; default sample.steps; its "
+        "paths are straight, so fewer steps give nearly the same map for a fraction of the "
+        "sampling)",
     )  # fmt: skip
     add_config_arguments(rf)
     gpu = sub.add_parser(
@@ -290,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(cfg.to_yaml(), end="")
                 return 0
             cfg.reflow.base = args.base or cfg.reflow.base.strip() or DEFAULT_SAMPLE_MODEL
+            if args.distill_from == "base" and args.distill_pair_steps:
+                raise ConfigError(
+                    "--distill-pair-steps sets the reflowed model's new pairs; --distill-from "
+                    "base trains on the base's own pairs (sample.steps)"
+                )
             run_reflow_benchmark(cfg, steps=tuple(args.steps), speed_samples=args.speed_samples,
                                  distill_steps=args.distill,
                                  distill_images=args.distill_images,

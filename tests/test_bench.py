@@ -267,3 +267,11 @@ def test_bench_data_foreign_prints_the_table_and_ratios():
         row = re.search(rf"^\s+{re.escape(name)}\s+{NUMBER} shards/s\s+{NUMBER} MB/s", out, re.M)
         assert row and number(row.group(1)) > 0 and number(row.group(2)) > 0, (name, out)
     assert "40 photo-like JPEGs (128-512 px a side" in out
+
+
+def test_bench_reflow_refuses_pair_steps_for_a_student_of_the_base(capsys):
+    """--distill-pair-steps sets the reflowed teacher's new pairs; with --distill-from base
+    (the base's own pairs) it would be ignored, so it is refused before any work."""
+    assert bench.main(["reflow", "--distill-from", "base", "--distill-pair-steps", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error: --distill-pair-steps") and "base's own pairs" in err

@@ -163,7 +163,7 @@ def test_published_statistics_give_the_same_fd_and_no_other_figure(cfg, classifi
     assert own.scores is not None
     stats = own.reference.features.stats
     published = tmp_path / "digits-train.npz"
-    np.savez(published, mu=stats.mean, sigma=stats.cov)  # what pytorch-fid's --save-stats writes
+    np.savez(published, mu=stats.mean, sigma=stats.cov)  # pytorch-fid --save-stats' arrays
 
     run = cfg.model_copy(deep=True)
     run.eval.reference_stats = str(published)

@@ -83,6 +83,13 @@ def run_reflow_benchmark(
     """Run the benchmark (module doc) on ``cfg.reflow.base``; prints the tables and returns
     the figures (``speedup``: the reflowed model's samples/s at its matched NFE over the
     base's; ``student_speedup`` the student's; None where a model misses the target)."""
+    if distill_from not in ("reflowed", "base"):
+        raise ValueError(f"distill_from={distill_from!r}: 'reflowed' or 'base'")
+    if distill_from == "base" and distill_pair_steps:
+        raise ValueError(
+            "distill_pair_steps sets the reflowed teacher's new pairs; a student of the base "
+            "trains on the base's pairs (sample.steps)"
+        )
     from pipeline.eval.job import evaluate, sweep_table
     from pipeline.reflow import reflow
 
@@ -98,8 +105,6 @@ def run_reflow_benchmark(
     log(f"\nreflow: {total:.0f} s in all, training {train_s:.0f} s, pairs and set-up "
         f"{total - train_s:.0f} s ({result.pairs_sampled:,} pairs sampled now)")  # fmt: skip
     figures: dict[str, float | None] = {"pairs_s": total - train_s}
-    if distill_from not in ("reflowed", "base"):
-        raise ValueError(f"distill_from={distill_from!r}: 'reflowed' or 'base'")
     if distill_steps > 0:
         dcfg = cfg.model_copy(deep=True)
         if distill_from == "base":  # the same base and sampler: the pairs sampled above
@@ -107,10 +112,10 @@ def run_reflow_benchmark(
         else:
             dcfg.reflow.base, dcfg.reflow.pairs_out = models[rf_name], ""
         dcfg.train.objective, dcfg.train.distill_steps = "distill", distill_steps
-        dcfg.train.run_name = ""  # distill-<reflowed>-<K>step
+        dcfg.train.run_name = ""  # distill-<teacher>-<K>step
         if distill_images:
             dcfg.train.total_images = distill_images
-        if distill_pair_steps and distill_from == "reflowed":
+        if distill_pair_steps:  # the reflowed teacher's pairs (checked above)
             dcfg.sample.steps = distill_pair_steps
         began = time.perf_counter()
         student = reflow(dcfg, print_fn=log)

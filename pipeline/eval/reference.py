@@ -66,9 +66,24 @@ class PublishedStatsError(ValueError):
     """``eval.reference_stats`` names a file that is not usable statistics (bad input)."""
 
 
-def _npz_names(data: bytes, where: str) -> list[str]:
-    """The array names of the ``.npz`` in ``data``; PublishedStatsError naming ``where``
-    for anything else (a pickle above all: never loaded)."""
+@contextlib.contextmanager
+def _unreadable_as(where: str) -> Iterator[None]:
+    """numpy's and zipfile's read errors as a PublishedStatsError naming ``where``."""
+    try:
+        yield
+    except PublishedStatsError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        why = "it holds pickled objects" if "pickle" in str(exc) else type(exc).__name__
+        raise PublishedStatsError(
+            f"eval.reference_stats {where} is not an .npz of statistics ({why}: {exc})"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _opened_npz(data: bytes, where: str) -> Iterator[np.lib.npyio.NpzFile]:
+    """The ``.npz`` in ``data``, opened once; PublishedStatsError naming ``where`` for
+    anything else (a pickle above all: never loaded)."""
     if data[:1] == b"\x80":  # a pickle's PROTO opcode (edm2's .pkl statistics)
         raise PublishedStatsError(
             f"eval.reference_stats {where} is a pickle, which fmpipe never loads; save its "
@@ -82,36 +97,19 @@ def _npz_names(data: bytes, where: str) -> list[str]:
             "and sigma (d, d)"
         )
     with loaded:
-        return sorted(loaded.files)
+        yield loaded
 
 
-@contextlib.contextmanager
-def _unreadable_as(where: str) -> Iterator[None]:
-    """numpy's and zipfile's read errors as a PublishedStatsError naming ``where``."""
-    try:
-        yield
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        why = "it holds pickled objects" if "pickle" in str(exc) else type(exc).__name__
-        raise PublishedStatsError(
-            f"eval.reference_stats {where} is not an .npz of statistics ({why}: {exc})"
-        ) from exc
-
-
-def read_published_stats(data: bytes, where: str) -> FeatureStats:
-    """``mu`` / ``sigma`` (and ``n`` where present; 0 = not stated) of an ``.npz``.
-
-    Raises:
-        PublishedStatsError: naming ``where``: not an ``.npz``, a pickle, arrays missing,
-            wrong shapes or values that are not finite.
-    """
-    names = _npz_names(data, where)
+def _mu_sigma(z: np.lib.npyio.NpzFile, where: str) -> FeatureStats:
+    """``mu`` / ``sigma`` (and ``n`` where present; 0 = not stated) of an open ``.npz``."""
+    names = sorted(z.files)
     if "mu" not in names or "sigma" not in names:
         raise PublishedStatsError(
             f"eval.reference_stats {where} has arrays {names}; statistics need mu (d,) and "
             "sigma (d, d), as pytorch-fid, clean-fid and ADM write them"
         )
-    with _unreadable_as(where), np.load(io.BytesIO(data), allow_pickle=False) as z:
-        mu, sigma = z["mu"], z["sigma"]  # an object array fails here, not at the listing
+    with _unreadable_as(where):  # an object array fails here, not at the listing
+        mu, sigma = z["mu"], z["sigma"]
         n = int(z["n"]) if "n" in names and z["n"].shape == () else 0
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise PublishedStatsError(
@@ -121,6 +119,17 @@ def read_published_stats(data: bytes, where: str) -> FeatureStats:
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise PublishedStatsError(f"eval.reference_stats {where}: mu or sigma is not finite")
     return FeatureStats(n, mu, sigma)
+
+
+def read_published_stats(data: bytes, where: str) -> FeatureStats:
+    """``mu`` / ``sigma`` (and ``n`` where present; 0 = not stated) of an ``.npz``.
+
+    Raises:
+        PublishedStatsError: naming ``where``: not an ``.npz``, a pickle, arrays missing,
+            wrong shapes or values that are not finite.
+    """
+    with _opened_npz(data, where) as z:
+        return _mu_sigma(z, where)
 
 
 def published_reference(
@@ -133,7 +142,9 @@ def published_reference(
     if not where.exists():
         raise PublishedStatsError(f"eval.reference_stats {where.uri} does not exist")
     data = where.read_bytes()
-    if "meta" in _npz_names(data, where.uri):  # fmpipe's own file (its JSON meta)
+    with _opened_npz(data, where.uri) as z:
+        stats = None if "meta" in z.files else _mu_sigma(z, where.uri)  # meta: fmpipe's own
+    if stats is None:
         try:
             features = FeatureSet.from_bytes(data, where.uri)
         except ValueError as exc:
@@ -145,7 +156,6 @@ def published_reference(
             )
         say(f"[eval] reference: {features.n:,} images' features from {where.uri}")
         return Reference(features, where, computed=False)
-    stats = read_published_stats(data, where.uri)
     d = network_dim(network)
     if stats.mean.shape[0] != d:
         raise PublishedStatsError(

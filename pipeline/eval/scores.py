@@ -84,8 +84,8 @@ class Scores:
             f"{title} ({self.network}; {self.n:,} samples vs {against})",
             f"  Fréchet distance   {self.fd:10.4f}",
         ]
-        if self.n_reference_kept < 2:
-            lines.append("  KID, precision / recall: not computed (the reference has no features)")
+        if self.kid != self.kid:  # NaN: score() had no feature rows to compare
+            lines.append("  KID, precision / recall: not computed (no feature rows to compare)")
         else:
             lines += [
                 f"  KID x 1e3          {1e3 * self.kid:10.4f} ± {1e3 * self.kid_std:.4f}"
@@ -133,6 +133,7 @@ def score(
         )
     m = min(kid_subset_size, len(candidate.kept), len(reference.kept))
     if m < 2:  # statistics only (published mu/sigma): no rows for KID or the k-NN balls
+        # (Scores.table and Scores.metrics read the NaN as "not computed")
         kid_mean = kid_std = precision = recall = float("nan")
     else:
         kid_mean, kid_std = kid(candidate.kept, reference.kept, subsets=kid_subsets,
