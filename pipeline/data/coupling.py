@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from pipeline.flow.time_samplers import TimeSampler, build_time_sampler
@@ -138,6 +137,10 @@ def _assignment(x_1: np.ndarray, x_0: np.ndarray) -> np.ndarray:
         + np.einsum("ij,ij->i", x_0, x_0)[None, :]
         - 2.0 * cross
     )
+    # imported here: scipy.optimize costs ~0.5 s of import in every Ray Data and training
+    # worker process, and only the OT coupling needs it
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(cost)
     out = np.empty(len(rows), dtype=np.int64)
     out[rows] = cols
