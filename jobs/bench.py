@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from jobs._common import add_config_arguments, parse_job_args, resolve_config, run_job
-from pipeline.config import ConfigError
+from pipeline.config import Config, ConfigError
 from pipeline.flow.solver_specs import SOLVERS
 
 DEFAULT_SAMPLE_MODEL = "models:/digits@champion"  # what `make demo` registers
@@ -30,16 +31,13 @@ SAMPLE_SHORTCUTS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fmpipe bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{toy,data,train,sample,gpu}")
+def _toy_parser(sub: argparse._SubParsersAction) -> None:
     toy = sub.add_parser("toy", help="2-D example: sample quality per solver vs the data floor")
     toy.add_argument("--num-samples", type=int, default=10_000, help="samples per figure")
     add_config_arguments(toy)
+
+
+def _data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="input pipeline vs decode ceiling and a plain baseline")
     data.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
     data.add_argument(
@@ -66,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --foreign: images to write (128 a shard; default 2048)",
     )
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser(
         "train",
         help="images/s of fmpipe training (1 worker, Ray Data) vs a plain PyTorch loop",
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU dense bf16 peak for MFU (default: from the device name, H200 989)",
     )
     add_config_arguments(train)
+
+
+def _sample_parser(sub: argparse._SubParsersAction) -> None:
     sample = sub.add_parser(
         "sample",
         help="samples/s of the sampler and the Ray job vs a torchdiffeq loop; quality vs NFE",
@@ -136,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "then costs no more time on (a) and (b)",
     )
     add_config_arguments(sample)
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
     evaluation = sub.add_parser(
         "eval",
         help="feature extraction images/s: the Ray Data job per actor vs a plain loop",
@@ -153,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--actors", type=int, default=1, metavar="A", help="actors of (b)")
     evaluation.add_argument("--batch-size", type=int, default=64, metavar="B", help="batch")
     add_config_arguments(evaluation)
+
+
+def _reflow_parser(sub: argparse._SubParsersAction) -> None:
     rf = sub.add_parser(
         "reflow",
         help="quality vs NFE of a model, its reflow and a student; samples/s at equal quality",
@@ -191,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sampling)",
     )  # fmt: skip
     add_config_arguments(rf)
+
+
+def _gpu_parser(sub: argparse._SubParsersAction) -> None:
     gpu = sub.add_parser(
         "gpu",
         help="U-Net bf16 training images/s + MFU and sampling samples/s on one GPU",
@@ -229,118 +242,153 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
     gpu.add_argument("--device", default="cuda", help="cuda (default) or cpu, to try the code path")
     add_config_arguments(gpu)
+
+
+def _config(args: argparse.Namespace, **how: object) -> Config | None:
+    """The benchmark's config (``how``: :func:`jobs._common.resolve_config`'s defaults and
+    shortcuts), or None once ``--print-config`` has printed it."""
+    cfg = resolve_config(args, **how)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return None
+    return cfg
+
+
+def _run_toy(args: argparse.Namespace) -> int:
+    from pipeline.bench.toy import run_toy_benchmark
+
+    if (cfg := _config(args, defaults="toy")) is not None:
+        run_toy_benchmark(cfg, args.num_samples)
+    return 0
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    if args.foreign:
+        from pipeline.bench.foreign import run_foreign_benchmark
+
+        run_foreign_benchmark(args.images, args.cores)
+    else:
+        from pipeline.bench.data import run_data_benchmark
+
+        run_data_benchmark(tuple(args.resolutions), args.num_samples, args.cores)
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pipeline.bench.train import run_train_benchmark
+
+    if (cfg := _config(args, defaults="train")) is not None:
+        run_train_benchmark(
+            cfg, args.images, gpu_batch=args.gpu_batch, peak_tflops=args.peak_tflops
+        )
+    return 0
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from pipeline.bench.sample import BenchSampleError, run_sample_benchmark
+
+    if (cfg := _config(args, shortcuts=SAMPLE_SHORTCUTS)) is None:
+        return 0
+    model = args.model or cfg.sample.model.strip() or DEFAULT_SAMPLE_MODEL
+    if model.startswith(("models:/", "runs:/")):
+        import mlflow  # noqa: F401  (its import resets its logger to INFO)
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no DB-creation notices
+    try:
+        run_sample_benchmark(
+            cfg,
+            model,
+            data_uri=args.data,
+            quality_samples=args.quality_samples,
+            speed_samples=args.speed_samples,
+        )
+    except BenchSampleError as exc:
+        print(f"fmpipe bench sample: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pipeline.bench.eval import run_eval_benchmark
+    from pipeline.home import data_uri
+
+    if (cfg := _config(args, defaults="train")) is not None:
+        cfg.data.uri = data_uri(cfg)
+        run_eval_benchmark(cfg, network=args.network, split=args.split,
+                           max_shards=args.max_shards, actors=args.actors,
+                           batch_size=args.batch_size)  # fmt: skip
+    return 0
+
+
+def _run_reflow(args: argparse.Namespace) -> int:
+    from pipeline.bench.reflow import run_reflow_benchmark
+
+    if (cfg := _config(args, defaults=["train", "reflow"])) is None:
+        return 0
+    cfg.reflow.base = args.base or cfg.reflow.base.strip() or DEFAULT_SAMPLE_MODEL
+    if args.distill_from == "base" and args.distill_pair_steps:
+        raise ConfigError(
+            "--distill-pair-steps sets the reflowed model's new pairs; --distill-from "
+            "base trains on the base's own pairs (sample.steps)"
+        )
+    run_reflow_benchmark(cfg, steps=tuple(args.steps), speed_samples=args.speed_samples,
+                         distill_steps=args.distill, distill_images=args.distill_images,
+                         distill_pair_steps=args.distill_pair_steps,
+                         distill_from=args.distill_from)  # fmt: skip
+    return 0
+
+
+def _run_gpu(args: argparse.Namespace) -> int:
+    from pipeline.bench.gpu import run_gpu_benchmark
+
+    if (cfg := _config(args, defaults="gpu")) is not None:
+        run_gpu_benchmark(
+            cfg,
+            resolutions=tuple(args.resolutions),
+            train_batch=args.train_batch,
+            sample_block=args.block,
+            sample_steps=args.steps,
+            sample_blocks=args.blocks,
+            compile=not args.no_compile,
+            peak_tflops=args.peak_tflops,
+            budget_seconds=args.budget,
+            device=args.device,
+            json_out=args.json,
+            runs=tuple(args.runs),
+            profile=args.profile,
+        )
+    return 0
+
+
+# name -> (declares its sub-command and flags, runs it); the order of `fmpipe bench --help`
+BENCHES: dict[str, tuple[Callable[[argparse._SubParsersAction], None],
+                         Callable[[argparse.Namespace], int]]] = {
+    "toy": (_toy_parser, _run_toy),
+    "data": (_data_parser, _run_data),
+    "train": (_train_parser, _run_train),
+    "sample": (_sample_parser, _run_sample),
+    "eval": (_eval_parser, _run_eval),
+    "reflow": (_reflow_parser, _run_reflow),
+    "gpu": (_gpu_parser, _run_gpu),
+}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmpipe bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCHES) + "}")
+    for add_parser, _ in BENCHES.values():
+        add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_job_args(build_parser(), argv)
-
-    def body() -> int:
-        if args.bench == "toy":
-            from pipeline.bench.toy import run_toy_benchmark
-
-            cfg = resolve_config(args, defaults="toy")
-            if args.print_config:
-                print(cfg.to_yaml(), end="")
-                return 0
-            run_toy_benchmark(cfg, args.num_samples)
-        elif args.bench == "data":
-            if args.foreign:
-                from pipeline.bench.foreign import run_foreign_benchmark
-
-                run_foreign_benchmark(args.images, args.cores)
-                return 0
-            from pipeline.bench.data import run_data_benchmark
-
-            run_data_benchmark(tuple(args.resolutions), args.num_samples, args.cores)
-        elif args.bench == "train":
-            from pipeline.bench.train import run_train_benchmark
-
-            cfg = resolve_config(args, defaults="train")
-            if args.print_config:
-                print(cfg.to_yaml(), end="")
-                return 0
-            run_train_benchmark(
-                cfg, args.images, gpu_batch=args.gpu_batch, peak_tflops=args.peak_tflops
-            )
-        elif args.bench == "gpu":
-            from pipeline.bench.gpu import run_gpu_benchmark
-
-            cfg = resolve_config(args, defaults="gpu")
-            if args.print_config:
-                print(cfg.to_yaml(), end="")
-                return 0
-            run_gpu_benchmark(
-                cfg,
-                resolutions=tuple(args.resolutions),
-                train_batch=args.train_batch,
-                sample_block=args.block,
-                sample_steps=args.steps,
-                sample_blocks=args.blocks,
-                compile=not args.no_compile,
-                peak_tflops=args.peak_tflops,
-                budget_seconds=args.budget,
-                device=args.device,
-                json_out=args.json,
-                runs=tuple(args.runs),
-                profile=args.profile,
-            )
-        elif args.bench == "reflow":
-            from pipeline.bench.reflow import run_reflow_benchmark
-
-            cfg = resolve_config(args, defaults=["train", "reflow"])
-            if args.print_config:
-                print(cfg.to_yaml(), end="")
-                return 0
-            cfg.reflow.base = args.base or cfg.reflow.base.strip() or DEFAULT_SAMPLE_MODEL
-            if args.distill_from == "base" and args.distill_pair_steps:
-                raise ConfigError(
-                    "--distill-pair-steps sets the reflowed model's new pairs; --distill-from "
-                    "base trains on the base's own pairs (sample.steps)"
-                )
-            run_reflow_benchmark(cfg, steps=tuple(args.steps), speed_samples=args.speed_samples,
-                                 distill_steps=args.distill,
-                                 distill_images=args.distill_images,
-                                 distill_pair_steps=args.distill_pair_steps,
-                                 distill_from=args.distill_from)  # fmt: skip
-        elif args.bench == "eval":
-            from pipeline.bench.eval import run_eval_benchmark
-            from pipeline.home import data_uri
-
-            cfg = resolve_config(args, defaults="train")
-            if args.print_config:
-                print(cfg.to_yaml(), end="")
-                return 0
-            cfg.data.uri = data_uri(cfg)
-            run_eval_benchmark(cfg, network=args.network, split=args.split,
-                               max_shards=args.max_shards, actors=args.actors,
-                               batch_size=args.batch_size)  # fmt: skip
-        elif args.bench == "sample":
-            from pipeline.bench.sample import BenchSampleError, run_sample_benchmark
-
-            cfg = resolve_config(args, shortcuts=SAMPLE_SHORTCUTS)
-            if args.print_config:
-                print(cfg.to_yaml(), end="")
-                return 0
-            model = args.model or cfg.sample.model.strip() or DEFAULT_SAMPLE_MODEL
-            if model.startswith(("models:/", "runs:/")):
-                import mlflow  # noqa: F401  (its import resets its logger to INFO)
-
-                logging.getLogger("mlflow").setLevel(logging.WARNING)  # no DB-creation notices
-            try:
-                run_sample_benchmark(
-                    cfg,
-                    model,
-                    data_uri=args.data,
-                    quality_samples=args.quality_samples,
-                    speed_samples=args.speed_samples,
-                )
-            except BenchSampleError as exc:
-                print(f"fmpipe bench sample: error: {exc}", file=sys.stderr)
-                return 1
-        return 0
-
-    return run_job(body, "bench")
+    _, run = BENCHES[args.bench]
+    return run_job(lambda: run(args), "bench")
 
 
 if __name__ == "__main__":

@@ -275,3 +275,19 @@ def test_bench_reflow_refuses_pair_steps_for_a_student_of_the_base(capsys):
     assert bench.main(["reflow", "--distill-from", "base", "--distill-pair-steps", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("config error: --distill-pair-steps") and "base's own pairs" in err
+
+
+def test_bench_help_lists_every_benchmark_and_each_has_its_own(capsys):
+    """`fmpipe bench --help` names each sub-command (its list once left out eval and
+    reflow), and each answers --help with its own usage."""
+    with pytest.raises(SystemExit) as done:
+        bench.main(["--help"])
+    assert done.value.code == 0
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage.endswith("{" + ",".join(bench.BENCHES) + "} ...")
+    assert {"toy", "data", "train", "sample", "eval", "reflow", "gpu"} == set(bench.BENCHES)
+    for name in bench.BENCHES:
+        with pytest.raises(SystemExit) as done:
+            bench.main([name, "--help"])
+        assert done.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: fmpipe bench {name} ")
