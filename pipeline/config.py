@@ -138,7 +138,9 @@ class ModelConfig(Section):
     num_heads: int = Field(4, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     norm_groups: int = Field(8, ge=1)
-    num_classes: int = Field(0, ge=0)  # 0: unconditional; else + a null class for CFG
+    # 0: unconditional; else + a null class for CFG. Left unset, training takes the dataset's
+    # class count (stream.adopt_dataset_shape; 0 on unlabelled data)
+    num_classes: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check_mult(self) -> ModelConfig:

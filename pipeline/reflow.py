@@ -9,15 +9,16 @@
 2. **Training.** The Ray Train loop on ``data.pairs`` (the fixed coupling, no noise drawn),
    from the weights that made the pairs (the base's EMA unless ``sample.use_ema=false``),
    with the base's architecture and image shape. ``train.*`` as for any run; an empty
-   ``train.run_name`` (``jobs/configs/reflow.yaml``) becomes ``reflow-<base>-k<k>``, so a
-   re-run resumes it and a reflow never continues the base's own run.
+   ``train.run_name`` (``jobs/configs/reflow.yaml``) becomes ``reflow-<base>-k<k>-p<pairs>``
+   (the pair set's URI digest), so a re-run resumes it, a reflow on other pairs starts its
+   own run, and a reflow never continues the base's own run.
 3. **Lineage.** The run and the registered version (``train.registered_model_name``,
    default the base's registered name) carry ``fmpipe.reflow.k`` (the base's k + 1),
    ``fmpipe.reflow.base`` and the pair set's own tags (set, seed, solver, steps).
 
 ``train.objective=distill`` (``--distill K``) trains a K-step student on the same pairs
-instead (:mod:`pipeline.flow.distill`): run ``distill-<base>-<K>step``, the teacher's k, and
-tags ``fmpipe.distill.steps`` / ``.loss`` and the sampling rule it is meant for
+instead (:mod:`pipeline.flow.distill`): run ``distill-<base>-<K>step-p<pairs>``, the
+teacher's k, and tags ``fmpipe.distill.steps`` / ``.loss`` and the sampling rule it is meant for
 (``fmpipe.sample.solver=euler``, ``fmpipe.sample.steps=K``).
 
 The math is :mod:`pipeline.flow.reflow`.
@@ -147,8 +148,14 @@ def _train_config(cfg: Config, base: _Base, pairs_uri: str, own: Config | None =
     tcfg.data.pairs = pairs_uri
     if not cfg.train.run_name.strip():  # jobs/configs/reflow.yaml: never the base's run
         stem = f"{base.name}-v{base.version}" if base.name else Path(base.uri).name
-        tcfg.train.run_name = f"{_kind(cfg)}-{stem}-" + (
-            f"{cfg.train.distill_steps}step" if _distilling(cfg) else f"k{base.k + 1}"
+        # the pair set's own digest too: the same command resumes its run, and other pairs
+        # (another reflow.num_pairs or sampler) start a run of their own instead of meeting
+        # one that cannot resume on them
+        pairs = hashlib.sha256(pairs_uri.encode()).hexdigest()[:8]
+        tcfg.train.run_name = (
+            f"{_kind(cfg)}-{stem}-"
+            + (f"{cfg.train.distill_steps}step" if _distilling(cfg) else f"k{base.k + 1}")
+            + f"-p{pairs}"
         )
     if not tcfg.train.registered_model_name.strip() and base.name:
         tcfg.train.registered_model_name = base.name

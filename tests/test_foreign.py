@@ -172,6 +172,37 @@ def test_channels_left_unset_come_from_the_index(tmp_path):
     assert adopt_dataset_shape(cfg, open_dataset(cfg, "train")) == []  # set: left alone
 
 
+def test_classes_left_unset_come_from_the_index_and_unlabelled_shards_train_unconditional(
+    tmp_path,
+):
+    """`fmpipe train`'s own defaults (train.yaml) on another tool's shards: labelled ones
+    make a class-conditional model of the index's classes, the same shards read without
+    labels an unconditional one, and a number the user sets is kept and checked."""
+    from jobs._common import packaged_defaults
+    from pipeline.config import load_config
+    from pipeline.data.stream import adopt_dataset_shape
+
+    _dataset(tmp_path / "shards")
+    uri = str(tmp_path / "shards")
+
+    def job_cfg(*overrides: str):
+        return load_config(None, [f"data.uri={uri}", *overrides], packaged_defaults("train"))
+
+    labelled = job_cfg()
+    notes = adopt_dataset_shape(labelled, open_dataset(labelled, "train"))
+    assert (
+        labelled.model.num_classes == 3 and "model.num_classes=3 (the dataset's classes)" in notes
+    )
+    unlabelled = job_cfg("data.label_source=none")
+    notes = adopt_dataset_shape(unlabelled, open_dataset(unlabelled, "train"))
+    assert unlabelled.model.num_classes == 0 and not any("num_classes" in n for n in notes)
+    assert open_dataset(unlabelled, "train").manifest.num_classes == 0
+    given = job_cfg("model.num_classes=5")
+    notes = adopt_dataset_shape(given, open_dataset(given, "train"))
+    assert not any("num_classes" in n for n in notes), notes
+    assert given.model.num_classes == 5  # kept: train() then refuses it (test above)
+
+
 def test_a_val_split_carved_by_seed_and_a_missing_one_named(tmp_path):
     folder = tmp_path / "many"
     _write(folder, _samples(0, 40), maxcount=4)  # 10 shards

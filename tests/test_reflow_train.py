@@ -4,6 +4,7 @@ with its lineage. Real parts: local Ray, the session's MLflow server, local dire
 
 from __future__ import annotations
 
+import hashlib
 import sys
 
 import pytest
@@ -188,11 +189,16 @@ def test_fmpipe_reflow_samples_pairs_trains_registers_and_reuses_its_pairs(
     again = _open_base(cfg, tmp_path)
     assert again.k == 1 and again.name == "reflowed-e2e"
     next_run = _train_config(cfg, again, result.pairs_uri)
-    assert next_run.train.run_name == f"reflow-reflowed-e2e-v{again.version}-k2"
+    pairs = hashlib.sha256(result.pairs_uri.encode()).hexdigest()[:8]
+    assert next_run.train.run_name == f"reflow-reflowed-e2e-v{again.version}-k2-p{pairs}"
+    # other pairs (another num_pairs or sampler): a run of their own, not one to resume
+    other = _train_config(cfg, again, result.pairs_uri + "-other")
+    assert other.train.run_name.startswith(f"reflow-reflowed-e2e-v{again.version}-k2-p")
+    assert other.train.run_name != next_run.train.run_name
     # a 1-step student of it keeps k=1 and says how it is meant to be sampled
     cfg.train.objective, cfg.train.distill_steps = "distill", 1
     student = _train_config(cfg, again, result.pairs_uri)
-    assert student.train.run_name == f"distill-reflowed-e2e-v{again.version}-1step"
+    assert student.train.run_name == f"distill-reflowed-e2e-v{again.version}-1step-p{pairs}"
     tags = _lineage(cfg, again)
     assert tags["fmpipe.reflow.k"] == "1" and tags["fmpipe.distill.steps"] == "1"
     assert (tags["fmpipe.sample.solver"], tags["fmpipe.sample.steps"]) == ("euler", "1")

@@ -413,16 +413,30 @@ def open_dataset(cfg: Config, split: str, *, fresh: bool = True) -> DatasetInfo:
 
 
 def adopt_dataset_shape(cfg: Config, info: DatasetInfo) -> list[str]:
-    """Set ``data.channels`` and ``data.resolution`` that the config leaves unset (not in
-    the YAML, the flags or the overrides) to the dataset's own; returns a line per key set.
+    """Set ``data.channels``, ``data.resolution`` and ``model.num_classes`` that the config
+    leaves unset (not in the YAML, the flags or the overrides) to the dataset's own; returns
+    a line per key set.
 
-    A prepared dataset states both in its manifest. A foreign one states its channels (the
+    A prepared dataset states its shape in its manifest. A foreign one states its channels (the
     index's image modes); its resolution only when every image has one square size, since
     the decoder sizes any image to ``data.resolution`` (``data.resize``) and no single
     size is the dataset's own otherwise: then the config's default stays, and a line says
     the range of sizes and the key to set. A key the config does set is checked, not
     changed (:func:`check_config_against_manifest`).
+
+    ``model.num_classes`` unset is the dataset's class count: class-conditional on labelled
+    data (its index's or manifest's classes), unconditional (0) on unlabelled data.
     """
+    notes = _adopt_shape(cfg, info)
+    classes = info.manifest.num_classes or 0
+    if "num_classes" not in cfg.model.model_fields_set and cfg.model.num_classes != classes:
+        cfg.model.num_classes = classes
+        notes.append(f"model.num_classes={classes} (the dataset's classes)")
+    return notes
+
+
+def _adopt_shape(cfg: Config, info: DatasetInfo) -> list[str]:
+    """:func:`adopt_dataset_shape`'s ``data.channels`` and ``data.resolution``."""
     manifest, given = info.manifest, cfg.data.model_fields_set
     notes: list[str] = []
     if "channels" not in given and cfg.data.channels != manifest.channels:
