@@ -61,7 +61,13 @@ from pipeline.bench.plain import (
 from pipeline.config import Config, ConfigError
 from pipeline.data.decode import to_model_range
 from pipeline.data.prepare import prepare_dataset
-from pipeline.data.stream import DatasetInfo, decode_spec, open_dataset, read_shard
+from pipeline.data.stream import (
+    DatasetInfo,
+    adopt_dataset_shape,
+    decode_spec,
+    open_dataset,
+    read_shard,
+)
 from pipeline.models import count_parameters
 from pipeline.storage import read_whole
 from pipeline.train.setup import uses_bf16
@@ -282,6 +288,7 @@ def run_train_benchmark(
         run_cfg = bench_train_config(cfg, images, str(root / "runs"), data_uri)
         run_cfg.train.log_every_steps = warmup  # (b)'s first log window = the warm-up
         info = open_dataset(run_cfg, "train")
+        adopt_dataset_shape(run_cfg, info)  # both sides: the network train() would build
 
         with torch_threads(threads):
             # (a) plain loop: decode everything once, then train from memory.
