@@ -189,13 +189,16 @@ def test_channels_and_resolution_left_unset_come_from_the_dataset(tmp_path, no_r
     assert inputs.notes == [
         "data.channels=3 (the dataset's)",
         f"data.resolution={RES} (the dataset's)",
+        "model.num_classes=10 (the dataset's classes)",
     ]
+    assert unset.model.num_classes == 10  # the digits' ten: class-conditional
     assert not ray.is_initialized()
     # set on the command line (an override): checked against the dataset, not replaced
     given = build_config({"seed": 0, "data": {"uri": uri}, "model": TINY_UNET},
                          ["data.channels=1"])  # fmt: skip
     assert adopt_dataset_shape(given, open_dataset(given, "train")) == [
-        f"data.resolution={RES} (the dataset's)"
+        f"data.resolution={RES} (the dataset's)",
+        "model.num_classes=10 (the dataset's classes)",
     ]
     with pytest.raises(ConfigMismatch, match=r"data\.channels=1 but dataset .* is RGB"):
         _check_inputs(given, None, None)

@@ -234,8 +234,12 @@ def test_train_job_is_listed_and_maps_flags_onto_config(capsys):
         "/tmp/x",
     )
     assert (cfg.train.num_workers, cfg.train.use_gpu, cfg.train.lr) == (2, True, 0.01)
-    # no name in the job config: the dataset's (the last folder of --data)
-    assert cfg.model.num_classes == 10 and cfg.train.registered_model_name == "d"
+    # no name and no class count in the job config: the dataset's (the last folder of
+    # --data; its class count once train() reads it, stream.adopt_dataset_shape)
+    assert cfg.train.registered_model_name == "d"
+    from jobs._common import packaged_defaults
+
+    assert "num_classes" not in build_config(packaged_defaults("train")).model.model_fields_set
     assert job.main(["train.nope=1"]) == 2
     assert "unknown config key 'train.nope'" in capsys.readouterr().err
 
