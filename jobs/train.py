@@ -8,7 +8,9 @@ in $FMPIPE_HOME). Re-running the same command (same run name and storage) resume
 last checkpoint, in the same MLflow run, to the same images-seen total.
 
 Defaults (jobs/configs/train.yaml): class-conditional digits at 16x16 on CPU; data.uri
-empty means $FMPIPE_HOME/store/digits (what `fmpipe prepare --source digits` writes). The
+empty means $FMPIPE_HOME/store/digits (what `fmpipe prepare --source digits` writes).
+data.channels and model.num_classes left unset are the dataset's (0 classes on unlabelled
+data: an unconditional model). The
 model is registered as train.registered_model_name, by default the dataset's name (the
 last folder of --data: `digits` for the default dataset; `none`: not registered); --alias
 points an alias of the registered model at this run's version, so
