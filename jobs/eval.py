@@ -1,7 +1,9 @@
 """fmpipe eval: how good are the samples? Fréchet distance, KID, precision/recall, accuracy.
 
 Scores a sample set (--samples, the output of `fmpipe sample`) or a model (--model: it first
-generates eval.num_samples samples at the fixed eval.seed with --solver/--steps) against the
+generates eval.num_samples samples at the fixed eval.seed with --solver/--steps; a registered
+version that carries its own sampling rule, e.g. a distilled k-step student, with that rule
+unless --solver/--steps/eval.* say otherwise) against the
 reference statistics of a dataset split (data.uri, eval.reference_split: train, as FID is
 usually reported; computed once by a Ray Data job and stored under
 train.storage_path/eval-reference/, reused afterwards). A model's reference is the data it
@@ -46,12 +48,13 @@ import sys
 
 from jobs._common import (
     add_config_arguments,
+    given_keys,
     parse_job_args,
     resolve_config,
     run_guarded,
     run_job,
 )
-from pipeline.config import ConfigError
+from pipeline.config import Config, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +120,16 @@ SHORTCUTS = {
 }
 
 
+def own_sampling_rule(cfg: Config, args: argparse.Namespace) -> tuple[str, int] | None:
+    """The ``(solver, steps)`` one --model (no --sweep) carries in its registry tags, when
+    neither eval.solver nor eval.steps was given on the command line; else None."""
+    from pipeline.sample.source import model_sampling_rule
+
+    if not args.model or args.sweep or given_keys(args, SHORTCUTS) & {"eval.solver", "eval.steps"}:
+        return None
+    return model_sampling_rule(cfg, args.model[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_job_args(build_parser(), argv)
 
@@ -138,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.eval.job import evaluate
 
         def action() -> None:
+            # inside the guard: a missing model fails here as it would in evaluate
+            rule = own_sampling_rule(cfg, args)
+            if rule is not None:  # e.g. a distilled student: its own k steps
+                cfg.eval.solver, cfg.eval.steps = rule
+                print(f"evaluating with the model's own rule: {rule[0]} x {rule[1]} steps "
+                      "(its fmpipe.sample.* tags; --solver / --steps override)")  # fmt: skip
             result = evaluate(cfg, samples=args.samples or "", model=args.model or [],
                               sweep=args.sweep)  # fmt: skip
             for line in result.summary_lines():

@@ -363,6 +363,20 @@ def test_training_scores_its_ema_weights_and_tags_the_registered_version(
     assert 0.0 <= float(version.tags["eval.classifier.accuracy"]) <= 1.0
 
 
+def test_a_students_training_probe_samples_with_its_own_k_steps(cfg, classifier) -> None:
+    """A distilled student is scored during training at the rule its version carries
+    (Euler x train.distill_steps), not at eval.solver x eval.steps."""
+    from pipeline.eval.probe import QualityProbe
+
+    run = cfg.model_copy(deep=True)
+    run.eval.solver, run.eval.steps = "heun", 32
+    probe = QualityProbe.from_config(run)
+    assert (probe.solver, probe.steps) == ("heun", 32)
+    run.train.objective, run.train.distill_steps = "distill", 4
+    probe = QualityProbe.from_config(run)
+    assert (probe.solver, probe.steps) == ("euler", 4)
+
+
 def test_sweep_tables_and_plots_quality_against_nfe(cfg, classifier, tmp_path) -> None:
     from pipeline.eval.job import sweep_table
 
@@ -455,6 +469,20 @@ def test_retrain_judges_a_registered_candidate_at_the_champions_nfe_budget(
     client.set_model_version_tag("judged", student, "fmpipe.sample.steps", "1")
     client.set_model_version_tag("judged", slow, "fmpipe.sample.solver", "heun")
     client.set_model_version_tag("judged", slow, "fmpipe.sample.steps", "4")
+
+    # fmpipe eval --model <student> samples at its own rule unless --solver/--steps say
+    from jobs import eval as eval_job
+    from jobs._common import parse_job_args
+
+    def rule(*argv: str) -> tuple[str, int] | None:
+        return eval_job.own_sampling_rule(run, parse_job_args(eval_job.build_parser(), list(argv)))
+
+    assert rule("--model", f"models:/judged/{student}") == ("euler", 1)
+    assert rule("--model", f"models:/judged/{slow}") == ("heun", 4)
+    assert rule("--model", f"models:/judged/{student}", "--steps", "2") is None
+    assert rule("--model", f"models:/judged/{student}", "eval.solver=heun") is None
+    assert rule("--model", f"models:/judged/{champion}") is None  # no fmpipe.sample.* tags
+    assert rule("--sweep", "--model", f"models:/judged/{student}") is None
 
     run.retrain.candidate = f"models:/judged/{student}"
     lines: list[str] = []

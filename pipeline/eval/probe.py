@@ -6,8 +6,10 @@ weights as bytes or a URI, the reference statistics computed or read once by
 
 1. integrates ``eval.num_samples`` samples of the EMA network with the sample job's own
    sampler (:func:`pipeline.sample.sampler.integrate_range`: noise from ``(eval.seed, i)``,
-   labels ``i % classes``, ``eval.solver`` / ``eval.steps``), so the figures of successive
-   evaluations differ only by the weights, and equal ``fmpipe eval`` of that checkpoint;
+   labels ``i % classes``, ``eval.solver`` / ``eval.steps``; a distilled student
+   (``train.objective=distill``) with the rule its version will carry, Euler x
+   ``train.distill_steps``), so the figures of successive evaluations differ only by the
+   weights, and equal ``fmpipe eval`` of that checkpoint at that rule;
 2. quantises them to uint8 exactly as sample shards hold them;
 3. scores their features against the reference (:func:`pipeline.eval.scores.score`).
 """
@@ -55,14 +57,17 @@ class QualityProbe:
         key, _ = network_identity(network)
         reference = reference_features(cfg, network, key, say=say)
         e = cfg.eval
+        solver, steps = e.solver, e.steps
+        if cfg.train.objective == "distill":  # scored where it is meant to be used
+            solver, steps = "euler", cfg.train.distill_steps
         return cls(
             network=network,
             reference=reference.features.to_bytes(),
             reference_uri=reference.location.uri,
             num_samples=e.num_samples,
             seed=e.seed,
-            solver=e.solver,
-            steps=e.steps,
+            solver=solver,
+            steps=steps,
             batch_size=e.batch_size,
             keep=e.keep_features,
             kid_subsets=e.kid_subsets,
