@@ -209,6 +209,36 @@ def test_validation_loss_is_deterministic_and_zero_model_scores_the_second_momen
     assert net.training  # mode restored
 
 
+def test_a_students_validation_loss_is_its_landing_distance_at_its_grid_times():
+    """train.objective=distill: val_loss is the student's own objective on the held-out
+    pairs. For K = 1 and l2 every row sits at s = 0, where the landing distance is the CFM
+    loss at t = 0; for K = 2 the rows with t >= 1/2 sit at s = 1/2, weighted (1 - s)^2."""
+    from pipeline.train.objective import Objective
+
+    gen = torch.Generator().manual_seed(1)
+    x_1 = torch.rand(40, 1, 8, 8, generator=gen) * 2 - 1
+    val = ValSet(x_1, torch.randn(40, 1, 8, 8, generator=gen), torch.rand(40, generator=gen),
+                 torch.arange(40) % 3, [str(i) for i in range(40)])  # fmt: skip
+    net = perturbed(build_model(tiny_config().model, (1, 8, 8)))
+
+    def at(t: torch.Tensor, rows: torch.Tensor | None = None) -> ValSet:
+        """``val`` with times ``t``, restricted to ``rows`` (a mask) if given."""
+        rows = torch.ones(len(val), dtype=torch.bool) if rows is None else rows
+        return ValSet(val.x_1[rows], val.x_0[rows], t[rows], val.label[rows], [])
+
+    one_step = validation_loss(net, val, objective=Objective("distill", 1, "l2"), batch_size=16)
+    assert one_step == pytest.approx(validation_loss(net, at(torch.zeros(40))), rel=1e-6)
+    assert one_step != pytest.approx(validation_loss(net, val), rel=1e-3)  # not CFM at t
+
+    late = val.t >= 0.5  # K = 2: these rows at s = 1/2, the others at s = 0
+    grid = torch.where(late, 0.5, 0.0)
+    early_sum = validation_loss(net, at(grid, ~late)) * int((~late).sum())
+    late_sum = 0.25 * validation_loss(net, at(grid, late)) * int(late.sum())
+    two_step = validation_loss(net, val, objective=Objective("distill", 2, "l2"), batch_size=16)
+    assert 0 < late.sum() < 40
+    assert two_step == pytest.approx((early_sum + late_sum) / 40, rel=1e-5)
+
+
 def test_sample_grid_has_one_row_per_class_and_fixed_noise():
     cfg = tiny_config()
     net = perturbed(build_model(cfg.model, (1, 8, 8)))

@@ -38,6 +38,7 @@ from pipeline.flow import solve_ode
 from pipeline.models import guided_velocity
 from pipeline.storage import StorageError
 from pipeline.train.dist import WorkerGroup, report
+from pipeline.train.objective import Objective
 from pipeline.train.setup import TrainingParts
 from pipeline.train.spec import RunContext, checkpoint_dir_name
 from pipeline.train.step import StepOutcome
@@ -201,8 +202,8 @@ class Events:
         if not self.chief or val_set is None:
             return None
         value = validation_loss(
-            self.parts.ema.module, val_set, batch_size=self.cfg.train.val_batch_size,
-            device=self.group.device,
+            self.parts.ema.module, val_set, objective=Objective.from_config(self.cfg.train),
+            batch_size=self.cfg.train.val_batch_size, device=self.group.device,
         )  # fmt: skip
         if state.images_seen > self.logged_through["val_loss"]:
             self.tracker.log_metrics({"val_loss": value}, step=state.images_seen)

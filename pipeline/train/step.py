@@ -32,10 +32,10 @@ from torch import Tensor
 
 from pipeline.config import Config
 from pipeline.data.coupling import sample_seed
-from pipeline.flow import CondOTPath, cfm_loss_per_sample
-from pipeline.flow.distill import distill_loss_per_sample, grid_times
+from pipeline.flow import CondOTPath
 from pipeline.optim import lr_factor
 from pipeline.train.dist import WorkerGroup
+from pipeline.train.objective import Objective
 from pipeline.train.setup import TrainingParts, autocast
 from pipeline.train.validate import model_labels
 
@@ -64,13 +64,7 @@ class CFMStep:
         self.path = CondOTPath()
         self.params = [p for p in parts.net.parameters() if p.requires_grad]
         self.chunk = cfg.data.batch_size // cfg.train.grad_accum  # global rows per micro-batch
-        self.distill = cfg.train.objective == "distill"
-
-    def _loss(self, velocity: Tensor, x_0: Tensor, x_1: Tensor, t: Tensor) -> Tensor:
-        """Per-sample loss (B,): CFM, or the distillation landing loss at the grid times."""
-        if self.distill:
-            return distill_loss_per_sample(velocity, x_0, x_1, t, self.cfg.train.distill_loss)
-        return cfm_loss_per_sample(velocity, x_0, x_1)
+        self.objective = Objective.from_config(cfg.train)  # CFM, or a student's landing loss
 
     def _label_dropout(self, images_seen: int) -> Tensor | None:
         """Per global row: True where the label becomes the null class this step."""
@@ -118,9 +112,8 @@ class CFMStep:
             wait += time.perf_counter() - t_wait
             x_1 = batch["x_1"].to(device, non_blocking=True)
             x_0 = batch["x_0"].to(device, non_blocking=True).float()
-            t = batch["t"].to(device, non_blocking=True).float()
-            if self.distill:  # the row's t, rounded down to the student's k-step grid
-                t = grid_times(t, cfg.train.distill_steps)
+            # the row's t (a student's: rounded down to its k-step grid)
+            t = self.objective.times(batch["t"].to(device, non_blocking=True).float())
             if len(x_1) != micro:
                 raise RuntimeError(
                     f"rank {self.group.rank}: got a batch of {len(x_1)} rows, expected {micro}"
@@ -142,7 +135,7 @@ class CFMStep:
                 sample = self.path.sample(x_0=x_0, x_1=x_1, t=t)
                 with autocast(cfg.train.precision, device):
                     velocity = parts.model(sample.x_t, t, label)
-                per_sample = self._loss(velocity.float(), x_0, x_1, t)
+                per_sample = self.objective.per_sample(velocity.float(), x_0, x_1, t)
                 # DDP averages gradients over ranks: scale by world / n_step so the step's
                 # gradient is the mean over the n_step counted rows of the global batch.
                 loss = (per_sample * used).sum() * (world / n_step)
