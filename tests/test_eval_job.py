@@ -363,9 +363,10 @@ def test_training_scores_its_ema_weights_and_tags_the_registered_version(
     assert 0.0 <= float(version.tags["eval.classifier.accuracy"]) <= 1.0
 
 
-def test_a_students_training_probe_samples_with_its_own_k_steps(cfg, classifier) -> None:
+def test_a_students_training_probe_samples_with_its_own_k_steps(cfg, classifier, tmp_path):
     """A distilled student is scored during training at the rule its version carries
-    (Euler x train.distill_steps), not at eval.solver x eval.steps."""
+    (Euler x train.distill_steps), not at eval.solver x eval.steps; and a run on pairs (no
+    data.uri of its own) against the data of the model that made them."""
     from pipeline.eval.probe import QualityProbe
 
     run = cfg.model_copy(deep=True)
@@ -373,8 +374,15 @@ def test_a_students_training_probe_samples_with_its_own_k_steps(cfg, classifier)
     probe = QualityProbe.from_config(run)
     assert (probe.solver, probe.steps) == ("heun", 32)
     run.train.objective, run.train.distill_steps = "distill", 4
-    probe = QualityProbe.from_config(run)
-    assert (probe.solver, probe.steps) == ("euler", 4)
+    student = QualityProbe.from_config(run)
+    assert (student.solver, student.steps) == ("euler", 4)
+
+    base = _checkpoint(run, tmp_path / "base" / "checkpoint_000000000064", 0.2)
+    on_pairs = run.model_copy(deep=True)
+    on_pairs.data.uri = ""  # as fmpipe reflow trains: data.pairs only
+    from_base = QualityProbe.from_config(on_pairs, data_of=str(base))
+    assert from_base.reference_uri == probe.reference_uri
+    assert from_base.network == probe.network  # the base's dataset's classifier
 
 
 def test_sweep_tables_and_plots_quality_against_nfe(cfg, classifier, tmp_path) -> None:

@@ -131,7 +131,7 @@ def with_reference_data(cfg: Config, model: str) -> Config:
     if not str(learnt.get("uri") or "").strip():
         cfg.data.uri = data_uri(cfg)
         return cfg
-    given = cfg.data.model_fields_set
+    given = cfg.data.model_fields_set - {"uri"}  # set, but empty: filled all the same
     for key in _REFERENCE_DATA_KEYS:
         if key in learnt and key not in given:
             setattr(cfg.data, key, learnt[key])

@@ -47,12 +47,18 @@ class QualityProbe:
     pr_k: int
 
     @classmethod
-    def from_config(cls, cfg: Config, say: Callable[[str], None] = print) -> QualityProbe:
-        """The configured network and its reference of ``data.uri`` (Ray job if not stored)."""
+    def from_config(
+        cls, cfg: Config, say: Callable[[str], None] = print, data_of: str = ""
+    ) -> QualityProbe:
+        """The configured network and its reference of ``data.uri`` (Ray job if not stored);
+        with ``data.uri`` empty, of the data the model ``data_of`` learnt (a reflow or a
+        student trains on pairs: its reference and classifier are its base's dataset's)."""
         from pipeline.eval.extract import network_identity
-        from pipeline.eval.job import network_spec
+        from pipeline.eval.job import network_spec, with_reference_data
         from pipeline.eval.reference import reference_features
 
+        if data_of and not cfg.data.uri.strip():
+            cfg = with_reference_data(cfg, data_of)
         network = network_spec(cfg)
         key, _ = network_identity(network)
         reference = reference_features(cfg, network, key, say=say)

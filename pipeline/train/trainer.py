@@ -338,6 +338,16 @@ def _pair_lineage(inputs: _Inputs) -> dict[str, str]:
     }
 
 
+def _pairs_model(inputs: _Inputs) -> str:
+    """The model that made the coupled set (its version, pinned), or "" (not on pairs)."""
+    if inputs.pairs is None:
+        return ""
+    made = inputs.pairs.lineage
+    if made["model_name"] and made["model_version"]:
+        return f"models:/{made['model_name']}/{made['model_version']}"
+    return str(made["model_uri"] or "")
+
+
 def _check_pairs(cfg: Config) -> _Inputs:
     """``data.pairs``: the coupled set, checked against the config before any worker."""
     from pipeline.data.pairs import open_pair_set, split_pair_shards
@@ -626,7 +636,7 @@ def _train_leased(
     if t.eval_every_images:  # before any worker: a missing classifier fails here, at once
         from pipeline.eval.probe import QualityProbe
 
-        quality = QualityProbe.from_config(cfg, say=say)
+        quality = QualityProbe.from_config(cfg, say=say, data_of=_pairs_model(inputs))
     if resume is not None:
         say(f"[train] found {describe(resume)} in {run_dir.uri}")
     status = "FAILED"
