@@ -103,6 +103,30 @@ def given_keys(args: argparse.Namespace, shortcuts: Mapping[str, str]) -> set[st
     return keys
 
 
+def tagged_rule_unless_given(
+    cfg: Config, args: argparse.Namespace, shortcuts: Mapping[str, str], model: str, section: str
+) -> tuple[str, int] | None:
+    """The ``(solver, steps)`` the registered ``model`` carries (its ``fmpipe.sample.*``
+    tags, e.g. a distilled k-step student's), unless the user set ``<section>.solver`` or
+    ``<section>.steps`` on this command; else None."""
+    from pipeline.sample.source import model_sampling_rule
+
+    if given_keys(args, shortcuts) & {f"{section}.solver", f"{section}.steps"}:
+        return None
+    return model_sampling_rule(cfg, model)
+
+
+def apply_sampling_rule(cfg: Config, section: str, rule: tuple[str, int] | None) -> None:
+    """Set ``cfg.<section>.solver`` / ``.steps`` to a model's own ``rule`` and say so."""
+    if rule is None:
+        return
+    target = getattr(cfg, section)
+    target.solver, target.steps = rule
+    print(f"{'sampling' if section == 'sample' else 'evaluating'} with the model's own rule: "
+          f"{rule[0]} x {rule[1]} steps (its fmpipe.sample.* tags; --solver / --steps "
+          "override)")  # fmt: skip
+
+
 def _check_no_clash(
     args: argparse.Namespace, shortcuts: Mapping[str, str], overrides: Sequence[str]
 ) -> None:

@@ -48,11 +48,12 @@ import sys
 
 from jobs._common import (
     add_config_arguments,
-    given_keys,
+    apply_sampling_rule,
     parse_job_args,
     resolve_config,
     run_guarded,
     run_job,
+    tagged_rule_unless_given,
 )
 from pipeline.config import Config, ConfigError
 
@@ -95,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="samples a --model generates (eval.num_samples)",
     )
-    parser.add_argument("--solver", metavar="NAME", help="solver of --model (eval.solver)")
+    parser.add_argument(
+        "--solver",
+        metavar="NAME",
+        help="solver of --model (eval.solver; default: a version's own fmpipe.sample.* rule)",
+    )
     parser.add_argument("--steps", type=int, metavar="K", help="its steps (eval.steps)")
     parser.add_argument("--actors", type=int, metavar="A", help="feature actors (eval.num_actors)")
     parser.add_argument(
@@ -123,11 +128,9 @@ SHORTCUTS = {
 def own_sampling_rule(cfg: Config, args: argparse.Namespace) -> tuple[str, int] | None:
     """The ``(solver, steps)`` one --model (no --sweep) carries in its registry tags, when
     neither eval.solver nor eval.steps was given on the command line; else None."""
-    from pipeline.sample.source import model_sampling_rule
-
-    if not args.model or args.sweep or given_keys(args, SHORTCUTS) & {"eval.solver", "eval.steps"}:
+    if not args.model or args.sweep:
         return None
-    return model_sampling_rule(cfg, args.model[0])
+    return tagged_rule_unless_given(cfg, args, SHORTCUTS, args.model[0], "eval")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def action() -> None:
             # inside the guard: a missing model fails here as it would in evaluate
-            rule = own_sampling_rule(cfg, args)
-            if rule is not None:  # e.g. a distilled student: its own k steps
-                cfg.eval.solver, cfg.eval.steps = rule
-                print(f"evaluating with the model's own rule: {rule[0]} x {rule[1]} steps "
-                      "(its fmpipe.sample.* tags; --solver / --steps override)")  # fmt: skip
+            apply_sampling_rule(cfg, "eval", own_sampling_rule(cfg, args))
             result = evaluate(cfg, samples=args.samples or "", model=args.model or [],
                               sweep=args.sweep)  # fmt: skip
             for line in result.summary_lines():

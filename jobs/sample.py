@@ -24,13 +24,14 @@ import sys
 
 from jobs._common import (
     add_config_arguments,
-    given_keys,
+    apply_sampling_rule,
     overrides_from,
     parse_job_args,
     resolve_config,
     run_guarded,
     run_job,
     shortcut_values,
+    tagged_rule_unless_given,
 )
 from pipeline.config import ConfigError
 
@@ -152,17 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         # Imported here: `fmpipe sample --help` stays fast.
         from pipeline.sample import generate
-        from pipeline.sample.source import model_sampling_rule
-
-        own_rule = not given_keys(args, SHORTCUTS) & {"sample.solver", "sample.steps"}
 
         def action() -> None:
             # inside the guard: a missing model fails here as it would in generate
-            rule = model_sampling_rule(cfg, cfg.sample.model.strip()) if own_rule else None
-            if rule is not None:  # e.g. a distilled student: its own k steps
-                cfg.sample.solver, cfg.sample.steps = rule
-                print(f"sampling with the model's own rule: {rule[0]} x {rule[1]} steps "
-                      "(its fmpipe.sample.* tags; --solver / --steps override)")  # fmt: skip
+            model = cfg.sample.model.strip()
+            rule = tagged_rule_unless_given(cfg, args, SHORTCUTS, model, "sample")
+            apply_sampling_rule(cfg, "sample", rule)
             result = generate(cfg)
             if args.eval:
                 from pipeline.eval.job import evaluate, with_reference_data

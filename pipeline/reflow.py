@@ -173,18 +173,21 @@ def _kind(cfg: Config) -> str:
 def _lineage(cfg: Config, base: _Base) -> dict[str, str]:
     """Tags of the run and version: k (a student keeps its teacher's k), the base, and a
     student's own sampling rule (Euler with its k steps)."""
+    from pipeline.sample.source import SOLVER_TAG, STEPS_TAG
+    from pipeline.train.objective import Objective
+
     tags = {
         K_TAG: str(base.k if _distilling(cfg) else base.k + 1),
         "fmpipe.reflow.base": base.uri,
         "fmpipe.reflow.base_version": base.version or "",
     }
-    if _distilling(cfg):
-        t = cfg.train
+    rule = Objective.from_config(cfg.train).sampling_rule()
+    if rule is not None:  # a student
         tags |= {
-            "fmpipe.distill.steps": str(t.distill_steps),
-            "fmpipe.distill.loss": t.distill_loss,
-            "fmpipe.sample.solver": "euler",
-            "fmpipe.sample.steps": str(t.distill_steps),
+            "fmpipe.distill.steps": str(cfg.train.distill_steps),
+            "fmpipe.distill.loss": cfg.train.distill_loss,
+            SOLVER_TAG: rule[0],
+            STEPS_TAG: str(rule[1]),
         }
     return tags
 

@@ -25,6 +25,7 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.eval.extract import FeatureSet, NetworkSpec, _built, _Collector, _run_network
 from pipeline.eval.scores import Scores, score
+from pipeline.train.objective import Objective
 
 __all__ = ["QualityProbe"]
 
@@ -63,9 +64,8 @@ class QualityProbe:
         key, _ = network_identity(network)
         reference = reference_features(cfg, network, key, say=say)
         e = cfg.eval
-        solver, steps = e.solver, e.steps
-        if cfg.train.objective == "distill":  # scored where it is meant to be used
-            solver, steps = "euler", cfg.train.distill_steps
+        # a student is scored where it is meant to be used: its own K steps
+        solver, steps = Objective.from_config(cfg.train).sampling_rule() or (e.solver, e.steps)
         return cls(
             network=network,
             reference=reference.features.to_bytes(),

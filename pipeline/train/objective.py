@@ -40,6 +40,11 @@ class Objective:
         """The times the network is trained at, (B,): ``t`` itself, or on the K-step grid."""
         return grid_times(t, self.distill_steps) if self.name == "distill" else t
 
+    def sampling_rule(self) -> tuple[str, int] | None:
+        """``(solver, steps)`` a model trained on this objective is meant to be sampled with:
+        a K-step student's ``("euler", K)`` (the grid it lands from), None for CFM (any)."""
+        return ("euler", self.distill_steps) if self.name == "distill" else None
+
     def per_sample(self, velocity: Tensor, x_0: Tensor, x_1: Tensor, t: Tensor) -> Tensor:
         """Per-sample loss (B,) of ``velocity = v(x_t, t)`` (B, ...) at ``t`` from :meth:`times`."""
         if self.name == "distill":
