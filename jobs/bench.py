@@ -200,6 +200,11 @@ def _reflow_parser(sub: argparse._SubParsersAction) -> None:
         "paths are straight, so fewer steps give nearly the same map for a fraction of the "
         "sampling)",
     )  # fmt: skip
+    rf.add_argument(
+        "--eval-seeds", type=int, nargs="+", metavar="S", help="run the sweep at each of these "
+        "eval seeds and judge the seeds' mean figures (default eval.seed alone; at a few "
+        "thousand samples one seed's FD is noisy)",
+    )  # fmt: skip
     add_config_arguments(rf)
 
 
@@ -334,7 +339,8 @@ def _run_reflow(args: argparse.Namespace) -> int:
     run_reflow_benchmark(cfg, steps=tuple(args.steps), speed_samples=args.speed_samples,
                          distill_steps=args.distill, distill_images=args.distill_images,
                          distill_pair_steps=args.distill_pair_steps,
-                         distill_from=args.distill_from)  # fmt: skip
+                         distill_from=args.distill_from,
+                         eval_seeds=tuple(args.eval_seeds or ()))  # fmt: skip
     return 0
 
 

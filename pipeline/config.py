@@ -59,6 +59,9 @@ NoiseDtype = Annotated[str, _implemented("noise dtypes", "pipeline.data.coupling
 DistillLoss = Annotated[
     str, _implemented("distillation losses", "pipeline.flow.distill", "DISTILL_LOSSES")
 ]
+DistillStates = Annotated[
+    str, _implemented("distillation states", "pipeline.flow.distill", "DISTILL_STATES")
+]
 TimeSamplerName = Annotated[
     str, _implemented("time samplers", "pipeline.flow.time_samplers", "TIME_SAMPLERS")
 ]
@@ -174,6 +177,10 @@ class TrainConfig(Section):
     objective: Literal["cfm", "distill"] = "cfm"
     distill_steps: int = Field(1, ge=1, le=16)  # k of a k-step student
     distill_loss: DistillLoss = "pseudo_huber"  # l2 | pseudo_huber (no network to download)
+    # where a student's jumps start in training: pair_path (on the straight pair path),
+    # rollout (its own Euler states from x_0: what its sampler meets) or unrolled (the whole
+    # K-step sampler, gradient through every jump: its final miss; flow/distill.py)
+    distill_states: DistillStates = "pair_path"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the network
     num_workers: int = Field(1, ge=1)  # Ray Train workers

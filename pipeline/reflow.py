@@ -186,6 +186,7 @@ def _lineage(cfg: Config, base: _Base) -> dict[str, str]:
         tags |= {
             "fmpipe.distill.steps": str(cfg.train.distill_steps),
             "fmpipe.distill.loss": cfg.train.distill_loss,
+            "fmpipe.distill.states": cfg.train.distill_states,
             SOLVER_TAG: rule[0],
             STEPS_TAG: str(rule[1]),
         }

@@ -15,11 +15,11 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.toy import toy_sampler
-from pipeline.flow import CondOTPath, ODESolution, build_time_sampler, cfm_loss, solve_ode
-from pipeline.flow.distill import distill_loss_per_sample, grid_times
+from pipeline.flow import ODESolution, build_time_sampler, solve_ode
 from pipeline.flow.solvers import effective_steps
 from pipeline.models import build_model
 from pipeline.optim import lr_factor
+from pipeline.train.objective import Objective
 
 
 @dataclass
@@ -38,6 +38,7 @@ def train_toy(
     init: torch.nn.Module | None = None,
     distill_steps: int = 0,
     distill_loss: str = "l2",
+    distill_states: str = "pair_path",
 ) -> ToyTrainResult:
     """Minimise the CFM loss for ``cfg.train.total_images`` points.
 
@@ -46,7 +47,7 @@ def train_toy(
     seeded generator), the pairing never redrawn (:mod:`pipeline.flow.reflow`). ``init``:
     start from that model's weights (reflow starts from the base flow) instead of fresh ones.
     ``distill_steps`` k > 0 (with ``pairs``): train a k-step student instead, at the grid
-    times with ``distill_loss`` (:mod:`pipeline.flow.distill`).
+    times with ``distill_loss`` from ``distill_states`` (:mod:`pipeline.flow.distill`).
     """
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -67,7 +68,11 @@ def train_toy(
         betas=cfg.train.adam_betas,
         weight_decay=cfg.train.weight_decay,
     )
-    path = CondOTPath()
+    objective = (
+        Objective("distill", distill_steps, distill_loss, distill_states)
+        if distill_steps
+        else Objective()
+    )
     time_sampler = build_time_sampler(
         cfg.flow.time_sampler, cfg.flow.logit_normal_mean, cfg.flow.logit_normal_std
     )
@@ -88,15 +93,9 @@ def train_toy(
         else:
             rows = torch.randint(len(pairs[0]), (batch,), generator=generator)
             x_0, x_1 = pairs[0][rows], pairs[1][rows]
-        t = time_sampler.sample(batch, generator=generator)
-        if distill_steps:
-            t = grid_times(t, distill_steps)
-        sample = path.sample(x_0=x_0, x_1=x_1, t=t)
-        velocity = model(sample.x_t, sample.t)
-        if distill_steps:
-            loss = distill_loss_per_sample(velocity, x_0, x_1, t, distill_loss).mean()
-        else:
-            loss = cfm_loss(velocity, x_0, x_1)
+        t = objective.times(time_sampler.sample(batch, generator=generator))
+        x_t = objective.states(x_0, x_1, t, lambda x, s, _rows: model(x, s))
+        loss = objective.per_sample(model(x_t, t), x_0, x_1, x_t, t).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:

@@ -125,6 +125,43 @@ def test_reflow_bench_matches_quality_at_the_fewest_nfe_and_times_only_those():
     assert "ratio 2-RF / base at equal quality: 16.00x (goal >= 8x)" in text
 
 
+def test_reflow_bench_judges_the_mean_of_several_eval_seeds():
+    """--eval-seeds: the verdict is on each point's mean over the seeds' sweeps (here seed 0
+    alone would say the student reaches the base at 4 NFE, seed 1 that it misses; their
+    mean misses by 2 %); sweeps of other points are refused."""
+    from pipeline.bench.reflow import Curve, matched_quality, mean_over_seeds
+    from pipeline.eval.job import SweepPoint
+    from pipeline.eval.scores import ClassScore, Scores
+
+    def sweep(fds: dict[str, dict[int, float]], recall: float) -> list[SweepPoint]:
+        def scores(fd: float) -> Scores:
+            return Scores("classifier", fd, 1e-3, 2e-3, 0.5, recall, 9, 9, 9, 9, 0.9, 0.8,
+                          {0: ClassScore(1.0, 9)})  # fmt: skip
+
+        return [SweepPoint("euler", k, float(k), scores(fd), model)
+                for model, by_steps in fds.items() for k, fd in by_steps.items()]  # fmt: skip
+
+    seed_0 = sweep({"base": {4: 0.36, 32: 0.117}, "student-4": {4: 0.115, 32: 0.16}}, 0.9)
+    seed_1 = sweep({"base": {4: 0.31, 32: 0.075}, "student-4": {4: 0.081, 32: 0.12}}, 0.7)
+    mean = mean_over_seeds([seed_0, seed_1])
+    assert [(p.model, p.steps) for p in mean] == [(p.model, p.steps) for p in seed_0]
+    assert [round(p.scores.fd, 6) for p in mean] == [0.335, 0.096, 0.098, 0.14]
+    assert mean[0].scores.recall == pytest.approx(0.8) and mean[0].scores.per_class == {}
+    assert mean[0].scores.accuracy == pytest.approx(0.9)
+
+    def verdict(points: list[SweepPoint]) -> float | None:
+        curves = [Curve(m, f"models:/{m}/1", [p for p in points if p.model == m])
+                  for m in ("base", "student-4")]  # fmt: skip
+        return matched_quality(curves, lambda c, nfe: 100.0 / nfe, "2-RF", lambda _: None)[
+            "student-4_nfe"
+        ]
+
+    assert verdict(seed_0) == 4 and verdict(seed_1) is None
+    assert verdict(mean) is None  # 0.098 > 0.096: misses on the mean
+    with pytest.raises(ValueError, match="same models and steps"):
+        mean_over_seeds([seed_0, seed_1[:3]])
+
+
 def test_scoped_environ_sets_then_restores_exactly(monkeypatch: pytest.MonkeyPatch):
     import os
 

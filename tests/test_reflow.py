@@ -9,7 +9,12 @@ from jobs._common import packaged_defaults
 from pipeline.config import build_config
 from pipeline.data.toy import toy_sampler
 from pipeline.eval.metrics import sliced_wasserstein2
-from pipeline.flow.distill import distill_loss_per_sample, grid_times, pseudo_huber_c
+from pipeline.flow.distill import (
+    distill_loss_per_sample,
+    grid_times,
+    pseudo_huber_c,
+    rollout_states,
+)
 from pipeline.flow.reflow import couple_by_flow, straightness
 from pipeline.toy2d import reflow_toy, sample_toy, train_toy
 
@@ -86,17 +91,90 @@ def test_a_one_step_student_distilled_from_the_reflowed_pairs_lands_on_the_targe
         train_toy(_toy_cfg(1000, 1e-3), log=lambda _: None, distill_steps=1)
 
 
+def test_rollout_states_are_the_students_own_euler_states_up_to_each_rows_time():
+    """distill_states=rollout: row i starts its jump from where s_i K Euler jumps of the
+    student took x_0[i]; each jump is asked only of the rows not yet at their time, with
+    their row indices (so a caller picks their labels); the landing from such a state is
+    scored against x_1 as from any other."""
+    gen = torch.Generator().manual_seed(0)
+    x_0 = torch.randn(5, 3, generator=gen)
+    s = torch.tensor([0.0, 0.25, 0.5, 0.75, 0.5])
+    label = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0])
+    asked: list[list[int]] = []
+
+    def velocity(x, t, rows):
+        asked.append(rows.tolist())
+        return -x + t[:, None] + label[rows][:, None]
+
+    got = rollout_states(velocity, x_0, s, steps=4)
+    for i in range(5):  # plain Euler, one row at a time
+        x = x_0[i].clone()
+        for j in range(round(float(s[i]) * 4)):
+            x = x + (-x + j / 4 + label[i]) / 4
+        assert torch.allclose(got[i], x, atol=1e-6), i
+    assert asked == [[1, 2, 3, 4], [2, 3, 4], [3]]
+    assert torch.equal(got[0], x_0[0])  # s = 0: the noise itself
+    # a velocity that lands on x_1 from the rollout state scores zero
+    x_1 = torch.randn(5, 3, generator=gen)
+    exact = (x_1 - got) / (1 - s)[:, None]
+    assert distill_loss_per_sample(exact, got, x_1, s, "l2").abs().max() < 1e-10
+
+
+def test_an_unrolled_student_is_trained_on_its_whole_samplers_final_miss():
+    """distill_states=unrolled: every row at the last grid time, from the student's own
+    earlier jumps with the gradient through them: the loss and its gradient are those of the
+    K-step Euler sampler's output against x_1; rollout gives the same loss but no gradient
+    through the earlier jumps."""
+    from pipeline.train.objective import Objective, velocity_on_rows
+
+    class Field(torch.nn.Module):  # v(x, t) = W x + t b
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.eye(3) + 0.3)
+            self.b = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x, t, label):
+            return x @ self.w + t[:, None] * self.b
+
+    gen = torch.Generator().manual_seed(2)
+    x_0, x_1 = torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
+
+    def gradient(states: str) -> tuple[float, torch.Tensor]:
+        net = Field()
+        objective = Objective("distill", 3, "l2", states)
+        t = torch.full((6,), 2 / 3)  # rollout's rows, too, at the last grid time
+        assert states == "rollout" or torch.equal(objective.times(torch.rand(6)), t)
+        x_t = objective.states(x_0, x_1, t, velocity_on_rows(net, None))
+        loss = objective.per_sample(net(x_t, t, None), x_0, x_1, x_t, t).mean()
+        loss.backward()
+        return loss.item(), net.w.grad
+
+    net = Field()
+    x = x_0
+    for j in range(3):  # the sampler itself, differentiated end to end
+        x = x + net(x, torch.full((6,), j / 3), None) / 3
+    expected = (x - x_1).square().mean(dim=1).mean()
+    expected.backward()
+    loss, grad = gradient("unrolled")
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(grad, net.w.grad, atol=1e-6)
+    loss_rollout, grad_rollout = gradient("rollout")
+    assert loss_rollout == pytest.approx(loss, rel=1e-6)
+    assert not torch.allclose(grad_rollout, net.w.grad, atol=1e-3)  # its last jump's only
+
+
 def test_distillation_loss_lands_on_x_1_at_grid_times():
     x_0, x_1 = torch.zeros(2, 3), torch.ones(2, 3)
     s = grid_times(torch.tensor([0.3, 0.7]), 2)
     assert s.tolist() == [0.0, 0.5]
+    x_s = s[:, None] * x_1 + (1 - s[:, None]) * x_0  # on the pair path
     exact = x_1 - x_0  # the straight velocity lands exactly
     for loss in ("l2", "pseudo_huber"):
-        assert distill_loss_per_sample(exact, x_0, x_1, s, loss).abs().max() < 1e-7
+        assert distill_loss_per_sample(exact, x_s, x_1, s, loss).abs().max() < 1e-7
     off = exact + 1.0  # misses by (1 - s) per element
-    assert distill_loss_per_sample(off, x_0, x_1, s, "l2").tolist() == pytest.approx([1.0, 0.25])
+    assert distill_loss_per_sample(off, x_s, x_1, s, "l2").tolist() == pytest.approx([1.0, 0.25])
     c = pseudo_huber_c(3)
     expected = [(3 * m**2 + c * c) ** 0.5 - c for m in (1.0, 0.5)]
-    got = distill_loss_per_sample(off, x_0, x_1, s, "pseudo_huber").tolist()
+    got = distill_loss_per_sample(off, x_s, x_1, s, "pseudo_huber").tolist()
     assert got == pytest.approx(expected)
     assert grid_times(torch.tensor([1.0]), 4).item() == 0.75  # t = 1 stays on the grid

@@ -201,6 +201,7 @@ def test_fmpipe_reflow_samples_pairs_trains_registers_and_reuses_its_pairs(
     assert student.train.run_name == f"distill-reflowed-e2e-v{again.version}-1step-p{pairs}"
     tags = _lineage(cfg, again)
     assert tags["fmpipe.reflow.k"] == "1" and tags["fmpipe.distill.steps"] == "1"
+    assert tags["fmpipe.distill.states"] == "pair_path"  # where its jumps were trained from
     assert (tags["fmpipe.sample.solver"], tags["fmpipe.sample.steps"]) == ("euler", "1")
 
     # a version that records its sampling rule hands it to fmpipe sample; others do not

@@ -227,7 +227,8 @@ def test_a_students_validation_loss_is_its_landing_distance_at_its_grid_times():
         return ValSet(val.x_1[rows], val.x_0[rows], t[rows], val.label[rows], [])
 
     one_step = validation_loss(net, val, objective=Objective("distill", 1, "l2"), batch_size=16)
-    assert one_step == pytest.approx(validation_loss(net, at(torch.zeros(40))), rel=1e-6)
+    # equal up to float32 rounding: x_0 + v - x_1 against v - (x_1 - x_0)
+    assert one_step == pytest.approx(validation_loss(net, at(torch.zeros(40))), rel=1e-5)
     assert one_step != pytest.approx(validation_loss(net, val), rel=1e-3)  # not CFM at t
 
     late = val.t >= 0.5  # K = 2: these rows at s = 1/2, the others at s = 0
@@ -237,6 +238,13 @@ def test_a_students_validation_loss_is_its_landing_distance_at_its_grid_times():
     two_step = validation_loss(net, val, objective=Objective("distill", 2, "l2"), batch_size=16)
     assert 0 < late.sum() < 40
     assert two_step == pytest.approx((early_sum + late_sum) / 40, rel=1e-5)
+    # rollout: the same at s = 0 (no jump before it); the late rows from the first jump
+    rollout = Objective("distill", 2, "l2", "rollout")
+    assert validation_loss(net, val, objective=Objective("distill", 1, "l2", "rollout"),
+                           batch_size=16) == pytest.approx(one_step, rel=1e-5)  # fmt: skip
+    assert validation_loss(net, val, objective=rollout, batch_size=16) != pytest.approx(
+        two_step, rel=1e-3
+    )
 
 
 def test_sample_grid_has_one_row_per_class_and_fixed_noise():
@@ -434,7 +442,8 @@ def test_transient_worker_errors_back_off_and_are_reported(monkeypatch):
 
 def test_the_distillation_objective_trains_on_the_k_step_grid_with_its_landing_loss():
     """train.objective=distill: the step's loss is the landing loss at the row's t rounded
-    down to the k-step grid, computed on the weights before the step; cfm is the plain loss.
+    down to the k-step grid, computed on the weights before the step, from the pair path or
+    (distill_states=rollout) from the student's own first jump; cfm is the plain loss.
     Distillation without data.pairs is refused before any worker."""
     import copy
 
@@ -454,24 +463,33 @@ def test_the_distillation_objective_trains_on_the_k_step_grid_with_its_landing_l
         "label": torch.full((8,), -1, dtype=torch.long),
     }
     group = WorkerGroup(torch.device("cpu"), rank=0, world_size=1)
-    for objective in ("cfm", "distill"):
+    for objective, states in (("cfm", "pair_path"), ("distill", "pair_path"),
+                              ("distill", "rollout"), ("distill", "unrolled")):  # fmt: skip
         cfg = build_config(
             {"data": {"resolution": 8, "channels": 1, "batch_size": 8}, "model": TINY_UNET,
              "train": {"objective": objective, "distill_steps": 2, "distill_loss": "l2",
-                       "total_images": 8}}
+                       "distill_states": states, "total_images": 8}}
         )  # fmt: skip
         parts = build_parts(cfg, RunContext(data_shape=(1, 8, 8)), group)
         before = copy.deepcopy(parts.model).eval()
         outcome, _ = CFMStep(cfg, parts, group, 8)(iter([batch]))
         x_0, x_1 = batch["x_0"], batch["x_1"]
         t = grid_times(batch["t"], 2) if objective == "distill" else batch["t"]
+        if states == "unrolled":  # every row at the last grid time, after its first jump
+            t = torch.full((8,), 0.5)
+        x_t = CondOTPath().sample(x_0=x_0, x_1=x_1, t=t).x_t
         with torch.no_grad():
-            v = before(CondOTPath().sample(x_0=x_0, x_1=x_1, t=t).x_t, t, None)
+            if states != "pair_path":  # rows at s = 1/2 start where the first jump landed
+                first = x_0 + 0.5 * before(x_0, torch.zeros(8), None)
+                x_t = torch.where((t == 0.5)[:, None, None, None], first, x_0)
+            v = before(x_t, t, None)
         if objective == "distill":
-            expected = distill_loss_per_sample(v, x_0, x_1, t, "l2").sum()
+            expected = distill_loss_per_sample(v, x_t, x_1, t, "l2").sum()
         else:
             expected = cfm_loss_per_sample(v, x_0, x_1).sum()
-        assert float(outcome.loss_sum) == pytest.approx(float(expected), rel=1e-4), objective
+        assert float(outcome.loss_sum) == pytest.approx(float(expected), rel=1e-4), states
+        if states == "rollout":
+            assert 0 < int((t == 0.5).sum()) < 8  # both grid times were in the batch
     with pytest.raises(ConfigError, match=r"train\.objective=distill .* set data\.pairs"):
         train(build_config({"train": {"objective": "distill"}}), print_fn=None, track=False)
 

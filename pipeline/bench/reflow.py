@@ -11,7 +11,10 @@ samples/s each needs for the base's best quality.
 3. The base, the reflowed model and the student through ``fmpipe eval``'s sweep of several
    models (Euler at each of ``--steps``, ``eval.num_samples`` samples at ``eval.seed``, one
    reference): FD in the dataset classifier's features, recall, conditional accuracy; one
-   plot with the three curves, in one MLflow run.
+   plot with the three curves, in one MLflow run. With several ``eval_seeds`` the sweep runs
+   at each (one MLflow run each) and the figures below are the seeds' means: at a few
+   thousand samples one model's FD moves by tens of per cent between seeds, more than the
+   differences the verdict is about.
 4. Matched quality: the target is the base's FD at its largest step count; each model's
    fewest NFE whose FD is at most that target.
 5. Samples/s at those NFE, measured side by side in this process with the sampler's own
@@ -30,7 +33,7 @@ import torch
 
 from pipeline.config import Config
 
-__all__ = ["Curve", "matched_quality", "run_reflow_benchmark"]
+__all__ = ["Curve", "matched_quality", "mean_over_seeds", "run_reflow_benchmark"]
 
 
 @dataclass
@@ -43,6 +46,22 @@ class Curve:
         """The smallest NFE whose FD reaches ``target_fd``, or None."""
         hits = [p.nfe for p in self.points if p.scores.fd <= target_fd]
         return min(hits) if hits else None
+
+
+def mean_over_seeds(sweeps: list[list]) -> list:
+    """One sweep (``SweepPoint`` list) whose scores are the means of ``sweeps``, the same
+    models and steps evaluated at several seeds (:func:`pipeline.eval.scores.mean_scores`)."""
+    from dataclasses import replace
+
+    from pipeline.eval.scores import mean_scores
+
+    keys = [[(p.model, p.solver, p.steps) for p in sweep] for sweep in sweeps]
+    if not keys or any(k != keys[0] for k in keys):
+        raise ValueError("the sweeps to average must hold the same models and steps")
+    return [
+        replace(points[0], scores=mean_scores([p.scores for p in points]))
+        for points in zip(*sweeps, strict=True)
+    ]
 
 
 def _samples_per_second(cfg: Config, model: str, steps: int, num_samples: int) -> float:
@@ -78,11 +97,13 @@ def run_reflow_benchmark(
     distill_images: int | None = None,
     distill_pair_steps: int | None = None,
     distill_from: str = "reflowed",
+    eval_seeds: tuple[int, ...] = (),
     log: Callable[[str], None] = print,
 ) -> dict[str, float | None]:
     """Run the benchmark (module doc) on ``cfg.reflow.base``; prints the tables and returns
     the figures (``speedup``: the reflowed model's samples/s at its matched NFE over the
-    base's; ``student_speedup`` the student's; None where a model misses the target)."""
+    base's; ``student_speedup`` the student's; None where a model misses the target).
+    ``eval_seeds``: the sweep's seeds (default ``eval.seed`` alone)."""
     if distill_from not in ("reflowed", "base"):
         raise ValueError(f"distill_from={distill_from!r}: 'reflowed' or 'base'")
     if distill_from == "base" and distill_pair_steps:
@@ -126,12 +147,20 @@ def run_reflow_benchmark(
 
     sweep = cfg.model_copy(deep=True)
     sweep.eval.sweep_solvers, sweep.eval.sweep_steps = ["euler"], list(steps)
-    done = evaluate(sweep, model=list(models.values()), names=list(models), sweep=True, say=log)
-    log(f"\n{sweep_table(done.sweep)}")
-    log(f"plot: {done.plot_path}" + (f" (MLflow run {done.run_id})" if done.run_id else ""))
+    seeds = tuple(eval_seeds) or (cfg.eval.seed,)
+    sweeps = []
+    for seed in seeds:
+        sweep.eval.seed = seed
+        done = evaluate(sweep, model=list(models.values()), names=list(models), sweep=True,
+                        say=log)  # fmt: skip
+        log(f"\neval seed {seed}:\n{sweep_table(done.sweep)}")
+        log(f"plot: {done.plot_path}" + (f" (MLflow run {done.run_id})" if done.run_id else ""))
+        sweeps.append(done.sweep)
+    points = mean_over_seeds(sweeps)
+    if len(seeds) > 1:
+        log(f"\nmean over eval seeds {', '.join(map(str, seeds))}:\n{sweep_table(points)}")
     curves = [
-        Curve(name, model, [p for p in done.sweep if p.model == name])
-        for name, model in models.items()
+        Curve(name, model, [p for p in points if p.model == name]) for name, model in models.items()
     ]
 
     def rate(curve: Curve, nfe: int) -> float:

@@ -7,14 +7,15 @@ side by side.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from pipeline.eval.extract import FeatureSet
 from pipeline.eval.frechet import frechet_distance, kid, precision_recall
 
-__all__ = ["ClassScore", "Scores", "score"]
+__all__ = ["ClassScore", "Scores", "mean_scores", "score"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,28 @@ class Scores:
                 f"  cond. accuracy     {self.accuracy:10.4f}  confidence {self.confidence:.4f}"
             )
         return "\n".join(lines)
+
+
+def mean_scores(runs: Sequence[Scores]) -> Scores:
+    """The figures of one model averaged over evaluations at several seeds (same network,
+    same counts): FD, KID, its std, precision, recall, accuracy and confidence are the
+    seeds' means; ``per_class`` is dropped (a mean over seeds is not a count of samples)."""
+    if not runs:
+        raise ValueError("mean_scores needs at least one Scores")
+    networks = {r.network for r in runs}
+    if len(networks) > 1:
+        raise ValueError(f"cannot average scores of different networks: {sorted(networks)}")
+
+    def mean(name: str) -> float | None:
+        values = [getattr(r, name) for r in runs]
+        return None if None in values else float(np.mean(values))
+
+    return replace(
+        runs[0],
+        fd=mean("fd"), kid=mean("kid"), kid_std=mean("kid_std"), precision=mean("precision"),
+        recall=mean("recall"), accuracy=mean("accuracy"), confidence=mean("confidence"),
+        per_class={},
+    )  # fmt: skip
 
 
 def _per_class(labels: np.ndarray, predicted: np.ndarray) -> dict[int, ClassScore]:

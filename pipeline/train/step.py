@@ -32,10 +32,9 @@ from torch import Tensor
 
 from pipeline.config import Config
 from pipeline.data.coupling import sample_seed
-from pipeline.flow import CondOTPath
 from pipeline.optim import lr_factor
 from pipeline.train.dist import WorkerGroup
-from pipeline.train.objective import Objective
+from pipeline.train.objective import Objective, velocity_on_rows
 from pipeline.train.setup import TrainingParts, autocast
 from pipeline.train.validate import model_labels
 
@@ -61,7 +60,6 @@ class CFMStep:
 
     def __init__(self, cfg: Config, parts: TrainingParts, group: WorkerGroup, micro: int):
         self.cfg, self.parts, self.group, self.micro = cfg, parts, group, micro
-        self.path = CondOTPath()
         self.params = [p for p in parts.net.parameters() if p.requires_grad]
         self.chunk = cfg.data.batch_size // cfg.train.grad_accum  # global rows per micro-batch
         self.objective = Objective.from_config(cfg.train)  # CFM, or a student's landing loss
@@ -132,10 +130,11 @@ class CFMStep:
             last = j == accum - 1
             sync = parts.ddp.no_sync() if parts.ddp is not None and not last else None
             with sync or contextlib.nullcontext():
-                sample = self.path.sample(x_0=x_0, x_1=x_1, t=t)
                 with autocast(cfg.train.precision, device):
-                    velocity = parts.model(sample.x_t, t, label)
-                per_sample = self.objective.per_sample(velocity.float(), x_0, x_1, t)
+                    # a rollout student's states come from the bare network (no DDP hooks)
+                    x_t = self.objective.states(x_0, x_1, t, velocity_on_rows(parts.net, label))
+                    velocity = parts.model(x_t, t, label)
+                per_sample = self.objective.per_sample(velocity.float(), x_0, x_1, x_t, t)
                 # DDP averages gradients over ranks: scale by world / n_step so the step's
                 # gradient is the mean over the n_step counted rows of the global batch.
                 loss = (per_sample * used).sum() * (world / n_step)

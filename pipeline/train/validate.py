@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.flow import CondOTPath
 from pipeline.train.data import ValSet
-from pipeline.train.objective import Objective
+from pipeline.train.objective import Objective, velocity_on_rows
 
 __all__ = ["constant_predictor_loss", "model_labels", "validation_loss"]
 
@@ -50,7 +49,6 @@ def validation_loss(
     was_training = model.training
     model.eval()
     num_classes = int(getattr(model, "num_classes", 0))
-    path = CondOTPath()
     total = torch.zeros((), dtype=torch.float64)
     try:
         for lo in range(0, len(val), batch_size):
@@ -58,9 +56,9 @@ def validation_loss(
             x_0 = val.x_0[lo : lo + batch_size].to(device)
             t = objective.times(val.t[lo : lo + batch_size].to(device))
             label = model_labels(val.label[lo : lo + batch_size].to(device), num_classes)
-            sample = path.sample(x_0=x_0, x_1=x_1, t=t)
-            velocity = model(sample.x_t, t, label).float()
-            total += objective.per_sample(velocity, x_0, x_1, t).double().sum().cpu()
+            x_t = objective.states(x_0, x_1, t, velocity_on_rows(model, label))
+            velocity = model(x_t, t, label).float()
+            total += objective.per_sample(velocity, x_0, x_1, x_t, t).double().sum().cpu()
     finally:
         model.train(was_training)
     return float(total / len(val))
