@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--distill", type=int, metavar="K", help="train a K-step student on the pairs instead "
-        "(train.objective=distill, train.distill_steps=K; loss: train.distill_loss)",
+        "(train.objective=distill, train.distill_steps=K; loss: train.distill_loss; where its "
+        "jumps start in training: train.distill_states)",
     )  # fmt: skip
     parser.add_argument("--run-name", metavar="NAME", help="the training run (train.run_name)")
     parser.add_argument("--storage", metavar="URI", help="runs and pairs (train.storage_path)")

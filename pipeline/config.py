@@ -179,8 +179,9 @@ class TrainConfig(Section):
     distill_loss: DistillLoss = "pseudo_huber"  # l2 | pseudo_huber (no network to download)
     # where a student's jumps start in training: pair_path (on the straight pair path),
     # rollout (its own Euler states from x_0: what its sampler meets) or unrolled (the whole
-    # K-step sampler, gradient through every jump: its final miss; flow/distill.py)
-    distill_states: DistillStates = "pair_path"
+    # K-step sampler, gradient through every jump: its final miss, K passes per image; the
+    # best measured on the digits, docs/benchmarks.md; flow/distill.py)
+    distill_states: DistillStates = "unrolled"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the network
     num_workers: int = Field(1, ge=1)  # Ray Train workers

@@ -155,11 +155,20 @@ def _train_config(cfg: Config, base: _Base, pairs_uri: str, own: Config | None =
         tcfg.train.run_name = (
             f"{_kind(cfg)}-{stem}-"
             + (f"{cfg.train.distill_steps}step" if _distilling(cfg) else f"k{base.k + 1}")
+            + "".join(f"-{setting}" for setting in _student_variant(cfg))
             + f"-p{pairs}"
         )
     if not tcfg.train.registered_model_name.strip() and base.name:
         tcfg.train.registered_model_name = base.name
     return tcfg
+
+
+def _student_variant(cfg: Config) -> list[str]:
+    """A student's loss and states, which its run name says: another choice on the same
+    pairs is a run of its own, not one to resume (nor one a resume would refuse)."""
+    if not _distilling(cfg):
+        return []
+    return [cfg.train.distill_loss, cfg.train.distill_states]
 
 
 def _distilling(cfg: Config) -> bool:

@@ -38,7 +38,7 @@ def train_toy(
     init: torch.nn.Module | None = None,
     distill_steps: int = 0,
     distill_loss: str = "l2",
-    distill_states: str = "pair_path",
+    distill_states: str | None = None,
 ) -> ToyTrainResult:
     """Minimise the CFM loss for ``cfg.train.total_images`` points.
 
@@ -47,7 +47,8 @@ def train_toy(
     seeded generator), the pairing never redrawn (:mod:`pipeline.flow.reflow`). ``init``:
     start from that model's weights (reflow starts from the base flow) instead of fresh ones.
     ``distill_steps`` k > 0 (with ``pairs``): train a k-step student instead, at the grid
-    times with ``distill_loss`` from ``distill_states`` (:mod:`pipeline.flow.distill`).
+    times with ``distill_loss`` from ``distill_states`` (default ``train.distill_states``;
+    :mod:`pipeline.flow.distill`).
     """
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -69,7 +70,9 @@ def train_toy(
         weight_decay=cfg.train.weight_decay,
     )
     objective = (
-        Objective("distill", distill_steps, distill_loss, distill_states)
+        Objective(
+            "distill", distill_steps, distill_loss, distill_states or cfg.train.distill_states
+        )
         if distill_steps
         else Objective()
     )

@@ -198,10 +198,20 @@ def test_fmpipe_reflow_samples_pairs_trains_registers_and_reuses_its_pairs(
     # a 1-step student of it keeps k=1 and says how it is meant to be sampled
     cfg.train.objective, cfg.train.distill_steps = "distill", 1
     student = _train_config(cfg, again, result.pairs_uri)
-    assert student.train.run_name == f"distill-reflowed-e2e-v{again.version}-1step-p{pairs}"
+    assert student.train.run_name == (
+        f"distill-reflowed-e2e-v{again.version}-1step-pseudo_huber-unrolled-p{pairs}"
+    )
     tags = _lineage(cfg, again)
     assert tags["fmpipe.reflow.k"] == "1" and tags["fmpipe.distill.steps"] == "1"
-    assert tags["fmpipe.distill.states"] == "pair_path"  # where its jumps were trained from
+    assert tags["fmpipe.distill.states"] == "unrolled"  # where its jumps were trained from
+    # another loss or states on the same pairs: a run of its own, named for them
+    cfg.train.distill_states = "rollout"
+    variant = _train_config(cfg, again, result.pairs_uri)
+    assert variant.train.run_name == (
+        f"distill-reflowed-e2e-v{again.version}-1step-pseudo_huber-rollout-p{pairs}"
+    )
+    assert _lineage(cfg, again)["fmpipe.distill.states"] == "rollout"
+    cfg.train.distill_states = "unrolled"
     assert (tags["fmpipe.sample.solver"], tags["fmpipe.sample.steps"]) == ("euler", "1")
 
     # a version that records its sampling rule hands it to fmpipe sample; others do not

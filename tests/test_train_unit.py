@@ -226,7 +226,8 @@ def test_a_students_validation_loss_is_its_landing_distance_at_its_grid_times():
         rows = torch.ones(len(val), dtype=torch.bool) if rows is None else rows
         return ValSet(val.x_1[rows], val.x_0[rows], t[rows], val.label[rows], [])
 
-    one_step = validation_loss(net, val, objective=Objective("distill", 1, "l2"), batch_size=16)
+    one_step = validation_loss(net, val, objective=Objective("distill", 1, "l2", "pair_path"),
+                               batch_size=16)  # fmt: skip
     # equal up to float32 rounding: x_0 + v - x_1 against v - (x_1 - x_0)
     assert one_step == pytest.approx(validation_loss(net, at(torch.zeros(40))), rel=1e-5)
     assert one_step != pytest.approx(validation_loss(net, val), rel=1e-3)  # not CFM at t
@@ -235,7 +236,8 @@ def test_a_students_validation_loss_is_its_landing_distance_at_its_grid_times():
     grid = torch.where(late, 0.5, 0.0)
     early_sum = validation_loss(net, at(grid, ~late)) * int((~late).sum())
     late_sum = 0.25 * validation_loss(net, at(grid, late)) * int(late.sum())
-    two_step = validation_loss(net, val, objective=Objective("distill", 2, "l2"), batch_size=16)
+    two_step = validation_loss(net, val, objective=Objective("distill", 2, "l2", "pair_path"),
+                               batch_size=16)  # fmt: skip
     assert 0 < late.sum() < 40
     assert two_step == pytest.approx((early_sum + late_sum) / 40, rel=1e-5)
     # rollout: the same at s = 0 (no jump before it); the late rows from the first jump
@@ -521,3 +523,11 @@ def test_a_run_is_not_resumed_on_other_data(tmp_path, monkeypatch):
         check_resumable(cfg(uri="s3://b/cats"), point)
     with pytest.raises(ConfigError, match=r"data\.pairs='s3://b/pairs' \(the run has ''\)"):
         check_resumable(cfg(pairs="s3://b/pairs"), point)
+    # nor under another objective: a finished run would be registered as trained on it
+    student = cfg()
+    student.train.objective = "distill"
+    with pytest.raises(ConfigError, match=r"train\.objective='distill' \(the run has 'cfm'\)"):
+        check_resumable(student, point)
+    changed = cfg()
+    changed.train.distill_states = "rollout"  # not a student: its distill_* do not count
+    check_resumable(changed, point)

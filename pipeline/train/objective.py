@@ -36,7 +36,7 @@ class Objective:
     name: str = "cfm"  # cfm | distill
     distill_steps: int = 1
     distill_loss: str = "pseudo_huber"
-    distill_states: str = "pair_path"
+    distill_states: str = "unrolled"  # as TrainConfig's
 
     @classmethod
     def from_config(cls, train: TrainConfig) -> Objective:

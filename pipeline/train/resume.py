@@ -176,13 +176,29 @@ def _checkpoint_config(point: ResumePoint) -> Config:
         ) from None
 
 
+def _objective_settings(cfg: Config) -> dict[str, object]:
+    """What the steps minimise, as settings: ``train.objective``, and a student's
+    ``distill_steps``, ``distill_loss`` and ``distill_states``."""
+    t = cfg.train
+    if t.objective != "distill":
+        return {"train.objective": t.objective}
+    return {
+        "train.objective": t.objective,
+        "train.distill_steps": t.distill_steps,
+        "train.distill_loss": t.distill_loss,
+        "train.distill_states": t.distill_states,
+    }
+
+
 def check_resumable(cfg: Config, point: ResumePoint) -> None:
     """Raise ConfigError (one line) when ``cfg`` cannot continue the run of ``point``.
 
     What must stay: the network (``model.*``), the image it takes (``data.resolution``,
-    ``data.channels``) and the data (``data.uri`` as :func:`~pipeline.home.data_uri` resolves
-    it, ``data.pairs``). Everything else (duration, learning rate, intervals, workers, ...)
-    may change between invocations of one run.
+    ``data.channels``), the data (``data.uri`` as :func:`~pipeline.home.data_uri` resolves
+    it, ``data.pairs``) and what the steps minimise (``train.objective`` and a student's
+    ``distill_*``: a finished run resumed under another objective would be registered as
+    trained on it). Everything else
+    (duration, learning rate, intervals, workers, ...) may change between invocations.
     """
     saved = _checkpoint_config(point)
     changed = [
@@ -206,6 +222,9 @@ def check_resumable(cfg: Config, point: ResumePoint) -> None:
     ):
         if mine.strip().rstrip("/") != theirs.strip().rstrip("/"):
             changed.append(f"{key}={mine!r} (the run has {theirs!r})")
+    mine, theirs = _objective_settings(cfg), _objective_settings(saved)
+    changed += [f"{key}={mine[key]!r} (the run has {theirs.get(key)!r})"
+                for key in mine if mine[key] != theirs.get(key)]  # fmt: skip
     if changed:
         raise ConfigError(
             f"cannot resume run '{cfg.train.run_name}' from {point.location.uri}: "
