@@ -2,11 +2,14 @@
 
 - ``cfm`` (flow matching): at the row's own ``t``,
   ``loss = mean_elements (v(x_t, t) - (x_1 - x_0))^2`` with ``x_t = t x_1 + (1 - t) x_0``.
-- ``distill`` (a K-step student, :mod:`pipeline.flow.distill`): ``t`` rounded down to the
-  grid ``{0, 1/K, ..., (K-1)/K}`` and ``loss = d(x_t + (1 - t) v(x_t, t), x_1)``, the
-  distance (``l2`` | ``pseudo_huber``) from where one jump lands to the coupled ``x_1``;
-  ``x_t`` on the straight pair path, or (``distill_states=rollout``) the student's own
-  Euler state after ``t K`` jumps from ``x_0``.
+- ``distill`` (a K-step student, :mod:`pipeline.flow.distill`): ``t`` on the grid
+  ``{0, 1/K, ..., (K-1)/K}`` and ``loss = d(x_t + (1 - t) v(x_t, t), x_1)``, the distance
+  (``l2`` | ``pseudo_huber``) from where one jump lands to the coupled ``x_1``. By
+  ``distill_states``: ``pair_path``, ``t`` rounded down to the grid and ``x_t`` on the
+  straight pair path; ``rollout``, the same ``t`` and ``x_t`` the student's own Euler state
+  after ``t K`` jumps from ``x_0`` (no gradient); ``unrolled``, every row at ``(K-1)/K``
+  after its own K - 1 jumps *with* the gradient, so the loss is the K-step sampler's final
+  miss.
 
 So a student's validation loss is its own held-out landing distance at its grid times, not
 the CFM loss at arbitrary ``t``: off-grid velocities are not what it is trained for, and
