@@ -49,6 +49,7 @@ __all__ = [
     "read_state",
     "rng_state",
     "save_checkpoint",
+    "saved_config",
     "set_rng_state",
 ]
 
@@ -184,13 +185,27 @@ def read_state(directory: str | os.PathLike[str]) -> TrainState:
     return TrainState.from_json(path.read_text(), str(d))
 
 
+def saved_config(tree: Mapping[str, Any]) -> Config:
+    """A checkpoint's ``config.yaml`` tree as a Config.
+
+    Saved trees are whole dumps, so a setting missing from a saved ``train`` section predates
+    it; where a later default would change what that run was, it reads as the value the run
+    had: ``train.distill_states`` (new default ``unrolled``) as ``pair_path``, so a student
+    saved before it is neither resumed nor tagged as an unrolled one.
+    """
+    train = tree.get("train")
+    if isinstance(train, Mapping) and "distill_states" not in train:
+        tree = {**tree, "train": {**train, "distill_states": "pair_path"}}
+    return build_config(dict(tree))
+
+
 def _read_config(d: Path) -> Config:
     path = d / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} is missing")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
-        return build_config(tree)
+        return saved_config(tree)
     except (yaml.YAMLError, ConfigError) as exc:
         raise CheckpointError(
             f"checkpoint {d}: {CONFIG_FILE} is not a valid config: {exc}"

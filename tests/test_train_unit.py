@@ -531,3 +531,15 @@ def test_a_run_is_not_resumed_on_other_data(tmp_path, monkeypatch):
     changed = cfg()
     changed.train.distill_states = "rollout"  # not a student: its distill_* do not count
     check_resumable(changed, point)
+    # a student saved before train.distill_states existed was a pair-path one
+    import yaml
+
+    saved = tmp_path / "run" / "checkpoint_000000000064" / "config.yaml"
+    tree = yaml.safe_load(saved.read_text())
+    tree["train"]["objective"] = "distill"
+    del tree["train"]["distill_states"]
+    saved.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"distill_states='unrolled' \(the run has 'pair_path'\)"):
+        check_resumable(student, point)
+    student.train.distill_states = "pair_path"
+    check_resumable(student, point)

@@ -39,8 +39,15 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import yaml
 
-from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, CheckpointError, TrainState
-from pipeline.config import Config, ConfigError, build_config
+from pipeline.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    TrainState,
+    saved_config,
+)
+from pipeline.config import Config, ConfigError
 from pipeline.home import data_uri
 from pipeline.storage import Location, read_whole
 
@@ -169,7 +176,7 @@ def _checkpoint_config(point: ResumePoint) -> Config:
     directory = point.location
     try:
         raw = read_whole(directory.filesystem, f"{directory.path}/{CONFIG_FILE}")
-        return build_config(yaml.safe_load(raw.decode()) or {})
+        return saved_config(yaml.safe_load(raw.decode()) or {})
     except (OSError, yaml.YAMLError, ConfigError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             f"checkpoint {directory.uri}: unreadable {CONFIG_FILE}: {exc}"
@@ -197,8 +204,8 @@ def check_resumable(cfg: Config, point: ResumePoint) -> None:
     ``data.channels``), the data (``data.uri`` as :func:`~pipeline.home.data_uri` resolves
     it, ``data.pairs``) and what the steps minimise (``train.objective`` and a student's
     ``distill_*``: a finished run resumed under another objective would be registered as
-    trained on it). Everything else
-    (duration, learning rate, intervals, workers, ...) may change between invocations.
+    trained on it). Everything else (duration, learning rate, intervals, workers, ...) may
+    change between invocations.
     """
     saved = _checkpoint_config(point)
     changed = [

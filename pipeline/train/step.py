@@ -131,7 +131,8 @@ class CFMStep:
             sync = parts.ddp.no_sync() if parts.ddp is not None and not last else None
             with sync or contextlib.nullcontext():
                 with autocast(cfg.train.precision, device):
-                    # a rollout student's states come from the bare network (no DDP hooks)
+                    # a student's own states (rollout, unrolled) come from the bare network:
+                    # one DDP forward per backward (tests/test_distill_ddp.py)
                     x_t = self.objective.states(x_0, x_1, t, velocity_on_rows(parts.net, label))
                     velocity = parts.model(x_t, t, label)
                 per_sample = self.objective.per_sample(velocity.float(), x_0, x_1, x_t, t)
