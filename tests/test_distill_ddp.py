@@ -52,6 +52,10 @@ def _rank(rank: int, port: int, out: str) -> None:
         (_loss(net, ddp, x_0[rows], x_1[rows]).sum() * (2 / 8)).backward()
         if rank == 0:
             torch.save({name: p.grad for name, p in net.named_parameters()}, out)
+        # Both ranks reach here before either tears gloo down: a peer that exits while the
+        # other still holds the connection can abort it ("terminate called without an
+        # active exception", SIGABRT; seen once in the suite).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
