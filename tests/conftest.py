@@ -24,25 +24,7 @@ if TYPE_CHECKING:
 _S3_ENV_CLEARED = ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE")
 
 
-# The files that take longest (test-seconds of `pytest --durations`, docs/benchmarks.md, "The
-# test suite"), longest first. `make test`'s parallel part hands whole files to its two
-# workers in collection order, so these go first: started last, one of them would leave the
-# other worker idle at the end (test_train_ray, ~200 s, sorts near the end by name).
-_LONGEST_FIRST = (
-    "test_failures.py", "test_train_ray.py", "test_eval_job.py", "test_foreign.py",
-    "test_bench.py", "test_reflow_train.py", "test_retrain.py", "test_sample.py",
-    "test_train_lease.py", "test_rayenv.py", "test_demo.py", "test_secrets.py",
-    "test_integrity.py",
-)  # fmt: skip
-
-
-def _by_length(item: pytest.Item) -> int:
-    name = item.path.name
-    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=_by_length)  # stable: the order within a file, and of the rest, stays
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
