@@ -17,9 +17,9 @@
    ``fmpipe.reflow.base`` and the pair set's own tags (set, seed, solver, steps).
 
 ``train.objective=distill`` (``--distill K``) trains a K-step student on the same pairs
-instead (:mod:`pipeline.flow.distill`): run ``distill-<base>-<K>step-p<pairs>``, the
-teacher's k, and tags ``fmpipe.distill.steps`` / ``.loss`` and the sampling rule it is meant for
-(``fmpipe.sample.solver=euler``, ``fmpipe.sample.steps=K``).
+instead (:mod:`pipeline.flow.distill`): run ``distill-<base>-<K>step-<loss>-<states>-p<pairs>``,
+the teacher's k, and tags ``fmpipe.distill.steps`` / ``.loss`` / ``.states`` and the sampling
+rule it is meant for (``fmpipe.sample.solver=euler``, ``fmpipe.sample.steps=K``).
 
 The math is :mod:`pipeline.flow.reflow`.
 """

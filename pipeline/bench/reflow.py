@@ -133,7 +133,7 @@ def run_reflow_benchmark(
         else:
             dcfg.reflow.base, dcfg.reflow.pairs_out = models[rf_name], ""
         dcfg.train.objective, dcfg.train.distill_steps = "distill", distill_steps
-        dcfg.train.run_name = ""  # distill-<teacher>-<K>step-p<pairs digest>
+        dcfg.train.run_name = ""  # distill-<teacher>-<K>step-<loss>-<states>-p<pairs digest>
         if distill_images:
             dcfg.train.total_images = distill_images
         if distill_pair_steps:  # the reflowed teacher's pairs (checked above)
