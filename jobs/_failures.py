@@ -170,16 +170,18 @@ def _one_line(text: str) -> str:
     return flat if len(flat) <= _MAX_LINE else flat[: _MAX_LINE - 3] + "..."
 
 
-def _message(exc: BaseException) -> str:
-    """An exception as a message: its own text (fmpipe's errors say what and which input);
-    the class name in front when the text does not say what kind of error it is."""
+def _message(exc: BaseException, bad_input: tuple[type[BaseException], ...] = ()) -> str:
+    """An exception as a message: its own text (fmpipe's errors, and the job's bad-input
+    classes, say what and which input); the class name in front when the text does not say
+    what kind of error it is."""
     text = str(exc).strip()
     # Ray's wrappers put a traceback in str(); the root cause is what the user needs.
     text = text.split("\nTraceback (most recent call last)", 1)[0].strip()
     name = type(exc).__name__
     if not text:
         return name
-    if type(exc).__module__.startswith("pipeline.") or _is_bad_input(exc):
+    plain = type(exc).__module__.startswith("pipeline.") or isinstance(exc, bad_input)
+    if plain or _is_bad_input(exc):
         return text
     return f"{name}: {text}"
 
@@ -225,7 +227,7 @@ def describe_failure(
         line = f"fmpipe {job}: interrupted; {interrupt_hint or 're-run the same command to resume'}"
         return Ending(code, scrub(line))
     cause = root_cause(exc)
-    message = _message(cause)
+    message = _message(cause, bad_input)
     remote = remote_cause(exc) if cause is not exc else None
     if remote is not None and any(n.endswith("UserCodeException") for n in _class_names(cause)):
         name, text = remote

@@ -227,6 +227,24 @@ def test_ray_wrappers_come_off_for_the_line() -> None:
     )
 
 
+def test_a_jobs_bad_input_class_is_said_as_its_own_text() -> None:
+    """A builtin error that a job declares bad input (``fmpipe prepare``'s sources refuse a
+    spec with ValueError) is the user's input: its text alone, exit 2; the same class from
+    a job that does not declare it keeps its name in front (it says what kind of error)."""
+    error = ValueError("unknown source 'mnist'; allowed forms: digits, folder:PATH")
+    ending = describe_failure("prepare", error, retry_hint="re-run", bad_input=(ValueError,))
+    assert ending.code == EXIT_BAD_INPUT
+    assert ending.line == (
+        "fmpipe prepare: error: unknown source 'mnist'; allowed forms: digits, folder:PATH"
+    )
+    ending = describe_failure("train", error, retry_hint="re-run")
+    assert ending.code == EXIT_FAILED
+    assert ending.line == (
+        "fmpipe train: error: ValueError: unknown source 'mnist'; allowed forms: digits, "
+        "folder:PATH; re-run"
+    )
+
+
 def test_ray_data_error_is_named_by_its_cause_from_the_worker_traceback() -> None:
     """Ray Data re-raises a map function's error as UserCodeException "from" it; only the
     traceback text of that chain reaches the driver: the line names the real error."""

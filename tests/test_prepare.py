@@ -113,6 +113,14 @@ def test_unknown_source_lists_forms() -> None:
         build_source("synthetic:blobs", PrepareConfig(), 0)
     with pytest.raises(ValueError, match="allowed forms"):
         build_source("folder:", PrepareConfig(), 0)
+    # A path or an address given bare: the line says how to write it.
+    with pytest.raises(ValueError, match=r"\(a folder of images: folder:/data/cats\)$"):
+        build_source("/data/cats", PrepareConfig(), 0)
+    with pytest.raises(ValueError, match=r"images there: folder:s3://b/x; WebDataset shards"):
+        build_source("s3://b/x", PrepareConfig(), 0)
+    with pytest.raises(ValueError) as plain:
+        build_source("mnist", PrepareConfig(), 0)
+    assert "(" not in str(plain.value)  # no hint where the spec looks like neither
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -512,5 +520,7 @@ def test_cli_subprocess_bad_source() -> None:
         [sys.executable, "-m", "jobs.cli", "prepare", "--source", "nonsense"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
     )  # fmt: skip
-    assert done.returncode != 0
+    assert done.returncode == 2  # bad input
     assert "unknown source 'nonsense'" in done.stderr and "Traceback" not in done.stderr
+    # The job's declared bad-input class is the user's input, said as its own text.
+    assert "fmpipe prepare: error: unknown source 'nonsense'" in done.stderr, done.stderr

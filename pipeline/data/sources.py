@@ -443,7 +443,12 @@ def parse_source_spec(spec: str) -> tuple[str, str]:
             f"unknown synthetic source '{arg}' in source '{spec}'; "
             f"allowed: {', '.join('synthetic:' + name for name in SYNTHETIC)}"
         )
-    raise ValueError(f"unknown source '{spec}'; allowed forms: {', '.join(SOURCE_FORMS)}")
+    hint = ""
+    if "://" in text:  # an object-store address: images there, or shards
+        hint = f" (images there: folder:{text}; WebDataset shards there: webdataset:{text})"
+    elif text.startswith(("/", ".", "~")) or os.sep in text:  # a path: most likely a folder
+        hint = f" (a folder of images: folder:{text})"
+    raise ValueError(f"unknown source '{spec}'; allowed forms: {', '.join(SOURCE_FORMS)}{hint}")
 
 
 def build_source(spec: str, cfg: PrepareConfig, seed: int, config: Config | None = None) -> Source:
