@@ -1,14 +1,14 @@
 """fmpipe eval: how good are the samples? Fréchet distance, KID, precision/recall, accuracy.
 
 Scores a sample set (--samples, the output of `fmpipe sample`) or a model (--model: it first
-generates eval.num_samples samples at the fixed eval.seed with --solver/--steps; a registered
-version that carries its own sampling rule, e.g. a distilled k-step student, with that rule
-unless --solver/--steps/eval.* say otherwise) against the
-reference statistics of a dataset split (data.uri, eval.reference_split: train, as FID is
-usually reported; computed once by a Ray Data job and stored under
-train.storage_path/eval-reference/, reused afterwards). A model's reference is the data it
-learnt (its checkpoint's data.uri) unless --data says otherwise; so is a sample set's (the
-data its model learnt, by the model its manifest names).
+generates eval.num_samples samples at the fixed eval.seed with --solver/--steps; a
+registered version that carries its own sampling rule, e.g. a distilled k-step student, with
+that rule unless --solver/--steps/eval.* say otherwise) against the reference statistics of
+a dataset split (data.uri, eval.reference_split: train, as FID is usually reported; computed
+once by a Ray Data job and stored under train.storage_path/eval-reference/, reused
+afterwards). A model's reference is the data it learnt (its checkpoint's data.uri) unless
+--data says otherwise; so is a sample set's (the data its model learnt, by the model its
+manifest names).
 
 Feature networks (--network):
   classifier  fmpipe's classifier of the dataset (`fmpipe classifier` trains and registers it

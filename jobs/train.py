@@ -1,19 +1,18 @@
 """fmpipe train: flow-matching training on Ray Train (DDP workers fed by a Ray Data stream).
 
 Reads a dataset written by `fmpipe prepare` (or another tool's WebDataset shards, indexed
-first, in place), trains the U-Net velocity field with the CFM
-loss on `train.num_workers` workers, checkpoints to the storage path (s3:// or a local
-directory) and logs to MLflow (MLFLOW_TRACKING_URI, tracking.uri, or the local sqlite file
-in $FMPIPE_HOME). Re-running the same command (same run name and storage) resumes from the
-last checkpoint, in the same MLflow run, to the same images-seen total.
+first, in place), trains the U-Net velocity field with the CFM loss on `train.num_workers`
+workers, checkpoints to the storage path (s3:// or a local directory) and logs to MLflow
+(MLFLOW_TRACKING_URI, tracking.uri, or the local sqlite file in $FMPIPE_HOME). Re-running
+the same command (same run name and storage) resumes from the last checkpoint, in the same
+MLflow run, to the same images-seen total.
 
-Defaults (jobs/configs/train.yaml): class-conditional digits at 16x16 on CPU; data.uri
-empty means $FMPIPE_HOME/store/digits (what `fmpipe prepare --source digits` writes).
-data.channels and model.num_classes left unset are the dataset's (0 classes on unlabelled
-data: an unconditional model). The
-model is registered as train.registered_model_name, by default the dataset's name (the
-last folder of --data: `digits` for the default dataset; `none`: not registered); --alias
-points an alias of the registered model at this run's version, so
+Defaults (jobs/configs/train.yaml): class-conditional digits at 16x16 on CPU; data.uri empty
+means $FMPIPE_HOME/store/digits (what `fmpipe prepare --source digits` writes). data.channels
+and model.num_classes left unset are the dataset's (0 classes on unlabelled data: an
+unconditional model). The model is registered as train.registered_model_name, by default the
+dataset's name (the last folder of --data: `digits` for the default dataset; `none`: not
+registered); --alias points an alias of the registered model at this run's version, so
 `fmpipe sample --model models:/digits@champion` can follow `fmpipe train --alias champion`.
 
 key.path=value overrides may stand anywhere among the flags; a flag and an override of the
