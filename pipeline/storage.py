@@ -649,7 +649,9 @@ def check_access(location: Location, *, must_exist: bool) -> None:
 def _check_local(location: Location, *, must_exist: bool) -> None:
     path = Path(location.path)
     if path.exists():
-        if not must_exist and not os.access(path if path.is_dir() else path.parent, os.W_OK):
+        if not path.is_dir():  # every location checked here is a folder (a prefix on S3)
+            raise StorageInputError(f"{location.uri} is a file, not a directory")
+        if not must_exist and not os.access(path, os.W_OK):
             raise StorageInputError(f"{location.uri} is not writable")
         return
     if must_exist:

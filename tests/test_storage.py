@@ -410,6 +410,11 @@ def test_check_access_local(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(StorageError, match="is a file"):
         check_access(resolve(tmp_path / "file" / "below"), must_exist=False)
+    # The location itself a file (an output or storage path given as one): bad input, named.
+    for must_exist in (False, True):
+        with pytest.raises(StorageInputError, match="is a file, not a directory") as info:
+            check_access(resolve(tmp_path / "file"), must_exist=must_exist)
+        assert str(info.value) == f"{resolve(tmp_path / 'file').uri} is a file, not a directory"
     check_access(resolve(tmp_path), must_exist=True)
 
 
