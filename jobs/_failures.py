@@ -180,8 +180,8 @@ def _message(exc: BaseException, bad_input: tuple[type[BaseException], ...] = ()
     name = type(exc).__name__
     if not text:
         return name
-    plain = type(exc).__module__.startswith("pipeline.") or isinstance(exc, bad_input)
-    if plain or _is_bad_input(exc):
+    own = type(exc).__module__.startswith("pipeline.")
+    if own or isinstance(exc, bad_input) or _is_bad_input(exc):
         return text
     return f"{name}: {text}"
 

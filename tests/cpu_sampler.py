@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import subprocess
 import sys
 import time
@@ -59,7 +58,7 @@ def group_of(name: str, pid: str) -> str:
     for i, word in enumerate(words):
         if word == "-m" and i + 1 < len(words):
             return f"{name} -m {words[i + 1]}"
-        if re.search(r"\.py$", word):
+        if word.endswith(".py"):
             return f"{name} {os.path.basename(word)}"
     return name
 

@@ -446,7 +446,7 @@ def parse_source_spec(spec: str) -> tuple[str, str]:
     hint = ""
     if "://" in text:  # an object-store address: images there, or shards
         hint = f" (images there: folder:{text}; WebDataset shards there: webdataset:{text})"
-    elif text.startswith(("/", ".", "~")) or os.sep in text:  # a path: most likely a folder
+    elif os.sep in text or text.startswith((".", "~")):  # a path: most likely a folder
         hint = f" (a folder of images: folder:{text})"
     raise ValueError(f"unknown source '{spec}'; allowed forms: {', '.join(SOURCE_FORMS)}{hint}")
 
